@@ -1,0 +1,67 @@
+# One entry point for people and CI. `make demo` is the main job, `make test` runs every test.
+# Both install what they need (apt-get, pip) on a fresh Debian 12 machine, as root.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages: build tools for the .deb, QEMU and mmdebstrap for the harness,
+# python3-systemd so the venv (made with --system-site-packages) sees systemd-python.
+APT_PACKAGES := \
+	python3 python3-venv python3-pip python3-systemd \
+	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	dpkg-dev fakeroot lintian \
+	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs \
+	systemd
+
+.PHONY: all setup apt venv lint test unit vm deb demo clean
+
+all: test
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# Debian's own python3 (not a pyenv one) so that python3-systemd is importable in the venv.
+$(VENV)/.installed: pyproject.toml | apt
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[host,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+setup: apt venv
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+deb: setup
+	packaging/build-deb
+
+# Everything: lint, the package, unit tests, then the VM tests under QEMU.
+test: setup
+	$(MAKE) lint
+	$(MAKE) deb
+	$(VENV)/bin/pytest -ra
+
+unit: setup
+	$(VENV)/bin/pytest -ra -m 'not vm'
+
+vm: setup deb
+	$(VENV)/bin/pytest -ra -m vm
+
+demo: setup deb
+	$(VENV)/bin/lxd-agent-harness boot --layout lxd-5.20
+
+clean:
+	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .pybuild
