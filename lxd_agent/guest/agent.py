@@ -1,0 +1,174 @@
+"""The agent's daemon loop: find the port, report STARTED and keep it fresh, report STOPPED.
+
+Runs in the guest. Signals are taken synchronously with ``sigtimedwait`` (blocked, never
+handled asynchronously), so a stop request can never interrupt a write half-way and every
+wait in the loop has a bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from lxd_agent.guest.notify import Notifier, watchdog_interval
+from lxd_agent.guest.ports import Candidate, PortError, PortRoots, find_connected_port, write_line
+from lxd_agent.protocol import (
+    CANDIDATE_PORT_NAMES,
+    DEFAULT_REFRESH_SECONDS,
+    STARTED,
+    STOPPED,
+)
+
+EXIT_OK = 0
+EXIT_NO_PORT = 1
+
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+
+# How often to look for a port that is not there yet; after losing one, back off to the max.
+_SCAN_INTERVAL = 0.5
+_MAX_SCAN_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    refresh: float = DEFAULT_REFRESH_SECONDS
+    """Seconds between STARTED rewrites; 0 writes it once."""
+    wait: float = 30.0
+    """Seconds to wait at start for a usable port before giving up."""
+    write_timeout: float = 2.0
+    roots: PortRoots = field(default_factory=PortRoots)
+    names: Sequence[str] = CANDIDATE_PORT_NAMES
+
+
+def describe_port(port: Candidate) -> str:
+    legacy = ", legacy fallback" if port.legacy else ""
+    return f"{port.name} ({port.device}{legacy})"
+
+
+class Agent:
+    """One run of the agent. ``run()`` owns the process's SIGTERM, SIGINT and SIGHUP."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        notifier: Notifier,
+        log: logging.Logger,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.log = log
+        self.clock = clock
+        self.port: Candidate | None = None
+        self._watchdog = watchdog_interval()
+        # Why the last look found no usable port; logged only when it changes.
+        self._reasons = ""
+
+    def run(self) -> int:
+        # Blocked for good, not restored: a late SIGTERM must not kill us while writing STOPPED.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        if not self._report_loop():
+            return EXIT_NO_PORT
+        self._stop()
+        return EXIT_OK
+
+    def _report_loop(self) -> bool:
+        """Report STARTED until a stop signal; False when no port showed up in time."""
+        started_at = self.clock()
+        ready = False
+        scan_interval = _SCAN_INTERVAL
+        while True:
+            if self.port is None:
+                self.port = self._find()
+            if self.port is not None and self._write(STARTED):
+                scan_interval = _SCAN_INTERVAL
+                if not ready:
+                    # Only now: READY=1 promises that the host can already read STARTED.
+                    self.notifier.notify("READY=1")
+                    ready = True
+                delay = self.config.refresh or None
+            else:
+                self.port = None
+                if not ready and self.clock() - started_at >= self.config.wait:
+                    self.log.error(
+                        "no usable port after %g s: %s; check the VM's virtio-serial "
+                        "devices with 'lxd-agent probe'",
+                        self.config.wait,
+                        self._reasons,
+                    )
+                    self.notifier.notify("STATUS=no usable port: " + self._reasons)
+                    return False
+                delay = scan_interval
+                if ready:
+                    # Lost a port we had: back off so a long hot-unplug costs nothing.
+                    scan_interval = min(scan_interval * 2, _MAX_SCAN_INTERVAL)
+
+            signo = self._sleep(delay)
+            if signo in _STOP_SIGNALS:
+                return True
+            if signo == signal.SIGHUP:
+                self.log.info("SIGHUP: looking for the port again")
+                self.port = None
+
+    def _find(self) -> Candidate | None:
+        port, seen = find_connected_port(self.config.names, self.config.roots)
+        if port is None:
+            reasons = "; ".join(c.describe() for c in seen)
+            if reasons != self._reasons:
+                self.log.info("waiting for a port: %s", reasons)
+                self.notifier.notify("STATUS=waiting for a port: " + reasons)
+            self._reasons = reasons
+            return None
+        self._reasons = ""
+        self.log.info(
+            "reporting to %s",
+            describe_port(port),
+            extra={"LXD_AGENT_PORT": port.name, "LXD_AGENT_DEVICE": port.device},
+        )
+        self.notifier.notify("STATUS=reporting to " + describe_port(port))
+        return port
+
+    def _write(self, line: str) -> bool:
+        assert self.port is not None and self.port.device is not None
+        try:
+            write_line(self.port.device, line, self.config.write_timeout)
+        except PortError as e:
+            self.log.warning(
+                "could not write %s: %s; looking for a port again",
+                line,
+                e,
+                extra={"LXD_AGENT_STATE": line, "LXD_AGENT_PORT": self.port.name},
+            )
+            return False
+        self.log.debug("wrote %s", line, extra={"LXD_AGENT_STATE": line})
+        return True
+
+    def _stop(self) -> None:
+        self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        if self.port is None:
+            # Lost it (or never had one): one last look, so STOPPED still gets out.
+            self.port, _ = find_connected_port(self.config.names, self.config.roots)
+        if self.port is not None and self._write(STOPPED):
+            self.log.info("reported %s", STOPPED, extra={"LXD_AGENT_STATE": STOPPED})
+
+    def _sleep(self, seconds: float | None) -> int | None:
+        """Wait ``seconds`` (None: until a signal), pinging the watchdog; return the signal."""
+        end = None if seconds is None else self.clock() + seconds
+        while True:
+            timeout = self._watchdog
+            if end is not None:
+                remaining = end - self.clock()
+                if remaining <= 0:
+                    return None
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            if timeout is None:
+                return signal.sigwaitinfo(_SIGNALS).si_signo
+            info = signal.sigtimedwait(_SIGNALS, timeout)
+            if info is not None:
+                return info.si_signo
+            if self._watchdog is not None:
+                self.notifier.notify("WATCHDOG=1")

@@ -1,0 +1,185 @@
+"""The ``lxd-agent`` command: ``run`` (the daemon), ``probe`` and ``status write``.
+
+Runs in the guest. Bad options and values get one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from typing import NoReturn, Sequence
+
+from lxd_agent import __version__
+from lxd_agent.guest.agent import Agent, AgentConfig, describe_port
+from lxd_agent.guest.notify import make_notifier, setup_logging
+from lxd_agent.guest.ports import (
+    DEV_ROOT,
+    SYS_ROOT,
+    PortError,
+    PortRoots,
+    find_connected_port,
+    survey,
+    write_line,
+)
+from lxd_agent.protocol import DEFAULT_REFRESH_SECONDS, STATUS_LINES
+
+PROG = "lxd-agent"
+EXIT_USAGE = 2
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        what = "does not exist" if not os.path.lexists(text) else "is not a directory"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}")
+    return text
+
+
+def _add_roots(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dev-root",
+        type=_directory,
+        metavar="DIR",
+        help=f"where udev links ports by name (default: {DEV_ROOT})",
+    )
+    parser.add_argument(
+        "--sys-root",
+        type=_directory,
+        metavar="DIR",
+        help="sysfs class directory of the ports, used when a link is missing "
+        f"(default: {SYS_ROOT}); device nodes are looked for in the parent of "
+        "--dev-root",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Report this VM's agent status (STARTED/STOPPED) to the LXD host "
+        "through the virtio-serial port com.canonical.lxd, or the legacy "
+        "org.linuxcontainers.lxd.",
+    )
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the agent (what the systemd unit starts)")
+    run.add_argument(
+        "--refresh",
+        type=_seconds,
+        default=DEFAULT_REFRESH_SECONDS,
+        metavar="SECONDS",
+        help="rewrite STARTED this often, since the host's reads consume it; 0 writes it "
+        "once (default: %(default)g)",
+    )
+    run.add_argument(
+        "--wait",
+        type=_seconds,
+        default=AgentConfig.wait,
+        metavar="SECONDS",
+        help="how long to wait at start for a usable port (default: %(default)g)",
+    )
+    run.add_argument(
+        "--log-level", choices=_LOG_LEVELS, default="info", help="(default: %(default)s)"
+    )
+    _add_roots(run)
+
+    probe = commands.add_parser("probe", help="show each candidate port and which one is usable")
+    _add_roots(probe)
+
+    status = commands.add_parser("status", help="write one status line and exit")
+    status_commands = status.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    write = status_commands.add_parser(
+        "write", help="write STARTED or STOPPED (the unit's stop hook writes STOPPED)"
+    )
+    write.add_argument("state", choices=STATUS_LINES, metavar="{" + ",".join(STATUS_LINES) + "}")
+    write.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="give up after this long in all (default: %(default)g)",
+    )
+    _add_roots(write)
+    return parser
+
+
+def _roots(args: argparse.Namespace) -> PortRoots:
+    # Checked only when given: the default directories may not exist until a port appears.
+    # Device nodes live beside the udev links' directory (/dev/virtio-ports -> /dev).
+    dev_root = os.path.normpath(args.dev_root or DEV_ROOT)
+    return PortRoots(dev_root, args.sys_root or SYS_ROOT, os.path.dirname(dev_root))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    log = setup_logging(getattr(logging, args.log_level.upper()))
+    config = AgentConfig(refresh=args.refresh, wait=args.wait, roots=_roots(args))
+    return Agent(config, make_notifier(), log).run()
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    candidates = survey(roots=_roots(args))
+    width = max(len(c.name) for c in candidates)
+    for c in candidates:
+        print(
+            "{:<{w}}  {}  char-device={}  host-connected={}  {}".format(
+                c.name,
+                c.device or "-",
+                "yes" if c.is_char_device else "no",
+                "yes" if c.connected else "no",
+                "usable" if c.usable else c.problem,
+                w=width,
+            )
+        )
+    chosen = next((c for c in candidates if c.usable), None)
+    if chosen is None:
+        print("would use: none (no usable port)")
+        return 1
+    print("would use: " + describe_port(chosen))
+    return 0
+
+
+def cmd_status_write(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    port, seen = find_connected_port(roots=_roots(args))
+    if port is None or port.device is None:
+        reasons = "; ".join(c.describe() for c in seen)
+        print(f"{PROG}: no usable port for {args.state}: {reasons}", file=sys.stderr)
+        return 1
+    try:
+        write_line(port.device, args.state, max(deadline - time.monotonic(), 0.0))
+    except PortError as e:
+        print(f"{PROG}: could not write {args.state}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "probe":
+        return cmd_probe(args)
+    if args.command == "status" and args.action == "write":
+        return cmd_status_write(args)
+    parser.error("missing " + ("COMMAND" if args.command is None else "ACTION"))

@@ -1,0 +1,275 @@
+"""Find the virtio-serial port that the LXD host reads, and write status lines to it.
+
+Runs in the guest, on the standard library alone. Nothing here may block without a bound:
+a port with nothing behind it on the host (LXD >= 5.20's chardev-less legacy port, Incus's
+stub) makes a blocking write wait forever in the kernel's ``wait_port_writable``, so every
+open is non-blocking and every port is checked with ``poll()`` before it is written to.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from lxd_agent.protocol import CANDIDATE_PORT_NAMES, PORT_NAME
+
+DEV_ROOT = "/dev/virtio-ports"
+SYS_ROOT = "/sys/class/virtio-ports"
+DEV_DIR = "/dev"
+
+# O_NOCTTY: a stand-in pty must never become our controlling terminal.
+_OPEN_FLAGS = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+# The port was unplugged or reset under us: look for it again rather than fail.
+GONE_ERRNOS = frozenset({errno.ENODEV, errno.ENXIO, errno.EIO, errno.ENOENT})
+
+# virtio_console lets one process at a time open a port; the stop hook and the daemon
+# may meet there for the few microseconds of an open-write-close.
+_BUSY_ERRNOS = frozenset({errno.EBUSY})
+
+_MAX_BACKOFF = 0.2
+
+
+class PortError(Exception):
+    """A status line could not be written; the message names the device and why."""
+
+
+class PortUnusable(PortError):
+    """The path is not a port we may write to (wrong kind, permission, nothing on the host)."""
+
+
+class PortGone(PortError):
+    """The device vanished or failed (hot-unplug): look for a port again."""
+
+
+class PortBusy(PortError):
+    """The port stayed unwritable for the whole timeout."""
+
+
+@dataclass(frozen=True)
+class PortRoots:
+    """Where to look for ports; tests point these at a temporary tree."""
+
+    dev_root: str = DEV_ROOT
+    sys_root: str = SYS_ROOT
+    dev_dir: str = DEV_DIR
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What was found for one port name, and why it can or cannot be used."""
+
+    name: str
+    device: str | None
+    is_char_device: bool = False
+    connected: bool = False
+    problem: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def legacy(self) -> bool:
+        return self.name != PORT_NAME
+
+    def describe(self) -> str:
+        verdict = "usable" if self.usable else str(self.problem)
+        if self.device is None:
+            return f"{self.name}: {verdict}"
+        return f"{self.name}: {self.device}: {verdict}"
+
+
+def find_device(name: str, roots: PortRoots = PortRoots()) -> str | None:
+    """Return the device path for port ``name``, or None when no such port exists.
+
+    udev's symlink comes first; without it (early boot, images without udev rules) the
+    port is found by the name the kernel exposes in sysfs, and its node in ``dev_dir``.
+    """
+    link = os.path.join(roots.dev_root, name)
+    if os.path.lexists(link):
+        return link
+    try:
+        entries = sorted(os.listdir(roots.sys_root))
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(roots.sys_root, entry, "name"), encoding="utf-8") as f:
+                if f.read().strip() == name:
+                    return os.path.join(roots.dev_dir, entry)
+        except (OSError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISBLK, "block device"),
+    )
+    for test, label in kinds:
+        if test(mode):
+            return label
+    return "file of unknown type"
+
+
+def _open_port(path: str, deadline: float) -> int:
+    """Open ``path`` for a non-blocking write, retrying only while it is busy."""
+    delay = 0.005
+    while True:
+        try:
+            return os.open(path, _OPEN_FLAGS)
+        except PermissionError:
+            raise PortUnusable(
+                f"{path}: permission denied (the port is root-only; run the agent as root)"
+            ) from None
+        except OSError as e:
+            if e.errno in _BUSY_ERRNOS and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            if e.errno in GONE_ERRNOS:
+                raise PortGone(f"{path}: {e.strerror}") from None
+            raise PortUnusable(f"{path}: cannot open: {e.strerror}") from None
+
+
+def _poll(fd: int, timeout: float) -> int:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    events = poller.poll(max(0, int(timeout * 1000)))
+    return events[0][1] if events else 0
+
+
+_DEAD = select.POLLHUP | select.POLLERR
+
+
+def inspect(name: str, roots: PortRoots = PortRoots()) -> Candidate:
+    """Check port ``name``: found, a character device, and connected on the host side."""
+    device = find_device(name, roots)
+    if device is None:
+        return Candidate(
+            name,
+            None,
+            problem=f"no such port (nothing in {roots.dev_root} or {roots.sys_root})",
+        )
+    try:
+        mode = os.stat(device).st_mode
+    except FileNotFoundError:
+        if os.path.islink(device):
+            target = os.readlink(device)
+            return Candidate(name, device, problem=f"dangling symlink to {target}")
+        return Candidate(name, device, problem="does not exist")
+    except OSError as e:
+        return Candidate(name, device, problem=f"cannot stat: {e.strerror}")
+    if not stat.S_ISCHR(mode):
+        return Candidate(name, device, problem=f"is a {_kind(mode)}, not a character device")
+    try:
+        fd = _open_port(device, time.monotonic() + 0.5)
+    except PortError as e:
+        return Candidate(name, device, is_char_device=True, problem=_reason(e, device))
+    try:
+        problem = connection_problem(fd)
+    finally:
+        os.close(fd)
+    return Candidate(name, device, is_char_device=True, connected=problem is None, problem=problem)
+
+
+def connection_problem(fd: int) -> str | None:
+    """Why the open port ``fd`` cannot take a line now, or None when it can.
+
+    The kernel reports POLLHUP for a virtio port whose host side has no backend: writing
+    there would block forever, so it is "not host-connected".
+    """
+    events = _poll(fd, 0)
+    if events & _DEAD or not events & select.POLLOUT:
+        return f"not host-connected (poll: {_events_text(events)})"
+    return None
+
+
+def _reason(error: PortError, device: str) -> str:
+    text = str(error)
+    prefix = device + ": "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _events_text(events: int) -> str:
+    names = [
+        label
+        for bit, label in (
+            (select.POLLOUT, "POLLOUT"),
+            (select.POLLHUP, "POLLHUP"),
+            (select.POLLERR, "POLLERR"),
+        )
+        if events & bit
+    ]
+    return "|".join(names) if names else "not writable"
+
+
+def survey(
+    names: Sequence[str] = CANDIDATE_PORT_NAMES, roots: PortRoots = PortRoots()
+) -> list[Candidate]:
+    """Inspect every candidate, in order; for diagnostics (``lxd-agent probe``)."""
+    return [inspect(name, roots) for name in names]
+
+
+def find_connected_port(
+    names: Sequence[str] = CANDIDATE_PORT_NAMES, roots: PortRoots = PortRoots()
+) -> tuple[Candidate | None, list[Candidate]]:
+    """Return the first usable candidate and every candidate looked at.
+
+    Stops at the first usable one, so a healthy new port never touches the legacy one.
+    """
+    seen: list[Candidate] = []
+    for name in names:
+        candidate = inspect(name, roots)
+        seen.append(candidate)
+        if candidate.usable:
+            return candidate, seen
+    return None, seen
+
+
+def write_line(device: str, line: str, timeout: float = 2.0) -> None:
+    """Open ``device``, write ``line`` and a newline, close it: all within ``timeout`` seconds.
+
+    Open-write-close per line, like LXD's own agent, so that QEMU emits VSERPORT_CHANGE
+    and the host reads the ring at once. Raises PortUnusable, PortGone or PortBusy.
+    """
+    deadline = time.monotonic() + timeout
+    data = (line + "\n").encode("ascii")
+    fd = _open_port(device, deadline)
+    try:
+        delay = 0.005
+        while data:
+            remaining = deadline - time.monotonic()
+            events = _poll(fd, max(remaining, 0.0))
+            if events & _DEAD:
+                raise PortUnusable(f"{device}: not host-connected (poll: {_events_text(events)})")
+            if not events & select.POLLOUT:
+                raise PortBusy(f"{device}: not writable within {timeout:g} s")
+            try:
+                written = os.write(fd, data)
+            except BlockingIOError:
+                # poll() said writable but the queue filled up again: back off, bounded.
+                if time.monotonic() >= deadline:
+                    raise PortBusy(
+                        f"{device}: write kept failing with EAGAIN for {timeout:g} s"
+                    ) from None
+                time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            except OSError as e:
+                if e.errno in GONE_ERRNOS:
+                    raise PortGone(f"{device}: {e.strerror}") from None
+                raise PortUnusable(f"{device}: write failed: {e.strerror}") from None
+            data = data[written:]
+    finally:
+        os.close(fd)
