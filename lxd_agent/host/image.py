@@ -1,0 +1,424 @@
+"""Build (or reuse) the guest image the harness boots: a Debian tree made by mmdebstrap.
+
+The image is a raw ext4 filesystem (no partition table, made with `mke2fs -d`, nothing mounted)
+plus the kernel and initrd copied out of the tree, so QEMU boots it directly with `-kernel`.
+Packages come from the host's own apt sources, read at run time: this module never names a
+mirror. Images are cached under `${XDG_CACHE_HOME:-~/.cache}/lxd-agent/images/<key>/`, keyed
+by everything that goes into them; a build happens in a temporary directory that is renamed into
+place at the end, so an interrupted build leaves nothing half-written.
+
+Host side only. It must not boot anything (that is `vm.py`) and must never write the cached image
+after it is built: boots use an overlay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from lxd_agent.host.errors import HarnessError
+
+DEFAULT_RELEASE = "bookworm"
+
+# What every guest needs (facts §6): without dbus, logind does not run and the ACPI power
+# button is ignored; the cloud kernel's initrd has virtio_blk, virtio_console loads from the tree.
+BASE_PACKAGES = (
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "linux-image-cloud-amd64",
+    "python3",
+    "python3-systemd",
+)
+
+# Added for the NoCloud install path (seed.py): the image then gets the .deb from its seed.
+CLOUD_INIT_PACKAGES = ("cloud-init",)
+
+# Bump when the way an image is made changes in a way the hook text below does not show.
+IMAGE_FORMAT_VERSION = 1
+
+GUEST_HOSTNAME = "lxd-agent-guest"
+DISK_SIZE = "2G"  # sparse; the tree is well under 1 GiB, cloud-init needs headroom
+
+APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
+APT_SOURCES_LIST = Path("/etc/apt/sources.list")
+FILE_MIRROR_HOOKS = Path("/usr/share/mmdebstrap/hooks/file-mirror-automount")
+
+# Run by mmdebstrap inside its --customize-hook with "$1" = the tree. Part of the cache key,
+# so editing it rebuilds the image.
+CUSTOMIZE_SCRIPT = f"""\
+set -eu
+root="$1"
+echo {GUEST_HOSTNAME} > "$root/etc/hostname"
+printf '127.0.0.1\\tlocalhost\\n127.0.1.1\\t{GUEST_HOSTNAME}\\n' > "$root/etc/hosts"
+# The disk is a bare ext4 filesystem that QEMU exposes as the first virtio disk.
+echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$root/etc/fstab"
+# The harness runs commands through the serial console, so root logs in there by itself.
+mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
+cat > "$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
+EOF
+# No network in the test VM: stop cloud-init (when present) from waiting for one.
+if [ -d "$root/etc/cloud/cloud.cfg.d" ]; then
+  printf 'datasource_list: [ NoCloud, None ]\\n' > "$root/etc/cloud/cloud.cfg.d/90-lxd-agent.cfg"
+fi
+# A stable machine-id is not wanted: systemd makes one at first boot of each overlay.
+: > "$root/etc/machine-id"
+"""
+
+Progress = Callable[[str], None]
+
+
+class ImageError(HarnessError):
+    """The guest image could not be built: a tool, an apt source or a package is missing."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything that goes into an image; its `key()` names the cache directory."""
+
+    release: str = DEFAULT_RELEASE
+    packages: tuple[str, ...] = BASE_PACKAGES
+    debs: tuple[Path, ...] = ()
+
+    def key(self) -> str:
+        """A short hash of every input, so a changed input gives a different image."""
+        inputs = {
+            "format": IMAGE_FORMAT_VERSION,
+            "release": self.release,
+            "packages": sorted(self.packages),
+            "debs": sorted(file_sha256(deb) for deb in self.debs),
+            "customize": hashlib.sha256(CUSTOMIZE_SCRIPT.encode()).hexdigest(),
+        }
+        blob = json.dumps(inputs, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built image in the cache: a raw ext4 root filesystem, its kernel and its initrd."""
+
+    directory: Path
+    disk: Path = field(init=False)
+    kernel: Path = field(init=False)
+    initrd: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disk", self.directory / "disk.raw")
+        object.__setattr__(self, "kernel", self.directory / "vmlinuz")
+        object.__setattr__(self, "initrd", self.directory / "initrd.img")
+
+    def is_complete(self) -> bool:
+        return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
+
+
+def cache_root() -> Path:
+    """`${XDG_CACHE_HOME:-~/.cache}/lxd-agent`, the harness's only place for kept files."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lxd-agent"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise ImageError(
+            f"tried to read the package {path} for the image: {e.strerror}; "
+            "run `make deb` or pass an existing --deb"
+        ) from e
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The host's apt sources, filtered to the target release
+
+
+def _suite_belongs(suite: str, release: str) -> bool:
+    """`bookworm`, `bookworm-updates`, `bookworm-security` and `bookworm/updates` all belong."""
+    return suite == release or suite.startswith((release + "-", release + "/"))
+
+
+def _parse_deb822(text: str) -> list[dict[str, str]]:
+    """Stanzas of a deb822 file as ordered field dicts; comments dropped, continuations kept."""
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last: str | None = None
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if current:
+                stanzas.append(current)
+            current, last = {}, None
+        elif line[0] in " \t" and last is not None:
+            current[last] += "\n" + line
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            last = name.strip()
+            current[last] = value.strip()
+    return stanzas
+
+
+def _one_line_to_deb822(text: str) -> list[dict[str, str]]:
+    """`deb [opt=v ...] URI SUITE COMPONENT...` lines of a sources.list as deb822 stanzas."""
+    option_fields = {"signed-by": "Signed-By", "arch": "Architectures", "trusted": "Trusted"}
+    stanzas: list[dict[str, str]] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line.startswith("deb "):
+            continue  # deb-src lines are not needed to build a tree
+        rest = line[4:].strip()
+        stanza = {"Types": "deb"}
+        match = re.match(r"\[([^\]]*)\]\s*(.*)", rest)
+        if match:
+            for option in match.group(1).split():
+                name, _, value = option.partition("=")
+                if name in option_fields:
+                    stanza[option_fields[name]] = value.replace(",", " ")
+            rest = match.group(2)
+        words = rest.split()
+        if len(words) < 2:
+            continue
+        stanza["URIs"] = words[0]
+        stanza["Suites"] = words[1]
+        stanza["Components"] = " ".join(words[2:])
+        stanzas.append(stanza)
+    return stanzas
+
+
+def _active_source_files(sources_dir: Path, sources_list: Path) -> list[Path]:
+    """The files apt itself reads: `*.sources` and `*.list`, not `*.disabled-*` or backups."""
+    files = [sources_list] if sources_list.is_file() else []
+    if sources_dir.is_dir():
+        files += sorted(
+            p for p in sources_dir.iterdir() if p.is_file() and p.suffix in (".sources", ".list")
+        )
+    return files
+
+
+def filter_apt_sources(
+    release: str,
+    sources_dir: Path = APT_SOURCES_DIR,
+    sources_list: Path = APT_SOURCES_LIST,
+) -> str:
+    """The host's active binary apt sources whose suites belong to `release`, as deb822 text.
+
+    Other suites in a stanza are dropped, so a host on another release, or with third-party
+    repositories, does not leak them into the guest.
+    """
+    stanzas: list[dict[str, str]] = []
+    seen_suites: set[str] = set()
+    for path in _active_source_files(sources_dir, sources_list):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parsed = _parse_deb822(text) if path.suffix == ".sources" else _one_line_to_deb822(text)
+        for stanza in parsed:
+            if stanza.get("Enabled", "yes").lower() == "no":
+                continue
+            if "deb" not in stanza.get("Types", "").split():
+                continue
+            suites = stanza.get("Suites", "").split()
+            seen_suites.update(suites)
+            kept = [s for s in suites if _suite_belongs(s, release)]
+            if kept and stanza.get("URIs"):
+                stanzas.append({**stanza, "Types": "deb", "Suites": " ".join(kept)})
+    if not stanzas:
+        found = ", ".join(sorted(seen_suites)) or "none"
+        raise ImageError(
+            f"looked for apt sources for release {release!r} in {sources_list} and "
+            f"{sources_dir}/*.sources|*.list and found suites: {found}; "
+            f"add a source for {release} on the host or pick a --release it has"
+        )
+    return "\n".join(
+        "".join(f"{name}: {value}\n" for name, value in stanza.items()) for stanza in stanzas
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def require_tools(tools: Iterable[str]) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise ImageError(
+            f"looked for {', '.join(missing)} on PATH and did not find it; "
+            "run `make setup` (Debian packages mmdebstrap, e2fsprogs, qemu-utils)"
+        )
+
+
+def mmdebstrap_command(
+    spec: ImageSpec, tree: Path, sources_file: Path, hook_script: Path
+) -> list[str]:
+    """The one mmdebstrap invocation that makes the tree, top to bottom."""
+    command = [
+        "mmdebstrap",
+        "--variant=apt",
+        "--format=directory",
+        "--include=" + ",".join(spec.packages),
+    ]
+    if spec.debs:
+        # A local .deb is only reachable from inside the tree through this hook (facts §6).
+        command += [f"--hook-dir={FILE_MIRROR_HOOKS}"]
+        command += [f"--include={deb.resolve()}" for deb in spec.debs]
+    command += [
+        f'--customize-hook=sh "{hook_script}" "$1"',
+        spec.release,
+        str(tree),
+        str(sources_file),
+    ]
+    return command
+
+
+def _run_streaming(command: Sequence[str], progress: Progress, what: str) -> None:
+    """Run a build step, pass its output lines to `progress`, keep the tail for the error."""
+    tail: list[str] = []
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    progress(f"  {line}")
+                    tail = [*tail[-19:], line]
+            proc.wait()
+        except BaseException:
+            # Ctrl-C: do not leave mmdebstrap running on a tree that is about to be removed.
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+    if proc.returncode != 0:
+        last = tail[-1] if tail else "no output"
+        raise ImageError(
+            f"{what} ({command[0]}) failed with exit status {proc.returncode}, last line: "
+            f"{last!r}; check the apt sources and package names above"
+        )
+
+
+def _copy_boot_files(tree: Path, out: GuestImage) -> str:
+    """Copy the tree's kernel and initrd out; return the kernel version."""
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise ImageError(
+            f"looked for boot/vmlinuz-* in the built tree {tree} and found none; "
+            "is a linux-image package in the package list?"
+        )
+    version = kernels[-1].name[len("vmlinuz-") :]
+    initrd = tree / "boot" / f"initrd.img-{version}"
+    if not initrd.is_file():
+        raise ImageError(
+            f"looked for {initrd} next to the kernel and found none; "
+            "initramfs-tools did not run in the tree"
+        )
+    shutil.copyfile(kernels[-1], out.kernel)
+    shutil.copyfile(initrd, out.initrd)
+    return version
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def build_image(
+    spec: ImageSpec,
+    progress: Progress = print,
+    cache: Path | None = None,
+    rebuild: bool = False,
+) -> GuestImage:
+    """Return the cached image for `spec`, building it first if it is not there yet."""
+    for deb in spec.debs:
+        if not deb.is_file():
+            raise ImageError(
+                f"looked for the package {deb} to install in the image and found nothing; "
+                "run `make deb` or pass an existing --deb"
+            )
+    images = (cache or cache_root()) / "images"
+    key = spec.key()
+    final = GuestImage(images / key)
+    if final.is_complete() and not rebuild:
+        progress(f"image: reusing {final.directory}")
+        return final
+
+    require_tools(["mmdebstrap", "mke2fs"])
+    sources = filter_apt_sources(spec.release)
+    images.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    what = f"{spec.release} with {len(spec.packages)} packages" + (
+        f" and {', '.join(d.name for d in spec.debs)}" if spec.debs else ""
+    )
+    progress(f"image: building {key} ({what}); this takes about a minute")
+    # Everything is written under the temporary directory; only the final rename publishes it.
+    with tempfile.TemporaryDirectory(prefix=f".build-{key}-", dir=images) as tmp:
+        work = Path(tmp)
+        tree = work / "tree"
+        sources_file = work / "host.sources"
+        sources_file.write_text(sources, encoding="utf-8")
+        hook = work / "customize.sh"
+        hook.write_text(CUSTOMIZE_SCRIPT, encoding="utf-8")
+        staged = GuestImage(work / "image")
+        staged.directory.mkdir()
+        try:
+            progress("image: mmdebstrap (packages from the host's apt sources)")
+            _run_streaming(
+                mmdebstrap_command(spec, tree, sources_file, hook), progress, "mmdebstrap"
+            )
+            kernel_version = _copy_boot_files(tree, staged)
+            progress(f"image: mke2fs -d (kernel {kernel_version})")
+            _run_streaming(
+                [
+                    "mke2fs",
+                    "-q",
+                    "-t",
+                    "ext4",
+                    "-L",
+                    "root",
+                    "-d",
+                    str(tree),
+                    str(staged.disk),
+                    DISK_SIZE,
+                ],
+                progress,
+                "making the disk",
+            )
+        finally:
+            # The tree is large and root-owned; drop it before the directory itself goes.
+            _remove_tree(tree)
+        manifest = {
+            "key": key,
+            "release": spec.release,
+            "packages": list(spec.packages),
+            "debs": {d.name: file_sha256(d) for d in spec.debs},
+            "kernel": kernel_version,
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
+        (staged.directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.directory.exists():
+            # A rebuild, or another build that finished first: replace it.
+            _remove_tree(final.directory)
+        os.rename(staged.directory, final.directory)
+    progress(f"image: built {final.directory} in {time.monotonic() - started:.0f} s")
+    return final

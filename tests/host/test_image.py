@@ -1,0 +1,154 @@
+"""The image cache key and the apt-source filtering, without building anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host import image
+from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.image import ImageError, ImageSpec, filter_apt_sources
+
+
+def _deb(tmp_path: Path, name: str, content: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+def test_key_is_stable_for_the_same_inputs(tmp_path: Path) -> None:
+    deb = _deb(tmp_path, "a.deb", b"one")
+    assert ImageSpec(debs=(deb,)).key() == ImageSpec(debs=(deb,)).key()
+
+
+def test_key_ignores_package_order() -> None:
+    packages = ("python3", "udev", "dbus")
+    assert ImageSpec(packages=packages).key() == ImageSpec(packages=packages[::-1]).key()
+
+
+def test_key_changes_when_the_deb_content_changes(tmp_path: Path) -> None:
+    deb = _deb(tmp_path, "a.deb", b"one")
+    before = ImageSpec(debs=(deb,)).key()
+    deb.write_bytes(b"two")
+    assert ImageSpec(debs=(deb,)).key() != before
+
+
+def test_key_changes_with_release_packages_and_deb_presence(tmp_path: Path) -> None:
+    deb = _deb(tmp_path, "a.deb", b"one")
+    keys = {
+        ImageSpec().key(),
+        ImageSpec(release="trixie").key(),
+        ImageSpec(packages=(*image.BASE_PACKAGES, "cloud-init")).key(),
+        ImageSpec(debs=(deb,)).key(),
+    }
+    assert len(keys) == 4
+
+
+def test_key_does_not_depend_on_where_the_deb_lies(tmp_path: Path) -> None:
+    a = _deb(tmp_path, "a.deb", b"same")
+    (tmp_path / "sub").mkdir()
+    b = _deb(tmp_path / "sub", "b.deb", b"same")
+    assert ImageSpec(debs=(a,)).key() == ImageSpec(debs=(b,)).key()
+
+
+def test_missing_deb_is_a_harness_error_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.deb"
+    with pytest.raises(HarnessError, match=r"nope\.deb"):
+        ImageSpec(debs=(missing,)).key()
+
+
+def test_build_refuses_a_missing_deb_before_doing_anything(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="make deb"):
+        image.build_image(ImageSpec(debs=(tmp_path / "x.deb",)), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_complete_cached_image_is_reused_without_building(tmp_path: Path) -> None:
+    spec = ImageSpec()
+    directory = tmp_path / "images" / spec.key()
+    directory.mkdir(parents=True)
+    for name in ("disk.raw", "vmlinuz", "initrd.img"):
+        (directory / name).write_bytes(b"x")
+    messages: list[str] = []
+    built = image.build_image(spec, progress=messages.append, cache=tmp_path)
+    assert built.directory == directory
+    assert any("reusing" in m for m in messages)
+
+
+def test_cache_root_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert image.cache_root() == tmp_path / "lxd-agent"
+
+
+SOURCES = """\
+Types: deb deb-src
+# a comment the filter must drop
+URIs: http://mirror.invalid/debian
+Suites: bookworm bookworm-updates trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.invalid/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+URIs: http://other.invalid/
+Suites: nodistro
+Components: main
+
+Types: deb
+Enabled: no
+URIs: http://off.invalid/
+Suites: bookworm
+Components: main
+"""
+
+
+def _sources_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "debian.sources").write_text(SOURCES)
+    (d / "thirdparty.sources.disabled-by-farm").write_text(
+        "Types: deb\nURIs: http://disabled.invalid/\nSuites: bookworm\nComponents: main\n"
+    )
+    (d / "old.list").write_text(
+        "deb [signed-by=/k.gpg arch=amd64] http://list.invalid/debian bookworm-backports main\n"
+        "deb-src http://list.invalid/debian bookworm main\n"
+        "deb http://list.invalid/debian bullseye main  # another release\n"
+    )
+    return d
+
+
+def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path: Path) -> None:
+    text = filter_apt_sources("bookworm", _sources_dir(tmp_path), tmp_path / "missing.list")
+    stanzas = [s for s in text.split("\n\n") if s.strip()]
+    assert "Suites: bookworm bookworm-updates\n" in stanzas[0]
+    assert "Types: deb\n" in stanzas[0]
+    assert "trixie" not in text
+    assert "comment" not in text
+    assert "Suites: bookworm-security" in text
+    assert "nodistro" not in text
+    assert "off.invalid" not in text
+    assert "disabled.invalid" not in text
+    assert "bullseye" not in text
+    assert "Signed-By: /k.gpg" in text and "Suites: bookworm-backports" in text
+    assert len(stanzas) == 3
+
+
+def test_sources_for_a_release_the_host_lacks_name_what_was_found(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"found suites: .*bookworm"):
+        filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list")
+
+
+def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Path) -> None:
+    deb = _deb(tmp_path, "lxd-agent_0.1.0_all.deb", b"x")
+    tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
+    without = image.mmdebstrap_command(ImageSpec(), tree, sources, hook)
+    assert not any(arg.startswith("--hook-dir") for arg in without)
+    with_deb = image.mmdebstrap_command(ImageSpec(debs=(deb,)), tree, sources, hook)
+    assert f"--hook-dir={image.FILE_MIRROR_HOOKS}" in with_deb
+    assert f"--include={deb}" in with_deb
+    assert with_deb[-3:] == ["bookworm", str(tree), str(sources)]
