@@ -1,0 +1,247 @@
+"""The agent daemon end to end: a real process, a real notify socket, pty stand-in ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from tests.guest.conftest import DeadPort, LivePort, PortTree
+
+
+class NotifySocket:
+    """What systemd listens on: a unix datagram socket; collects every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def wait_for(self, assignment: str, timeout: float = 10.0) -> str:
+        """Receive until a message has a line starting with ``assignment``; return it."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                message = self.sock.recv(4096).decode()
+            except socket.timeout:
+                break
+            self.messages.append(message)
+            if any(line.startswith(assignment) for line in message.split("\n")):
+                return message
+        raise AssertionError(f"no {assignment!r} within {timeout} s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify")
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+@contextmanager
+def agent(
+    tree: PortTree,
+    *args: str,
+    notify: NotifySocket | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[str]]:
+    """Run ``lxd-agent run`` on the tree; killed and reaped whatever the test does."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    if notify is not None:
+        environ["NOTIFY_SOCKET"] = str(notify.path)
+    environ.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lxd_agent.guest", "run", *tree.cli_args(), *args],
+        env=environ,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def stop(proc: subprocess.Popen[str], signo: int = signal.SIGTERM) -> tuple[int, str]:
+    proc.send_signal(signo)
+    _, err = proc.communicate(timeout=10)
+    return proc.returncode, err
+
+
+def test_ready_comes_only_after_started_is_in_the_port(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, "--refresh", "0", notify=notify):
+        notify.wait_for("READY=1")
+        # Read only after READY=1: the line must already be waiting in the port.
+        assert live_port.read_lines(timeout=0) == [STARTED]
+        status = [m for m in notify.messages if "STATUS=reporting to" in m]
+        assert status and PORT_NAME in status[0] and "legacy" not in status[0]
+
+
+def test_sigterm_reports_stopping_then_stopped_and_exits_0(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, "--refresh", "0", notify=notify) as proc:
+        notify.wait_for("READY=1")
+        live_port.wait_for(STARTED, timeout=5)
+        code, _ = stop(proc)
+        notify.wait_for("STOPPING=1", timeout=5)
+        assert code == 0
+        assert live_port.read_lines(timeout=2) == [STOPPED]
+
+
+def test_sigint_stops_like_sigterm(tree: PortTree, live_port: LivePort) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with agent(tree) as proc:
+        live_port.wait_for(STARTED, timeout=10)
+        code, _ = stop(proc, signal.SIGINT)
+        assert code == 0
+        assert live_port.wait_for(STOPPED, timeout=2)[-1] == STOPPED
+
+
+def test_started_is_rewritten_every_refresh(tree: PortTree, live_port: LivePort) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with agent(tree, "--refresh", "0.2") as proc:
+        live_port.wait_for(STARTED, timeout=10)
+        lines: list[str] = []
+        deadline = time.monotonic() + 3
+        while lines.count(STARTED) < 3 and time.monotonic() < deadline:
+            lines += live_port.read_lines(timeout=0.5)
+        stop(proc)
+    assert lines.count(STARTED) >= 3, lines
+
+
+def test_legacy_port_is_used_when_the_new_one_is_dead(
+    tmp_path: Path, tree: PortTree, dead_port: DeadPort, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, dead_port.device)
+    tree.link(LEGACY_PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, notify=notify) as proc:
+        notify.wait_for("READY=1")
+        assert live_port.read_lines(timeout=0) == [STARTED]
+        assert any(f"{LEGACY_PORT_NAME}" in m and "legacy fallback" in m for m in notify.messages)
+        code, _ = stop(proc)
+    assert code == 0
+    assert live_port.read_lines(timeout=2)[-1] == STOPPED
+
+
+def test_a_late_port_is_picked_up(tmp_path: Path, tree: PortTree, live_port: LivePort) -> None:
+    with notify_socket(tmp_path) as notify, agent(tree, "--wait", "20", notify=notify) as proc:
+        waiting = notify.wait_for(f"STATUS=waiting for a port: {PORT_NAME}: no such port", 10)
+        assert LEGACY_PORT_NAME in waiting
+        tree.link(PORT_NAME, live_port.device)
+        notify.wait_for("READY=1", timeout=10)
+        assert live_port.read_lines(timeout=0) == [STARTED]
+        stop(proc)
+
+
+def test_no_port_in_time_exits_1_naming_every_candidate(tree: PortTree, tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("")
+    tree.link(LEGACY_PORT_NAME, tmp_path / "plain")
+    began = time.monotonic()
+    with agent(tree, "--wait", "1") as proc:
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert "no usable port after 1 s" in last
+    assert f"{PORT_NAME}: no such port" in last
+    assert f"{LEGACY_PORT_NAME}: " in last and "is a regular file" in last
+    assert time.monotonic() - began < 15
+
+
+def test_a_lost_port_is_logged_once_and_found_again(
+    tree: PortTree, live_port: LivePort, live_port2: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with agent(tree, "--refresh", "0.2") as proc:
+        live_port.wait_for(STARTED, timeout=10)
+        live_port.close()  # the pty node disappears: the link now dangles, like an unplug
+        time.sleep(2)
+        tree.link(PORT_NAME, live_port2.device)
+        live_port2.wait_for(STARTED, timeout=10)
+        code, err = stop(proc)
+    assert code == 0
+    assert err.count("could not write") == 1, err
+    # It looked again with back-off instead of spinning: a handful of log lines, not hundreds.
+    assert len(err.splitlines()) < 10, err
+
+
+def test_sighup_looks_for_the_port_again(
+    tree: PortTree, live_port: LivePort, live_port2: LivePort
+) -> None:
+    tree.link(LEGACY_PORT_NAME, live_port.device)
+    with agent(tree, "--refresh", "0") as proc:
+        live_port.wait_for(STARTED, timeout=10)
+        tree.link(PORT_NAME, live_port2.device)
+        proc.send_signal(signal.SIGHUP)
+        live_port2.wait_for(STARTED, timeout=10)
+        stop(proc)
+    assert live_port2.read_lines(timeout=2)[-1] == STOPPED
+
+
+def test_watchdog_is_pinged_when_the_unit_sets_watchdogsec(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    env = {"WATCHDOG_USEC": "400000"}
+    with notify_socket(tmp_path) as notify, agent(tree, "--refresh", "0", notify=notify, env=env):
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1", timeout=5)
+        notify.wait_for("WATCHDOG=1", timeout=5)
+
+
+def test_sdnotify_is_the_fallback_without_systemd_python(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    hidden = tmp_path / "hide"
+    (hidden / "systemd").mkdir(parents=True)
+    (hidden / "systemd" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    tree.link(PORT_NAME, live_port.device)
+    env = {"PYTHONPATH": str(hidden)}
+    with notify_socket(tmp_path) as notify, agent(tree, notify=notify, env=env) as proc:
+        notify.wait_for("READY=1")
+        code, _ = stop(proc)
+    assert code == 0
+
+
+def test_outside_systemd_it_runs_and_logs_to_stderr(tree: PortTree, live_port: LivePort) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with agent(tree) as proc:
+        live_port.wait_for(STARTED, timeout=10)
+        code, err = stop(proc)
+    assert code == 0
+    assert f"lxd-agent: reporting to {PORT_NAME} ({tree.dev_root / PORT_NAME})" in err
+
+
+def test_stop_hook_writes_stopped_after_the_agent_was_killed(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with agent(tree) as proc:
+        live_port.wait_for(STARTED, timeout=10)
+        code, _ = stop(proc, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert STOPPED not in live_port.read_lines(timeout=0.5)
+    hook = [sys.executable, "-m", "lxd_agent.guest", "status", "write", STOPPED]
+    result = subprocess.run(hook + tree.cli_args(), capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert live_port.read_lines(timeout=2) == [STOPPED]

@@ -1,0 +1,217 @@
+"""Port discovery and non-blocking writes (lxd_agent.guest.ports) against stand-in devices."""
+
+from __future__ import annotations
+
+import os
+import pty
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.guest.ports import (
+    PortBusy,
+    PortGone,
+    PortUnusable,
+    connection_problem,
+    find_connected_port,
+    find_device,
+    inspect,
+    survey,
+    write_line,
+)
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED
+from tests.guest.conftest import DeadPort, LivePort, PortTree
+
+
+def test_new_name_is_chosen_before_the_legacy_one(
+    tree: PortTree, live_port: LivePort, live_port2: LivePort
+) -> None:
+    tree.link(LEGACY_PORT_NAME, live_port2.device)
+    tree.link(PORT_NAME, live_port.device)
+    port, seen = find_connected_port(roots=tree.roots)
+    assert port is not None and port.name == PORT_NAME and not port.legacy
+    # The legacy port is never touched when the new one works.
+    assert [c.name for c in seen] == [PORT_NAME]
+
+
+def test_legacy_port_is_the_fallback(tree: PortTree, live_port: LivePort) -> None:
+    tree.link(LEGACY_PORT_NAME, live_port.device)
+    port, seen = find_connected_port(roots=tree.roots)
+    assert port is not None and port.name == LEGACY_PORT_NAME and port.legacy
+    assert seen[0].problem is not None and "no such port" in seen[0].problem
+
+
+def test_sysfs_name_finds_a_port_that_udev_did_not_link(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    node = tree.sysfs("vport1p2", PORT_NAME, live_port.device)
+    tree.sysfs("vport1p1", "org.qemu.guest_agent.0", live_port.device)
+    assert find_device(PORT_NAME, tree.roots) == str(node)
+    assert find_device(LEGACY_PORT_NAME, tree.roots) is None
+    assert inspect(PORT_NAME, tree.roots).usable
+
+
+def test_udev_link_wins_over_sysfs(tree: PortTree, live_port: LivePort) -> None:
+    tree.sysfs("vport1p2", PORT_NAME, live_port.device)
+    link = tree.link(PORT_NAME, live_port.device)
+    assert find_device(PORT_NAME, tree.roots) == str(link)
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _socket(path: Path) -> Path:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p.write_text("x") and p, "is a regular file, not a character device"),
+        (lambda p: p.mkdir() or p, "is a directory, not a character device"),
+        (_fifo, "is a FIFO, not a character device"),
+        (_socket, "is a socket, not a character device"),
+        (lambda p: p, "dangling symlink to "),
+    ],
+    ids=["regular-file", "directory", "fifo", "socket", "dangling-link"],
+)
+def test_what_is_not_a_character_device_is_rejected_with_its_kind(
+    tree: PortTree, tmp_path: Path, make: object, expected: str
+) -> None:
+    target = tmp_path / "target"
+    assert callable(make)
+    make(target)
+    link = tree.link(PORT_NAME, target)
+    candidate = inspect(PORT_NAME, tree.roots)
+    assert not candidate.usable
+    assert candidate.problem is not None and expected in candidate.problem
+    assert candidate.describe().startswith(f"{PORT_NAME}: {link}: ")
+
+
+def test_dead_port_is_skipped_for_a_live_legacy_port(
+    tree: PortTree, dead_port: DeadPort, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, dead_port.device)
+    tree.link(LEGACY_PORT_NAME, live_port.device)
+    port, seen = find_connected_port(roots=tree.roots)
+    assert port is not None and port.name == LEGACY_PORT_NAME
+    assert seen[0].is_char_device and not seen[0].usable
+
+
+def test_hung_up_port_polls_as_not_host_connected() -> None:
+    master, slave = pty.openpty()
+    try:
+        assert connection_problem(slave) is None
+        os.close(master)
+        problem = connection_problem(slave)
+        assert problem is not None and "not host-connected" in problem and "POLLHUP" in problem
+    finally:
+        os.close(slave)
+
+
+def test_permission_denied_is_reported_as_such(live_port: LivePort) -> None:
+    # pytest's tmp_path is root-only; nobody must be able to walk to the link.
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        tree = PortTree(Path(top))
+        tree.link(PORT_NAME, live_port.device)
+        os.chmod(live_port.device, 0o600)  # as a virtio port is in a Debian guest
+        problem = _inspect_as_nobody(tree)
+    assert "permission denied" in problem and "run the agent as root" in problem
+
+
+def _inspect_as_nobody(tree: PortTree) -> str:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody and report what inspect() says
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, str(inspect(PORT_NAME, tree.roots).problem).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        problem = f.read()
+    os.waitpid(pid, 0)
+    return problem
+
+
+def test_write_line_writes_exactly_one_line(live_port: LivePort) -> None:
+    write_line(live_port.device, STARTED)
+    assert live_port.read_lines(timeout=2) == [STARTED]
+
+
+def test_write_to_a_full_pipe_gives_up_after_the_timeout(tmp_path: Path) -> None:
+    fifo = _fifo(tmp_path / "fifo")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                os.write(writer, b"x" * 65536)
+        except BlockingIOError:
+            pass
+        began = time.monotonic()
+        with pytest.raises(PortBusy, match=r"not writable within 0\.3 s"):
+            write_line(str(fifo), STARTED, timeout=0.3)
+        # Bounded, not forever: well under the 10x margin a loaded machine might need.
+        assert time.monotonic() - began < 3.0
+        os.close(writer)
+    finally:
+        os.close(reader)
+
+
+def test_write_waits_for_a_reader_that_drains_within_the_timeout(tmp_path: Path) -> None:
+    fifo = _fifo(tmp_path / "fifo")
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        filled = 0
+        try:
+            while True:
+                filled += os.write(writer, b"x" * 4096)
+        except BlockingIOError:
+            pass
+
+        def drain() -> None:
+            time.sleep(0.3)
+            os.read(reader, filled)
+
+        thread = threading.Thread(target=drain)
+        thread.start()
+        write_line(str(fifo), STARTED, timeout=5.0)
+        thread.join()
+        assert os.read(reader, 100) == b"STARTED\n"
+    finally:
+        os.close(writer)
+        os.close(reader)
+
+
+def test_fifo_without_reader_is_gone(tmp_path: Path) -> None:
+    with pytest.raises(PortGone):
+        write_line(str(_fifo(tmp_path / "fifo")), STARTED, timeout=0.5)
+
+
+def test_write_to_hung_up_port_fails_at_once(dead_port: DeadPort) -> None:
+    began = time.monotonic()
+    with pytest.raises((PortGone, PortUnusable)):
+        write_line(dead_port.device, STARTED, timeout=5.0)
+    assert time.monotonic() - began < 2.0
+
+
+def test_survey_reports_every_candidate_in_order(tree: PortTree, live_port: LivePort) -> None:
+    tree.link(LEGACY_PORT_NAME, live_port.device)
+    names = [c.name for c in survey(roots=tree.roots)]
+    assert names == [PORT_NAME, LEGACY_PORT_NAME]
