@@ -245,8 +245,7 @@ class QemuProcess:
         if accept in done:
             # QEMU connects to QMP before it checks its -device options, so a refused option
             # shows up as a dropped connection: give it a moment to exit with its message.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wait_exit(), 1.0)
+            await self._wait_exit(timeout=1.0)
         if self.returncode is not None:
             raise QemuError(
                 f"{self.name}: {self.binary} exited with status {self.returncode} before "
@@ -264,12 +263,10 @@ class QemuProcess:
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit on its own; its status. A `QemuError` after `timeout` s."""
-        try:
-            return await asyncio.wait_for(self._wait_exit(), timeout)
-        except asyncio.TimeoutError:
-            raise QemuError(
-                f"{self.name}: QEMU (pid {self.pid}) still running after {timeout} s"
-            ) from None
+        code = await self._wait_exit(timeout)
+        if code is None:
+            raise QemuError(f"{self.name}: QEMU (pid {self.pid}) still running after {timeout} s")
+        return code
 
     async def stop(self) -> None:
         """Disconnect QMP, stop QEMU (SIGTERM, then SIGKILL), wait for it, remove workdir.
@@ -284,8 +281,7 @@ class QemuProcess:
                 await self.qmp.disconnect()
             if self._proc is not None and self._proc.poll() is None:
                 self._proc.terminate()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wait_exit(), self.stop_timeout)
+                await self._wait_exit(self.stop_timeout)
         finally:
             # Synchronous on purpose: runs even when the awaits above were cancelled.
             if self._proc is not None:
@@ -299,11 +295,18 @@ class QemuProcess:
                 self._tmp.cleanup()
                 self._tmp = None
 
-    async def _wait_exit(self) -> int:
+    async def _wait_exit(self, timeout: float | None = None) -> int | None:
+        """QEMU's exit status, or None if it still runs after `timeout` s.
+
+        Polls rather than using `asyncio.wait_for`, which before Python 3.12 can swallow a
+        cancellation that arrives as its inner wait ends.
+        """
         assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
             code = self._proc.poll()
-            if code is not None:
+            if code is not None or (deadline is not None and loop.time() >= deadline):
                 return code
             await asyncio.sleep(0.02)
 

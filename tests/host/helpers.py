@@ -1,0 +1,71 @@
+"""Shared pieces of the host tests: run a coroutine with a deadline, talk to a QEMU ring.
+
+Every QEMU here is cheap: `-machine none` (chardevs only) or a paused `-S` q35 (devices, but
+no guest code ever runs). `QemuProcess` kills and reaps it on every exit path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+from lxd_agent.host.layouts import Ring
+from lxd_agent.host.monitor import RingbufMonitor
+from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.protocol import PORT_NAME
+
+T = TypeVar("T")
+
+# A QEMU with no machine: chardevs and QMP only, nearly free to start.
+MACHINE_NONE = ["-machine", "none", "-nodefaults", "-display", "none"]
+
+# A paused q35: a PCI bus for virtio-serial devices, and no guest CPU ever runs.
+MACHINE_PAUSED = ["-machine", "q35", "-S", "-nodefaults", "-display", "none"]
+
+TEST_DEADLINE = 60.0
+
+
+def run(awaitable: Awaitable[T], deadline: float = TEST_DEADLINE) -> T:
+    """Run `awaitable` in a fresh event loop; fail rather than hang after `deadline` s."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(awaitable, deadline)
+
+    return asyncio.run(bounded())
+
+
+def ring_qemu(*chardev_ids: str, size: int = 16, paused: bool = False) -> QemuProcess:
+    """A `-machine none` QEMU with one ring-buffer chardev per id."""
+    args = [*MACHINE_NONE, *(["-S"] if paused else [])]
+    for chardev_id in chardev_ids:
+        args += ["-chardev", f"ringbuf,id={chardev_id},size={size}"]
+    return QemuProcess(args, name="test-qemu")
+
+
+async def write_ring(qemu: QemuProcess, chardev_id: str, data: bytes) -> None:
+    """What a guest write does to the ring, done from the host side (base64: any bytes)."""
+    await qemu.qmp.execute(
+        "ringbuf-write",
+        {"device": chardev_id, "data": base64.b64encode(data).decode("ascii"), "format": "base64"},
+    )
+
+
+async def read_ring(qemu: QemuProcess, chardev_id: str, size: int = 16) -> bytes:
+    reply = await qemu.qmp.execute(
+        "ringbuf-read", {"device": chardev_id, "size": size, "format": "base64"}
+    )
+    assert isinstance(reply, str)
+    return base64.b64decode(reply)
+
+
+@contextlib.asynccontextmanager
+async def monitored_ring(
+    *, size: int = 16, paused: bool = False, **monitor_options: Any
+) -> AsyncIterator[tuple[QemuProcess, RingbufMonitor]]:
+    """A QEMU with one ring, chardev `ring`, monitored as port `PORT_NAME`."""
+    async with ring_qemu("ring", size=size, paused=paused) as qemu, RingbufMonitor(
+        qemu.qmp, [Ring(PORT_NAME, "ring")], **monitor_options
+    ) as monitor:
+        yield qemu, monitor

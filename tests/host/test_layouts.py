@@ -1,0 +1,185 @@
+"""Tests for lxd_agent.host.layouts: the arguments each layout gives QEMU, and QEMU's verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lxd_agent.host.errors import LayoutError, QemuError
+from lxd_agent.host.layouts import (
+    BRIDGED,
+    INCUS,
+    LAYOUTS,
+    LXD_5_19,
+    LXD_5_20,
+    Layout,
+    Ring,
+    check_ring_size,
+    describe_layouts,
+    get_layout,
+)
+from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.protocol import DEFAULT_RING_SIZE, INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
+from tests.host.helpers import MACHINE_NONE, MACHINE_PAUSED, run
+
+BUS = ["-device", "virtio-serial-pci,id=dev-qemu_serial"]
+
+
+def test_layout_names_are_the_four_known_ones() -> None:
+    assert list(LAYOUTS) == ["lxd-5.19", "lxd-5.20", "incus", "bridged"]
+    assert all(LAYOUTS[name].name == name for name in LAYOUTS)
+    assert set(describe_layouts()) == set(LAYOUTS)
+    assert all(describe_layouts().values())
+
+
+def test_lxd_5_19_has_one_ring_on_the_legacy_name() -> None:
+    assert LXD_5_19.qemu_args() == [
+        *BUS,
+        "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
+        "-device", f"virtserialport,id=qemu_serial,name={LEGACY_PORT_NAME},"
+        "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
+    ]  # fmt: skip
+    assert LXD_5_19.rings == (Ring(LEGACY_PORT_NAME, "qemu_serial-chardev"),)
+    assert LXD_5_19.port_names == (LEGACY_PORT_NAME,)
+
+
+def test_lxd_5_20_rings_the_new_name_and_leaves_the_legacy_port_without_chardev() -> None:
+    assert LXD_5_20.qemu_args() == [
+        *BUS,
+        "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
+        "-device", f"virtserialport,id=qemu_serial,name={PORT_NAME},"
+        "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
+        "-device", f"virtserialport,id=qemu_serial_legacy,name={LEGACY_PORT_NAME},"
+        "bus=dev-qemu_serial.0",
+    ]  # fmt: skip
+    assert LXD_5_20.rings == (Ring(PORT_NAME, "qemu_serial-chardev"),)
+    assert LXD_5_20.port_names == (PORT_NAME, LEGACY_PORT_NAME)
+
+
+def test_incus_rings_its_own_name_and_leaves_the_legacy_port_without_chardev() -> None:
+    assert INCUS.qemu_args() == [
+        *BUS,
+        "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
+        "-device", f"virtserialport,id=qemu_serial,name={INCUS_PORT_NAME},"
+        "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
+        "-device", f"virtserialport,id=qemu_serial_legacy,name={LEGACY_PORT_NAME},"
+        "bus=dev-qemu_serial.0",
+    ]  # fmt: skip
+    assert INCUS.rings == (Ring(INCUS_PORT_NAME, "qemu_serial-chardev"),)
+
+
+def test_bridged_gives_each_lxd_name_its_own_ring() -> None:
+    assert BRIDGED.qemu_args() == [
+        *BUS,
+        "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
+        "-chardev", "ringbuf,id=qemu_serial_legacy-chardev,size=16",
+        "-device", f"virtserialport,id=qemu_serial,name={PORT_NAME},"
+        "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
+        "-device", f"virtserialport,id=qemu_serial_legacy,name={LEGACY_PORT_NAME},"
+        "chardev=qemu_serial_legacy-chardev,bus=dev-qemu_serial.0",
+    ]  # fmt: skip
+    assert BRIDGED.rings == (
+        Ring(PORT_NAME, "qemu_serial-chardev"),
+        Ring(LEGACY_PORT_NAME, "qemu_serial_legacy-chardev"),
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
+def test_ring_size_reaches_every_ring_chardev(layout: Layout) -> None:
+    args = layout.qemu_args(ring_size=16384)
+    chardevs = [arg for arg in args if arg.startswith("ringbuf,")]
+    assert len(chardevs) == len(layout.rings) >= 1
+    assert all(arg.endswith(",size=16384") for arg in chardevs)
+    assert f"size={DEFAULT_RING_SIZE}" in layout.qemu_args()[3]
+
+
+@pytest.mark.parametrize("size", [0, -16, 3, 15, 24, 1000, True, 16.0, "16"])
+def test_ring_size_that_qemu_would_refuse_is_rejected_first(size: Any) -> None:
+    with pytest.raises(LayoutError, match="power of two"):
+        LXD_5_20.qemu_args(ring_size=size)
+
+
+@pytest.mark.parametrize("size", [1, 2, 16, 4096, 16384])
+def test_ring_size_power_of_two_is_accepted(size: int) -> None:
+    check_ring_size(size)
+
+
+def test_unknown_layout_error_lists_the_valid_names() -> None:
+    with pytest.raises(LayoutError) as caught:
+        get_layout("lxd-6.0")
+    assert "'lxd-6.0'" in str(caught.value)
+    for name in LAYOUTS:
+        assert name in str(caught.value)
+    assert get_layout("incus") is INCUS
+
+
+def test_ring_for_finds_the_ring_behind_a_port_and_refuses_a_stub() -> None:
+    assert LXD_5_20.ring_for(PORT_NAME).chardev_id == "qemu_serial-chardev"
+    with pytest.raises(LayoutError, match="no ring buffer on port"):
+        LXD_5_20.ring_for(LEGACY_PORT_NAME)
+
+
+# -- QEMU's verdict -----------------------------------------------------------------------------
+
+
+async def _devices_in_qemu(layout: Layout, ring_size: int) -> dict[str, tuple[str, str]]:
+    """Start a paused q35 with the layout; each port's name and chardev, as QEMU reports them."""
+    async with QemuProcess([*MACHINE_PAUSED, *layout.qemu_args(ring_size)]) as qemu:
+        chardevs = await qemu.qmp.execute("query-chardev")
+        assert isinstance(chardevs, list)
+        ring_labels = {c["label"] for c in chardevs if c["filename"] == "ringbuf"}
+        assert ring_labels == {ring.chardev_id for ring in layout.rings}
+
+        peripherals = await qemu.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+        assert isinstance(peripherals, list)
+        ports: dict[str, tuple[str, str]] = {}
+        for child in peripherals:
+            if child["type"] != "child<virtserialport>":
+                continue
+            path = f"/machine/peripheral/{child['name']}"
+            name = await qemu.qmp.execute("qom-get", {"path": path, "property": "name"})
+            chardev = await qemu.qmp.execute("qom-get", {"path": path, "property": "chardev"})
+            assert isinstance(name, str) and isinstance(chardev, str)
+            ports[name] = (child["name"], chardev)
+        return ports
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
+def test_qemu_accepts_each_layout_and_wires_ports_as_declared(layout: Layout) -> None:
+    ports = run(_devices_in_qemu(layout, DEFAULT_RING_SIZE))
+    assert ports == {port.name: (port.device_id, port.chardev_id or "") for port in layout.ports}
+
+
+def test_qemu_accepts_incus_sized_ring() -> None:
+    ports = run(_devices_in_qemu(INCUS, 16384))
+    assert ports[INCUS_PORT_NAME][1] == "qemu_serial-chardev"
+
+
+@pytest.mark.parametrize("size", [15, 24])
+def test_qemu_refuses_the_sizes_the_layout_check_refuses(size: int) -> None:
+    async def start() -> None:
+        async with QemuProcess([*MACHINE_NONE, "-chardev", f"ringbuf,id=r,size={size}"]):
+            pass
+
+    with pytest.raises(QemuError, match="must be power of two"):
+        run(start())
+    with pytest.raises(LayoutError):
+        check_ring_size(size)
+
+
+def test_qemu_refuses_a_second_port_on_one_chardev() -> None:
+    args = [
+        *MACHINE_PAUSED,
+        *BUS,
+        "-chardev", "ringbuf,id=shared,size=16",
+        "-device", f"virtserialport,name={PORT_NAME},chardev=shared,bus=dev-qemu_serial.0",
+        "-device", f"virtserialport,name={LEGACY_PORT_NAME},chardev=shared,bus=dev-qemu_serial.0",
+    ]  # fmt: skip
+
+    async def start() -> None:
+        async with QemuProcess(args):
+            pass
+
+    with pytest.raises(QemuError, match="Device 'shared' is in use"):
+        run(start())

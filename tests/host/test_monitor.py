@@ -1,0 +1,285 @@
+"""Tests for lxd_agent.host.monitor: LXD's reading rule, then the monitor against a real QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from lxd_agent.host.errors import MonitorError, MonitorTimeout
+from lxd_agent.host.layouts import BRIDGED, Ring
+from lxd_agent.host.monitor import (
+    EntryKind,
+    RingbufMonitor,
+    RingRead,
+    Timeline,
+    interpret_ring_read,
+)
+from lxd_agent.protocol import CONNECTED, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from tests.host.helpers import monitored_ring, ring_qemu, run, write_ring
+
+RING = 16  # LXD's ring size; the table's `written` bytes go into a ring this big
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    written: bytes  # what the guest wrote, in total, since the last read
+    line: str | None  # the last complete line LXD's host takes from the ring
+    status: str | None  # the state it sets; None: unchanged
+
+    @property
+    def ring(self) -> bytes:
+        """What a 16-byte ring holds after `written`: its last 16 bytes (oldest overwritten)."""
+        return self.written[-RING:]
+
+
+CASES = [
+    Case("empty-read", b"", None, None),
+    Case("started", b"STARTED\n", STARTED, STARTED),
+    Case("stopped", b"STOPPED\n", STOPPED, STOPPED),
+    Case("connected-ignored", b"CONNECTED\n", CONNECTED, None),
+    Case("started-then-stopped", b"STARTED\nSTOPPED\n", STOPPED, STOPPED),
+    Case("stopped-then-started", b"STOPPED\nSTARTED\n", STARTED, STARTED),
+    Case("partial-line-only", b"STARTED", None, None),
+    Case("complete-then-partial", b"STOPPED\nSTART", STOPPED, STOPPED),
+    Case("lone-newline", b"\n", "", None),
+    Case("crlf-is-not-started", b"STARTED\r\n", "STARTED\r", None),
+    Case("lowercase-ignored", b"started\n", "started", None),
+    Case("leading-space-ignored", b" STARTED\n", " STARTED", None),
+    Case("junk-line", b"\xff\xfe\x00\x01\n", "\ufffd\ufffd\x00\x01", None),
+    Case("junk-then-stopped", b"\xff\x00\x80\nSTOPPED\n", STOPPED, STOPPED),
+    Case("invalid-utf8-glued-to-status", b"\xffSTOPPED\n", "\ufffdSTOPPED", None),
+    # Wrapped rings: the guest wrote more than 16 bytes between two reads.
+    Case("wrapped-three-lines", b"STARTED\nSTOPPED\nCONNECTED\n", CONNECTED, None),
+    Case("wrapped-started-then-connected", b"STARTED\nCONNECTED\n", CONNECTED, None),
+    Case("wrapped-stopped-survives", b"CONNECTED\nSTARTED\nSTOPPED\n", STOPPED, STOPPED),
+    Case("tail-of-long-write-glued", b"x" * 40 + b"STARTED\n", "x" * 8 + STARTED, None),
+    Case("tail-of-long-write-newline", b"x" * 40 + b"\nSTARTED\n", STARTED, STARTED),
+    Case("wrap-cuts-the-status-line", b"STOPPED\n" + b"x" * 10, "OPPED", None),
+    Case("incus-json-after-status", b'STARTED\n{"a":1}', STARTED, STARTED),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_interpret_ring_read_follows_lxd_rule(case: Case) -> None:
+    assert interpret_ring_read(case.ring) == RingRead(line=case.line, status=case.status)
+
+
+def test_interpret_ring_read_handles_any_byte_and_long_input() -> None:
+    every_byte = bytes(range(256)) * 64
+    assert interpret_ring_read(every_byte).status is None
+    assert interpret_ring_read(b"y" * 1_000_000 + b"\nSTOPPED\n").status == STOPPED
+
+
+# -- the same table through QEMU's ring buffer ---------------------------------------------------
+
+
+def _prior(case: Case) -> str:
+    """A state the case's read must change (or, for an ignored read, must leave alone)."""
+    return STOPPED if case.status == STARTED else STARTED
+
+
+async def _through_qemu(case: Case) -> tuple[bytes, str | None]:
+    async with monitored_ring(poll_interval=60.0) as (qemu, mon):
+        await write_ring(qemu, "ring", f"{_prior(case)}\n".encode())
+        await mon.read_rings()
+        assert mon.state() == _prior(case)
+        if case.written:
+            await write_ring(qemu, "ring", case.written)
+        read = await mon.read_rings()
+        return read[PORT_NAME], mon.state()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_monitor_reads_qemu_ring_and_concludes_as_lxd(case: Case) -> None:
+    read, state = run(_through_qemu(case))
+    assert read == case.ring  # QEMU keeps the last 16 bytes, as the table assumes
+    assert state == (case.status or _prior(case))
+
+
+def test_monitor_read_consumes_the_ring() -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        async with ring_qemu("ring") as qemu:
+            mon = RingbufMonitor(qemu.qmp, [Ring(PORT_NAME, "ring")])
+            await write_ring(qemu, "ring", b"STARTED\n")
+            first = await mon.read_rings()
+            second = await mon.read_rings()
+            return first[PORT_NAME], second[PORT_NAME]
+
+    assert run(scenario()) == (b"STARTED\n", b"")
+
+
+# -- when the monitor reads ---------------------------------------------------------------------
+
+
+def test_qmp_event_triggers_a_read_without_waiting_for_the_timer() -> None:
+    async def scenario() -> float:
+        # Paused QEMU: `cont` makes it emit RESUME, standing in for a guest's VSERPORT_CHANGE.
+        async with ring_qemu("ring", paused=True) as qemu, RingbufMonitor(
+            qemu.qmp, [Ring(PORT_NAME, "ring")], poll_interval=600.0
+        ) as mon:
+            await write_ring(qemu, "ring", b"STARTED\n")
+            await qemu.qmp.execute("cont")
+            entry = await mon.wait_for(STARTED, port=PORT_NAME, timeout=5.0)
+            kinds = [(e.kind, e.text.split()[0]) for e in mon.timeline.entries]
+            assert (EntryKind.EVENT, "RESUME") in kinds
+            assert any(
+                e.kind is EntryKind.READ and e.text.endswith("[event]")
+                for e in mon.timeline.entries
+            )
+            return entry.seconds
+
+    assert run(scenario()) < 5.0
+
+
+def test_timer_reads_when_no_event_comes() -> None:
+    async def scenario() -> str:
+        async with monitored_ring(poll_interval=0.1) as (qemu, mon):
+            await write_ring(qemu, "ring", b"STOPPED\n")
+            entry = await mon.wait_for(STOPPED, timeout=5.0)
+            read = [e for e in mon.timeline.entries if e.kind is EntryKind.READ]
+            assert read[-1].text.endswith("[timer]")
+            return entry.text
+
+    assert run(scenario()) == f"unknown -> {STOPPED}"
+
+
+def test_initial_read_sees_what_was_written_before_the_monitor_started() -> None:
+    async def scenario() -> str | None:
+        async with ring_qemu("ring") as qemu:
+            await write_ring(qemu, "ring", b"STARTED\n")
+            async with RingbufMonitor(
+                qemu.qmp, [Ring(PORT_NAME, "ring")], poll_interval=600.0
+            ) as mon:
+                return mon.state(PORT_NAME)
+
+    assert run(scenario()) == STARTED
+
+
+def test_wait_for_timeout_says_what_and_shows_the_timeline() -> None:
+    async def scenario() -> None:
+        async with monitored_ring(poll_interval=600.0) as (qemu, mon):
+            mon.note("QEMU started")
+            await write_ring(qemu, "ring", b"CONNECTED\n")
+            await mon.read_rings()
+            await mon.wait_for(STARTED, port=PORT_NAME, timeout=0.3)
+
+    with pytest.raises(MonitorTimeout) as caught:
+        run(scenario())
+    message = str(caught.value)
+    assert f"no {STARTED} on {PORT_NAME} within 0.3 s" in message
+    assert "QEMU started" in message
+    assert "'CONNECTED\\n' (no change)" in message
+
+
+def test_wait_for_rejects_a_port_without_ring_and_an_unknown_state() -> None:
+    async def scenario(port: str, status: str) -> None:
+        async with monitored_ring() as (_, mon):
+            await mon.wait_for(status, port=port, timeout=1.0)
+
+    with pytest.raises(MonitorError, match="has no ring buffer here"):
+        run(scenario(LEGACY_PORT_NAME, STARTED))
+    with pytest.raises(MonitorError, match="cannot wait for 'CONNECTED'"):
+        run(scenario(PORT_NAME, CONNECTED))
+
+
+def test_bridged_rings_are_read_together_and_kept_apart() -> None:
+    async def scenario() -> None:
+        ids = [ring.chardev_id for ring in BRIDGED.rings]
+        async with ring_qemu(*ids) as qemu, RingbufMonitor(
+            qemu.qmp, BRIDGED.rings, poll_interval=0.1
+        ) as mon:
+            legacy = BRIDGED.ring_for(LEGACY_PORT_NAME).chardev_id
+            await write_ring(qemu, legacy, b"STARTED\n")
+            entry = await mon.wait_for(STARTED, timeout=5.0)  # either ring
+            assert entry.port == LEGACY_PORT_NAME
+            assert mon.states == {PORT_NAME: None, LEGACY_PORT_NAME: STARTED}
+            with pytest.raises(MonitorTimeout):
+                await mon.wait_for(STARTED, port=PORT_NAME, timeout=0.3)
+
+    run(scenario())
+
+
+def test_monitor_fails_fast_when_qemu_goes_away() -> None:
+    async def scenario() -> float:
+        async with monitored_ring(poll_interval=0.1) as (qemu, mon):
+            await qemu.qmp.execute("quit")
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(MonitorError, match="stopped reading the rings"):
+                await mon.wait_for(STARTED, timeout=20.0)
+            return loop.time() - start
+
+    assert run(scenario()) < 10.0
+
+
+def test_missing_chardev_is_a_clear_error_at_start() -> None:
+    async def scenario() -> None:
+        async with ring_qemu("ring") as qemu, RingbufMonitor(
+            qemu.qmp, [Ring(PORT_NAME, "not-there")]
+        ):
+            pass
+
+    with pytest.raises(MonitorError, match=r"'not-there'.*not found"):
+        run(scenario())
+
+
+def test_monitor_tasks_are_gone_after_exit_even_on_error() -> None:
+    async def scenario() -> None:
+        async with ring_qemu("ring") as qemu:
+            before = asyncio.all_tasks()
+            with pytest.raises(RuntimeError):
+                async with RingbufMonitor(qemu.qmp, [Ring(PORT_NAME, "ring")]):
+                    assert len(asyncio.all_tasks() - before) >= 2
+                    raise RuntimeError("test body failed")
+            assert asyncio.all_tasks() - before == set()
+
+    run(scenario())
+
+
+# -- an untrusted guest --------------------------------------------------------------------------
+
+
+def test_junk_long_lines_and_event_flood_neither_crash_nor_grow_the_monitor() -> None:
+    size = 4096
+
+    async def scenario() -> RingbufMonitor:
+        async with ring_qemu("ring", size=size, paused=True) as qemu, RingbufMonitor(
+            qemu.qmp,
+            [Ring(PORT_NAME, "ring")],
+            read_size=size,
+            poll_interval=600.0,
+            max_timeline=50,
+            text_limit=40,
+        ) as mon:
+            for _ in range(200):
+                await write_ring(qemu, "ring", os.urandom(size))
+                await qemu.qmp.execute("cont")
+                await qemu.qmp.execute("stop")
+            # Still reading, still right, after the flood.
+            await write_ring(qemu, "ring", b"\nSTARTED\n")
+            await qemu.qmp.execute("cont")
+            await mon.wait_for(STARTED, timeout=10.0)
+            return mon
+
+    mon = run(scenario())
+    assert len(mon.timeline.entries) <= 50
+    assert mon.timeline.dropped > 300  # 400 events + reads went by
+    assert mon.reads >= 2  # start, then at least one event-driven read
+    assert all(len(entry.text) < 120 for entry in mon.timeline.entries)
+    assert "entries left out" in "\n".join(mon.render_timeline())
+
+
+def test_timeline_keeps_first_and_latest_entries() -> None:
+    timeline = Timeline(t0=0.0, max_entries=6)
+    for number in range(100):
+        timeline.add(EntryKind.NOTE, f"n{number}")
+    texts = [entry.text for entry in timeline.entries]
+    assert texts == ["n0", "n1", "n2", "n97", "n98", "n99"]
+    assert timeline.dropped == 94
+    rendered = timeline.render()
+    assert "94 entries left out" in rendered[3]
+    assert rendered[0].endswith("note   n0")
