@@ -57,11 +57,18 @@ class BoundedEventListener(EventListener):
         maxlen: int = DEFAULT_EVENT_BACKLOG,
     ) -> None:
         super().__init__(names, event_filter)
-        self.maxlen = maxlen
+        if maxlen < 1:
+            raise ValueError(f"an event listener keeps at least 1 event, not {maxlen}")
+        self._maxlen = maxlen
         self.dropped = 0
         self._pending: collections.deque[Message] = collections.deque()
         self._past: collections.deque[Message] = collections.deque(maxlen=maxlen)
         self._wakeup = asyncio.Event()
+
+    @property
+    def maxlen(self) -> int:
+        """How many pending and how many past events are kept (fixed at creation)."""
+        return self._maxlen
 
     @property
     def history(self) -> tuple[Message, ...]:
@@ -71,7 +78,7 @@ class BoundedEventListener(EventListener):
         if not self.accept(event):
             return
         self._past.append(event)
-        if len(self._pending) >= self.maxlen:
+        if len(self._pending) >= self._maxlen:
             self._pending.popleft()
             self.dropped += 1
         self._pending.append(event)
@@ -92,12 +99,12 @@ class BoundedEventListener(EventListener):
         return cleared
 
 
-def bounded_qmp_client(name: str = "qemu") -> QMPClient:
+def bounded_qmp_client(name: str = "qemu", backlog: int = DEFAULT_EVENT_BACKLOG) -> QMPClient:
     """A `QMPClient` whose default `events` listener is a `BoundedEventListener`."""
     client = QMPClient(name)
     unbounded = client.events
     # remove_listener refuses to remove the *current* default, so swap it in first.
-    client.events = BoundedEventListener()
+    client.events = BoundedEventListener(maxlen=backlog)
     client.remove_listener(unbounded)
     client.register_listener(client.events)
     return client
@@ -123,6 +130,8 @@ class QemuProcess:
     private temporary directory, removed afterwards: put sockets, overlays, logs there),
     `qmp_path`, `pid`, `argv`. QEMU's stdout and stderr go to `workdir`/qemu.log;
     `log_tail()` reads it (errors and `char device redirected to ...` lines land there).
+    `qmp.events` (the client's default listener) keeps only the last `event_backlog` events;
+    register your own listener (a `BoundedEventListener` if a guest can flood it) to wait for one.
     """
 
     def __init__(
@@ -133,13 +142,14 @@ class QemuProcess:
         name: str = "qemu",
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
+        event_backlog: int = DEFAULT_EVENT_BACKLOG,
     ) -> None:
         self.args = list(args)
         self.binary = binary
         self.name = name
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
-        self.qmp = bounded_qmp_client(name)
+        self.qmp = bounded_qmp_client(name, event_backlog)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
