@@ -23,7 +23,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import subprocess
 import tempfile
 import threading
@@ -116,11 +115,30 @@ class VmConfig:
     cpus: int = DEFAULT_CPUS
     seed: Path | None = None
     network: bool = False
-    # A second QMP socket for a person (`--keep`); the harness's own is taken by the harness.
-    user_qmp: Path | None = None
+    # A second QMP socket for a person (`--keep`): the harness's own is taken by the harness.
+    user_qmp: bool = False
 
 
-def qemu_args(config: VmConfig, overlay: Path) -> list[str]:
+@dataclass(frozen=True)
+class VmFiles:
+    """Where one boot's files go, all inside its temporary directory."""
+
+    workdir: Path
+
+    @property
+    def overlay(self) -> Path:
+        return self.workdir / "overlay.qcow2"
+
+    @property
+    def user_qmp(self) -> Path:
+        return self.workdir / "qmp-user.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+
+def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     """QEMU's whole command line after the binary, top to bottom.
 
     The harness's own QMP socket is added by `QemuProcess` (it listens before QEMU starts).
@@ -151,14 +169,14 @@ def qemu_args(config: VmConfig, overlay: Path) -> list[str]:
             "-append", config.boot.append,
         ]  # fmt: skip
     # The overlay takes every write; the base image under it is never opened for writing.
-    args += ["-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe,discard=unmap"]
+    args += ["-drive", f"file={files.overlay},format=qcow2,if=virtio,cache=unsafe,discard=unmap"]
     if config.seed is not None:
         args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
     if config.network:
         args += ["-nic", "user,model=virtio-net-pci"]
     args += config.layout.qemu_args(config.ring_size)
-    if config.user_qmp is not None:
-        args += ["-qmp", f"unix:{config.user_qmp},server=on,wait=off"]
+    if config.user_qmp:
+        args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
     args += [
         "-chardev", f"pty,id={CONSOLE_ID}",
         "-serial", f"chardev:{CONSOLE_ID}",
@@ -254,6 +272,10 @@ class SerialConsole:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading and close the pty (a person can then attach to it). Idempotent."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -361,8 +383,7 @@ class Vm:
         self._console: SerialConsole | None = None
         self._runstate_listener = EventListener(("STOP", "SHUTDOWN", "RESET", "GUEST_PANICKED"))
         self._logged_in = False
-        self.workdir: Path | None = None
-        self.console_log: Path | None = None
+        self.files: VmFiles | None = None
         self.console_device: str | None = None
         self.powerdown_at: float | None = None
         self.guest_off_at: float | None = None
@@ -410,10 +431,24 @@ class Vm:
             await asyncio.gather(watch, wait, return_exceptions=True)
         if wait in done:
             entry = wait.result()
-            self.note(f"{status} seen on {entry.port or port}")
-            return entry
-        watch.result()  # raises why QEMU stopped
-        raise AssertionError("unreachable")
+        else:
+            try:
+                watch.result()  # raises why the guest stopped
+            except VmError:
+                # The last line may have landed just before the power-off, with the monitor's
+                # read still to come: read once more before calling it missing.
+                with contextlib.suppress(HarnessError):
+                    await self.monitor.read_rings("guest off")
+                if not self._has_state(status, port):
+                    raise
+            entry = await self.monitor.wait_for(status, port=port, timeout=0)
+        self.note(f"{status} seen on {entry.port or port}")
+        return entry
+
+    def _has_state(self, status: str, port: str | None) -> bool:
+        if port is not None:
+            return self.monitor.state(port) == status
+        return status in self.monitor.states.values()
 
     async def power_off(self) -> None:
         """Press the ACPI power button (`system_powerdown`), as LXD does for a clean stop."""
@@ -507,16 +542,15 @@ class Vm:
     async def _start(self) -> None:
         stack = self._stack
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
-        self.workdir = Path(tmp)
-        overlay = self.workdir / "overlay.qcow2"
+        files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot
         if isinstance(boot, DirectBoot):
-            make_overlay(boot.image.disk, "raw", overlay)
+            make_overlay(boot.image.disk, "raw", files.overlay)
         else:
-            make_overlay(boot.disk, boot.disk_format, overlay)
+            make_overlay(boot.disk, boot.disk_format, files.overlay)
         self.t0 = time.monotonic()
         self._qemu = await stack.enter_async_context(
-            QemuProcess(qemu_args(self.config, overlay), name=f"vm-{self.config.layout.name}")
+            QemuProcess(qemu_args(self.config, files), name=f"vm-{self.config.layout.name}")
         )
         qmp = self._qemu.qmp
         self._monitor = await stack.enter_async_context(
@@ -527,14 +561,13 @@ class Vm:
             f"layout {self.config.layout.name}), guest paused"
         )
         self.console_device = await self._console_pty()
-        self.console_log = self.workdir / "console.log"
         loop = asyncio.get_running_loop()
 
         def milestone(name: str) -> None:  # called from the console thread
             loop.call_soon_threadsafe(self.note, f"console: {name}")
 
         self._console = stack.enter_context(
-            SerialConsole(self.console_device, self.console_log, on_milestone=milestone)
+            SerialConsole(self.console_device, files.console_log, on_milestone=milestone)
         )
         qmp.register_listener(self._runstate_listener)
         stack.callback(self._remove_listener)
@@ -676,8 +709,3 @@ def _choice_from(error: object, source: str) -> AccelChoice:
     if error is None:
         return AccelChoice(Accel.KVM, f"KVM: a probe guest booted and held up ({source})")
     return AccelChoice(Accel.TCG, f"TCG: KVM failed a probe boot here ({source}): {error}")
-
-
-def describe_command(config: VmConfig, overlay: Path) -> str:
-    """The command line as a person would paste it (for `--keep` and reports)."""
-    return shlex.join(["qemu-system-x86_64", *qemu_args(config, overlay)])

@@ -1,0 +1,366 @@
+"""`lxd-agent-harness`: build the guest image, boot it with an LXD layout, see STARTED and STOPPED.
+
+`boot` builds or reuses the image, boots it under QEMU with the chosen layout, waits for the
+agent's `STARTED` on the ring LXD would read, presses the power button, waits for `STOPPED` and
+for the guest to be off, and prints the timeline. It exits 0 only when both lines were seen, in
+that order; 1 when the guest did not do it (the reason, the console tail and the timeline are
+printed); 2 on bad input, before anything is built or booted. `image` only builds or reuses the
+image and prints its directory.
+
+Host side only: this is the one place that prints to the user and turns errors into exit codes;
+it holds no QEMU or image logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.image import (
+    BASE_PACKAGES,
+    CLOUD_INIT_PACKAGES,
+    DEFAULT_RELEASE,
+    GuestImage,
+    ImageSpec,
+    build_image,
+)
+from lxd_agent.host.layouts import LAYOUTS, Layout, check_ring_size, get_layout
+from lxd_agent.host.monitor import TimelineEntry
+from lxd_agent.host.seed import make_seed_iso
+from lxd_agent.host.vm import (
+    POWEROFF_TIMEOUT,
+    Accel,
+    DirectBoot,
+    FirmwareBoot,
+    Vm,
+    VmConfig,
+    choose_accel,
+    disk_format,
+)
+from lxd_agent.protocol import CANDIDATE_PORT_NAMES, DEFAULT_RING_SIZE, STARTED, STOPPED
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_TIMEOUT = 120.0
+# cloud-init runs late in the boot and installs the package first.
+DEFAULT_SEED_TIMEOUT = 600.0
+
+
+class UsageError(HarnessError):
+    """Bad input on the command line: reported in one line, exit status 2."""
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def find_default_deb() -> Path:
+    """The newest `out/lxd-agent_*_all.deb` here or in the source tree this runs from."""
+    places = [Path.cwd() / "out", Path(__file__).resolve().parents[2] / "out"]
+    debs = [deb for place in places for deb in place.glob("lxd-agent_*_all.deb")]
+    if not debs:
+        raise UsageError(
+            f"looked for out/lxd-agent_*_all.deb in {' and '.join(map(str, dict.fromkeys(places)))}"
+            " and found none; run `make deb` first or pass --deb PATH"
+        )
+    return max(debs, key=lambda deb: deb.stat().st_mtime)
+
+
+def lxd_ring_port(layout: Layout) -> str | None:
+    """The port whose ring the agent should report on: the first LXD name with a ring."""
+    ringed = {ring.port_name for ring in layout.rings}
+    return next((name for name in CANDIDATE_PORT_NAMES if name in ringed), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and checking the input
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lxd-agent-harness",
+        description="Boot the lxd-agent in a real guest under QEMU with LXD's ring-buffer "
+        "layouts and show, from the host, what it reported and when.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def image_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
+        p.add_argument("--release", default=DEFAULT_RELEASE, help="Debian release of the guest")
+        p.add_argument(
+            "--seed",
+            action="store_true",
+            help="build the image with cloud-init and without the package, "
+            "and install the package at boot through a NoCloud seed",
+        )
+        p.add_argument("--rebuild", action="store_true", help="build the image even if cached")
+
+    boot = sub.add_parser(
+        "boot", help="boot a guest, wait for STARTED, power off, wait for STOPPED"
+    )
+    layouts = ", ".join(f"{name} ({layout.description})" for name, layout in LAYOUTS.items())
+    boot.add_argument("--layout", default="lxd-5.20", help=f"one of: {layouts}")
+    image_options(boot)
+    boot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    boot.add_argument("--ring-size", default=str(DEFAULT_RING_SIZE), help="bytes, power of two")
+    boot.add_argument("--image", type=Path, help="boot this qcow2/raw cloud image instead")
+    boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
+    boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
+    boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
+
+    image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
+    image_options(image)
+    return parser
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    layout: Layout
+    deb: Path
+    release: str
+    accel: Accel
+    ring_size: int
+    user_image: Path | None
+    seed: bool
+    timeout: float
+    keep: bool
+    verbose: bool
+    rebuild: bool
+
+
+def _positive_number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a number of seconds; give e.g. 120") from None
+    if not value > 0:
+        raise UsageError(f"{what} must be more than 0 seconds, not {text}")
+    return value
+
+
+def _deb(args: argparse.Namespace) -> Path:
+    deb: Path = args.deb or find_default_deb()
+    if not deb.is_file():
+        raise UsageError(f"looked for the package {deb} and found nothing; run `make deb` first")
+    return deb
+
+
+def plan_boot(args: argparse.Namespace) -> BootPlan:
+    """Check every input before anything is built or booted."""
+    layout = get_layout(args.layout)
+    try:
+        ring_size = int(args.ring_size)
+    except ValueError:
+        raise UsageError(
+            f"--ring-size {args.ring_size!r} is not an integer; give a power of two such as 16"
+        ) from None
+    check_ring_size(ring_size)
+    if args.image is not None and not args.image.is_file():
+        raise UsageError(f"looked for --image {args.image} and found nothing; give a cloud image")
+    seed = bool(args.seed or args.image is not None)
+    timeout = (
+        _positive_number(args.timeout, "--timeout")
+        if args.timeout is not None
+        else (DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
+    )
+    return BootPlan(
+        layout=layout,
+        deb=_deb(args),
+        release=args.release,
+        accel=Accel(args.accel),
+        ring_size=ring_size,
+        user_image=args.image,
+        seed=seed,
+        timeout=timeout,
+        keep=args.keep,
+        verbose=args.verbose,
+        rebuild=args.rebuild,
+    )
+
+
+def image_spec(deb: Path, release: str, seed: bool) -> ImageSpec:
+    """The project's image: the package built in, or cloud-init and no package (`--seed`)."""
+    if seed:
+        return ImageSpec(release=release, packages=BASE_PACKAGES + CLOUD_INIT_PACKAGES)
+    return ImageSpec(release=release, debs=(deb,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Booting
+
+
+@dataclass
+class Milestones:
+    started: TimelineEntry | None = None
+    stopped: TimelineEntry | None = None
+
+
+def summary(vm: Vm, port: str | None, seen: Milestones) -> list[str]:
+    """The timeline in a few lines: what a person wants to see first."""
+
+    def at(monotonic: float | None) -> str:
+        return f"{monotonic - vm.t0:7.2f} s" if monotonic is not None else "      -  "
+
+    kernel = vm.console.milestones.get("kernel up")
+    lines = [
+        f"  QEMU start        {0:7.2f} s",
+        f"  kernel up         {at(kernel)}",
+    ]
+    if seen.started is not None:
+        lines.append(f"  STARTED           {seen.started.seconds:7.2f} s   on {port}")
+    lines.append(f"  power-off         {at(vm.powerdown_at)}   (system_powerdown)")
+    if seen.stopped is not None and vm.powerdown_at is not None:
+        after = seen.stopped.seconds - (vm.powerdown_at - vm.t0)
+        lines.append(
+            f"  STOPPED           {seen.stopped.seconds:7.2f} s   on {port}, "
+            f"{after:.2f} s after power-off"
+        )
+    if vm.guest_off_at is not None and vm.powerdown_at is not None:
+        off = vm.guest_off_at - vm.powerdown_at
+        lines.append(f"  guest off         {at(vm.guest_off_at)}   {off:.2f} s after power-off")
+    return lines
+
+
+async def _keep_running(vm: Vm) -> None:
+    """`--keep`: hand the console to the person and wait for Ctrl-C (or QEMU to exit)."""
+    vm.console.close()
+    assert vm.files is not None
+    say("the VM keeps running (--keep); press Ctrl-C to stop it and clean up")
+    say(f"  console:     pyserial-miniterm {vm.console_device} 115200   (or screen)")
+    say(f"  console log: {vm.files.console_log} (up to now)")
+    say(f"  QMP:         {vm.files.user_qmp}   (e.g. qmp-shell {vm.files.user_qmp})")
+    say(f"  QEMU pid:    {vm.qemu.pid}")
+    while vm.qemu.returncode is None:
+        await asyncio.sleep(0.5)
+    say(f"QEMU exited with status {vm.qemu.returncode}")
+
+
+async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | None) -> int:
+    accel = await choose_accel(plan.accel, image, say)
+    say(f"accel: {accel.accel.value}: {accel.reason}")
+    if plan.user_image is not None:
+        boot: DirectBoot | FirmwareBoot = FirmwareBoot(
+            plan.user_image, disk_format(plan.user_image)
+        )
+    else:
+        assert image is not None
+        boot = DirectBoot(image)
+    config = VmConfig(
+        layout=plan.layout,
+        boot=boot,
+        accel=accel.accel,
+        ring_size=plan.ring_size,
+        seed=seed_iso,
+        # A user's cloud image may need apt to fetch the package's dependencies.
+        network=plan.user_image is not None,
+        user_qmp=plan.keep,
+    )
+    port = lxd_ring_port(plan.layout)
+    seen = Milestones()
+    say(f"boot: layout {plan.layout.name}: {plan.layout.description}")
+    async with Vm(config, progress=say) as vm:
+        try:
+            if port is not None:
+                seen.started = await vm.wait_for_state(STARTED, port, timeout=plan.timeout)
+            else:
+                # No LXD-named ring (Incus): nothing to report on; the agent must not hang the
+                # boot, which the console shows.
+                say(f"boot: {plan.layout.name} has no ring on an LXD port; checking the boot")
+                await vm.login(timeout=plan.timeout)
+                state = await vm.run("systemctl is-system-running --wait", timeout=plan.timeout)
+                vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
+            if plan.keep:
+                await _keep_running(vm)
+                return EXIT_OK
+            if port is not None and vm.monitor.state(port) != STARTED:
+                raise HarnessError(f"{port} went from STARTED to {vm.monitor.state(port)} early")
+            await vm.power_off()
+            if port is not None:
+                seen.stopped = await vm.wait_for_state(STOPPED, port, timeout=plan.timeout)
+            await vm.wait_guest_off(timeout=min(plan.timeout, POWEROFF_TIMEOUT))
+        except HarnessError as e:
+            say(f"FAILED: {str(e).splitlines()[0]}")
+            say(vm.report())
+            return EXIT_FAILED
+        say("timeline:")
+        for line in summary(vm, port, seen):
+            say(line)
+        if plan.verbose:
+            say("ring-buffer timeline (seconds since QEMU start):")
+            for line in vm.render_timeline():
+                say(line)
+    if port is None:
+        say(f"OK: {plan.layout.name}: boot and power-off not held up by the agent")
+    else:
+        say(f"OK: STARTED then STOPPED on {port}")
+    return EXIT_OK
+
+
+def boot_command(args: argparse.Namespace) -> int:
+    try:
+        plan = plan_boot(args)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            image = None
+            seed_iso = None
+            if plan.user_image is None:
+                image = build_image(
+                    image_spec(plan.deb, plan.release, plan.seed), say, rebuild=plan.rebuild
+                )
+            if plan.seed:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-seed-")))
+                seed_iso = make_seed_iso(plan.deb, tmp / "seed.iso")
+                say(f"seed: NoCloud seed with {plan.deb.name} ({seed_iso.stat().st_size} bytes)")
+            code = asyncio.run(run_boot(plan, image, seed_iso))
+    except HarnessError as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        say("interrupted; QEMU and temporary files cleaned up")
+        return EXIT_INTERRUPTED
+    say(f"total {time.monotonic() - started:.1f} s")
+    return code
+
+
+def image_command(args: argparse.Namespace) -> int:
+    try:
+        spec = image_spec(_deb(args), args.release, args.seed)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        image = build_image(spec, say, rebuild=args.rebuild)
+    except HarnessError as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        say("interrupted; the partial build was removed")
+        return EXIT_INTERRUPTED
+    print(image.directory)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "image":
+        return image_command(args)
+    return boot_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
