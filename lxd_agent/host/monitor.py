@@ -206,6 +206,7 @@ class RingbufMonitor:
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: str | None = None
         self._reads = 0
+        self._last_changed: str | None = None  # the port whose state changed last
 
     # -- what callers ask -----------------------------------------------------------------------
 
@@ -219,10 +220,7 @@ class RingbufMonitor:
             return self._states[self._check_port(port)]
         if len(self.rings) == 1:
             return self._states[self.rings[0].port_name]
-        for entry in reversed(self.timeline.entries):
-            if entry.kind is EntryKind.STATE:
-                return self._states[entry.port] if entry.port else None
-        return None
+        return None if self._last_changed is None else self._states[self._last_changed]
 
     @property
     def states(self) -> dict[str, str | None]:
@@ -376,6 +374,7 @@ class RingbufMonitor:
         before = self._states[ring.port_name]
         if reading.status != before:
             self._states[ring.port_name] = reading.status
+            self._last_changed = ring.port_name
             self.timeline.add(
                 EntryKind.STATE, f"{before or 'unknown'} -> {reading.status}", ring.port_name
             )

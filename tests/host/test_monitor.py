@@ -197,6 +197,11 @@ def test_bridged_rings_are_read_together_and_kept_apart() -> None:
             entry = await mon.wait_for(STARTED, timeout=5.0)  # either ring
             assert entry.port == LEGACY_PORT_NAME
             assert mon.states == {PORT_NAME: None, LEGACY_PORT_NAME: STARTED}
+            assert mon.state() == STARTED  # the latest any ring said
+            await write_ring(qemu, BRIDGED.ring_for(PORT_NAME).chardev_id, b"STOPPED\n")
+            await mon.wait_for(STOPPED, port=PORT_NAME, timeout=5.0)
+            assert mon.state() == STOPPED
+            assert mon.state(LEGACY_PORT_NAME) == STARTED
             with pytest.raises(MonitorTimeout):
                 await mon.wait_for(STARTED, port=PORT_NAME, timeout=0.3)
 
