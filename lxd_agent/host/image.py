@@ -69,9 +69,11 @@ cat > "$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
 EOF
-# No network in the test VM: stop cloud-init (when present) from waiting for one.
+# cloud-init (when present): look only for a NoCloud seed, and leave the network alone (the
+# test VM has none, and the image has no network renderer for cloud-init to drive).
 if [ -d "$root/etc/cloud/cloud.cfg.d" ]; then
-  printf 'datasource_list: [ NoCloud, None ]\\n' > "$root/etc/cloud/cloud.cfg.d/90-lxd-agent.cfg"
+  printf 'datasource_list: [ NoCloud, None ]\\nnetwork: {{config: disabled}}\\n' \\
+    > "$root/etc/cloud/cloud.cfg.d/90-lxd-agent.cfg"
 fi
 # A stable machine-id is not wanted: systemd makes one at first boot of each overlay.
 : > "$root/etc/machine-id"
