@@ -1,0 +1,169 @@
+"""`lxd-agent-harness` input checks and the QEMU command line, without booting anything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host import cli, vm
+from lxd_agent.host.image import GuestImage
+from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.seed import make_seed_iso, user_data
+from lxd_agent.host.vm import Accel, DirectBoot, VmConfig, VmFiles, qemu_args
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
+
+
+@pytest.fixture
+def fake_deb(tmp_path: Path) -> Path:
+    deb = tmp_path / "lxd-agent_0.1.0_all.deb"
+    deb.write_bytes(b"!<arch>\n not really a package")
+    return deb
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layout", "lxd-6"], "unknown layout 'lxd-6'; choose one of: lxd-5.19"),
+        (["--ring-size", "24"], "not a positive power of two"),
+        (["--ring-size", "big"], "is not an integer"),
+        (["--timeout", "0"], "must be more than 0 seconds"),
+        (["--timeout", "soon"], "is not a number of seconds"),
+        (["--image", "/nonexistent/cloud.qcow2"], "looked for --image"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, fake_deb: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["boot", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out
+    assert message in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_a_missing_deb_says_to_run_make_deb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["boot", "--deb", str(tmp_path / "none.deb")]) == cli.EXIT_USAGE
+    assert "make deb" in capsys.readouterr().out
+
+
+def test_no_deb_anywhere_says_to_run_make_deb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "a" / "b" / "cli.py"))
+    with pytest.raises(cli.UsageError, match="run `make deb`"):
+        cli.find_default_deb()
+
+
+def test_the_default_deb_is_the_newest_in_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    old, new = out / "lxd-agent_0.1_all.deb", out / "lxd-agent_0.2_all.deb"
+    old.write_bytes(b"old")
+    new.write_bytes(b"new")
+    os.utime(old, (1, 1))
+    monkeypatch.chdir(tmp_path)
+    assert cli.find_default_deb() == new
+
+
+def test_the_agent_is_expected_on_the_first_lxd_name_with_a_ring() -> None:
+    assert cli.lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
+    assert cli.lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
+    assert cli.lxd_ring_port(get_layout("bridged")) == PORT_NAME
+    assert cli.lxd_ring_port(get_layout("incus")) is None
+
+
+def _config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:
+    image = GuestImage(tmp_path / "image")
+    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=accel)
+    return config, VmFiles(tmp_path / "run")
+
+
+def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_path: Path) -> None:
+    config, files = _config(tmp_path, Accel.TCG)
+    args = qemu_args(config, files)
+    joined = " ".join(args)
+    assert args[0] == "-S"
+    assert "-action shutdown=pause,reboot=shutdown" in joined
+    assert "-accel tcg" in joined and "-cpu host" not in joined
+    assert f"file={files.overlay},format=qcow2" in joined
+    assert "disk.raw" not in joined  # the base image is only the overlay's backing file
+    assert "-nodefaults" in args and "-display none" in joined
+    assert "-chardev pty,id=console" in joined
+    assert " ".join(get_layout("lxd-5.20").qemu_args(16)) in joined
+
+
+def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> None:
+    config, files = _config(tmp_path, Accel.KVM)
+    assert "-accel kvm -cpu host" in " ".join(qemu_args(config, files))
+    undecided, _ = _config(tmp_path, Accel.AUTO)
+    with pytest.raises(vm.VmError, match="choose_accel"):
+        qemu_args(undecided, files)
+
+
+def test_auto_without_usable_dev_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    choice = asyncio.run(vm.choose_accel(Accel.AUTO, None, print))
+    assert choice.accel is Accel.TCG and "/dev/kvm" in choice.reason
+
+
+def test_auto_uses_a_cached_kvm_verdict_for_this_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
+    verdict.parent.mkdir()
+
+    async def no_probe(*_: object) -> str | None:
+        raise AssertionError("probed although a verdict was cached")
+
+    monkeypatch.setattr(vm, "probe_kvm", no_probe)
+    host = vm._host_identity()
+    verdict.write_text(json.dumps({"host": host, "error": "KVM internal error"}))
+    choice = asyncio.run(vm.choose_accel(Accel.AUTO, None, print))
+    assert choice.accel is Accel.TCG and "KVM internal error" in choice.reason
+    verdict.write_text(json.dumps({"host": host, "error": None}))
+    assert asyncio.run(vm.choose_accel(Accel.AUTO, None, print)).accel is Accel.KVM
+
+
+def test_a_verdict_from_another_host_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
+    verdict.parent.mkdir()
+    verdict.write_text(json.dumps({"host": {"kernel": "other"}, "error": None}))
+    probed: list[GuestImage] = []
+
+    async def failing_probe(image: GuestImage, progress: object) -> str | None:
+        probed.append(image)
+        return "emulation failure"
+
+    monkeypatch.setattr(vm, "probe_kvm", failing_probe)
+    image = GuestImage(tmp_path / "image")
+    choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
+    assert probed == [image]
+    assert choice.accel is Accel.TCG
+    assert json.loads(verdict.read_text())["error"] == "emulation failure"
+
+
+def test_the_seed_carries_the_package_and_installs_it(fake_deb: Path, tmp_path: Path) -> None:
+    text = user_data(fake_deb)
+    assert text.startswith("#cloud-config\n")
+    config = json.loads(text.split("\n", 1)[1])
+    (written,) = config["write_files"]
+    assert written["encoding"] == "b64" and written["path"].endswith(fake_deb.name)
+    assert "dpkg -i" in config["runcmd"][0][2]
+    iso = make_seed_iso(fake_deb, tmp_path / "seed.iso")
+    head = iso.read_bytes()[32768 : 32768 + 2048]  # the primary volume descriptor
+    assert head[1:6] == b"CD001" and head[40:46] == b"cidata"
+    assert not (tmp_path / "seed.iso.partial").exists()
