@@ -13,6 +13,7 @@ after it is built: boots use an overlay.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -341,7 +342,33 @@ def _copy_boot_files(tree: Path, out: GuestImage) -> str:
     return version
 
 
-def _remove_tree(path: Path) -> None:
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path` (mmdebstrap bind-mounts /dev, /sys and /proc there)."""
+    prefix = os.path.realpath(path)
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            # mountinfo escapes space, tab, newline and backslash as octal (\040).
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return found
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a build directory, but never through a mount: that would delete the host's files."""
+    if not os.path.lexists(path):
+        return
+    mounts = mounts_under(path)
+    if mounts:
+        raise ImageError(
+            f"left {path} in place: {len(mounts)} file systems are still mounted under it "
+            f"(first: {mounts[0]}), probably from an interrupted mmdebstrap; "
+            f"run `umount -R {mounts[0]}` and delete the directory by hand"
+        )
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -374,8 +401,9 @@ def build_image(
     )
     progress(f"image: building {key} ({what}); this takes about a minute")
     # Everything is written under the temporary directory; only the final rename publishes it.
-    with tempfile.TemporaryDirectory(prefix=f".build-{key}-", dir=images) as tmp:
-        work = Path(tmp)
+    # (Not TemporaryDirectory: its cleanup would delete through any mount left in the tree.)
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
+    try:
         tree = work / "tree"
         sources_file = work / "host.sources"
         sources_file.write_text(sources, encoding="utf-8")
@@ -407,8 +435,8 @@ def build_image(
                 "making the disk",
             )
         finally:
-            # The tree is large and root-owned; drop it before the directory itself goes.
-            _remove_tree(tree)
+            # The tree is large; drop it before the disk is published.
+            remove_tree(tree)
         manifest = {
             "key": key,
             "release": spec.release,
@@ -420,7 +448,9 @@ def build_image(
         (staged.directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if final.directory.exists():
             # A rebuild, or another build that finished first: replace it.
-            _remove_tree(final.directory)
+            remove_tree(final.directory)
         os.rename(staged.directory, final.directory)
+    finally:
+        remove_tree(work)
     progress(f"image: built {final.directory} in {time.monotonic() - started:.0f} s")
     return final

@@ -152,3 +152,105 @@ def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Pa
     assert f"--hook-dir={image.FILE_MIRROR_HOOKS}" in with_deb
     assert f"--include={deb}" in with_deb
     assert with_deb[-3:] == ["bookworm", str(tree), str(sources)]
+
+
+def test_mounts_under_sees_the_root_mount_and_none_in_a_fresh_directory(tmp_path: Path) -> None:
+    assert "/" in image.mounts_under(Path("/"))
+    assert image.mounts_under(tmp_path) == []
+
+
+def test_a_build_directory_with_a_mount_left_in_it_is_not_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sys").mkdir(parents=True)
+    monkeypatch.setattr(image, "mounts_under", lambda path: [str(tree / "sys")])
+    with pytest.raises(ImageError, match="umount -R"):
+        image.remove_tree(tree)
+    assert (tree / "sys").is_dir()
+
+
+def test_a_build_directory_without_mounts_is_deleted(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    image.remove_tree(tree)
+    assert not tree.exists()
+
+
+FAKE_MMDEBSTRAP = """#!/bin/sh
+# Stands in for mmdebstrap: the tree is the second-to-last argument.
+for last; do :; done
+eval tree=\\${$(($# - 1))}
+echo run >> "$COUNT_FILE"
+mkdir -p "$tree/boot"
+echo kernel > "$tree/boot/vmlinuz-6.1.0-test"
+echo initrd > "$tree/boot/initrd.img-6.1.0-test"
+echo "I: fake mmdebstrap into $tree"
+[ -z "${FAIL_MMDEBSTRAP:-}" ] || { echo "E: failed on purpose"; exit 1; }
+"""
+
+FAKE_MKE2FS = """#!/bin/sh
+for last; do :; done
+eval disk=\\${$(($# - 1))}
+echo disk > "$disk"
+"""
+
+
+@pytest.fixture
+def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """mmdebstrap and mke2fs stand-ins on PATH; returns the file counting mmdebstrap runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("mmdebstrap", FAKE_MMDEBSTRAP), ("mke2fs", FAKE_MKE2FS)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    count = tmp_path / "count"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("COUNT_FILE", str(count))
+    monkeypatch.setattr(image, "filter_apt_sources", lambda release: "Types: deb\n")
+    return count
+
+
+def _runs(count: Path) -> int:
+    return len(count.read_text().split()) if count.exists() else 0
+
+
+def test_a_build_publishes_a_complete_image_and_a_second_run_reuses_it(
+    tmp_path: Path, fake_tools: Path
+) -> None:
+    cache = tmp_path / "cache"
+    built = image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert built.is_complete() and (built.directory / "manifest.json").is_file()
+    assert built.kernel.read_text() == "kernel\n"
+    again = image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert again.directory == built.directory and _runs(fake_tools) == 1
+    assert [p.name for p in (cache / "images").iterdir()] == [ImageSpec().key()]
+
+
+def test_a_changed_deb_builds_a_new_image(tmp_path: Path, fake_tools: Path) -> None:
+    cache, deb = tmp_path / "cache", _deb(tmp_path, "lxd-agent_1_all.deb", b"one")
+    first = image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
+    deb.write_bytes(b"two")
+    second = image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
+    assert first.directory != second.directory and _runs(fake_tools) == 2
+
+
+def test_a_failed_build_leaves_nothing_in_the_cache(
+    tmp_path: Path, fake_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAIL_MMDEBSTRAP", "1")
+    cache = tmp_path / "cache"
+    with pytest.raises(ImageError, match="failed on purpose"):
+        image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert list((cache / "images").iterdir()) == []
+
+
+def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, fake_tools: Path) -> None:
+    def interrupt(line: str) -> None:
+        if "fake mmdebstrap" in line:
+            raise KeyboardInterrupt
+
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        image.build_image(ImageSpec(), progress=interrupt, cache=cache)
+    assert list((cache / "images").iterdir()) == []
