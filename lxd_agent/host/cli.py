@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import sys
 import tempfile
 import time
@@ -290,7 +291,9 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
                 seen.stopped = await vm.wait_for_state(STOPPED, port, timeout=plan.timeout)
             await vm.wait_guest_off(timeout=min(plan.timeout, POWEROFF_TIMEOUT))
         except HarnessError as e:
-            say(f"FAILED: {str(e).splitlines()[0]}")
+            # The monitor's messages end with the timeline, printed below with the console.
+            reason = re.sub(r";?\s*timeline:$", "", str(e).splitlines()[0])
+            say(f"FAILED: {reason}")
             say(vm.report())
             return EXIT_FAILED
         say("timeline:")

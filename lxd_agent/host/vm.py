@@ -54,6 +54,7 @@ DEFAULT_CPUS = 2
 BOOT_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 60.0
+QMP_TIMEOUT = 10.0
 
 # What the console shows at each step of a boot, for the timeline.
 CONSOLE_MILESTONES = (
@@ -452,7 +453,7 @@ class Vm:
 
     async def power_off(self) -> None:
         """Press the ACPI power button (`system_powerdown`), as LXD does for a clean stop."""
-        await self.qemu.qmp.execute("system_powerdown")
+        await self._execute("system_powerdown")
         self.powerdown_at = time.monotonic()
         self.note("system_powerdown sent")
 
@@ -571,7 +572,7 @@ class Vm:
         )
         qmp.register_listener(self._runstate_listener)
         stack.callback(self._remove_listener)
-        await qmp.execute("cont")
+        await self._execute("cont")
         self.note("guest running")
 
     @property
@@ -583,8 +584,23 @@ class Vm:
         with contextlib.suppress(QMPError):
             self.qemu.qmp.remove_listener(self._runstate_listener)
 
+    async def _execute(self, command: str) -> object:
+        """One QMP command, bounded: a wedged QEMU must not hang the harness."""
+        try:
+            return await asyncio.wait_for(self.qemu.qmp.execute(command), QMP_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise VmError(
+                f"QEMU did not answer the QMP command {command} within {QMP_TIMEOUT:g} s; "
+                f"its output: {self.qemu.log_tail(5)}"
+            ) from None
+        except (QMPError, OSError, EOFError) as e:
+            raise VmError(
+                f"QMP command {command} failed ({type(e).__name__}: {e}); "
+                f"QEMU's output: {self.qemu.log_tail(5)}"
+            ) from None
+
     async def _console_pty(self) -> str:
-        chardevs = await self.qemu.qmp.execute("query-chardev")
+        chardevs = await self._execute("query-chardev")
         assert isinstance(chardevs, list)
         for chardev in chardevs:
             if chardev.get("label") == CONSOLE_ID:
@@ -598,10 +614,7 @@ class Vm:
             raise VmError(
                 f"QEMU exited with status {self.qemu.returncode}: {self.qemu.log_tail(5)}"
             )
-        try:
-            reply = await self.qemu.qmp.execute("query-status")
-        except (QMPError, OSError, EOFError) as e:
-            raise VmError(f"QEMU stopped answering QMP ({e}): {self.qemu.log_tail(5)}") from None
+        reply = await self._execute("query-status")
         assert isinstance(reply, dict)
         return str(reply.get("status"))
 
