@@ -34,6 +34,8 @@ from tests.host.helpers import run
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
+# Test a given package instead of the newest out/*.deb (e.g. one CI built elsewhere).
+DEB_VARIABLE = "LXD_AGENT_TEST_DEB"
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
 
 # Generous bounds: the point is catching a hang (90 s is systemd's stop timeout), not speed.
@@ -70,6 +72,11 @@ def deb() -> Path:
     for tool in TOOLS:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not on PATH: the VM tests need it; run `make setup`")
+    chosen = os.environ.get(DEB_VARIABLE)
+    if chosen:
+        if not Path(chosen).is_file():
+            pytest.fail(f"{DEB_VARIABLE}={chosen} is not a file; unset it or point it at a .deb")
+        return Path(chosen)
     debs = sorted((REPO / "out").glob("lxd-agent_*_all.deb"), key=lambda p: p.stat().st_mtime)
     if not debs:
         pytest.fail(f"no {REPO}/out/lxd-agent_*_all.deb: the VM tests need it; run `make deb`")
