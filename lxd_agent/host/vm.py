@@ -628,6 +628,13 @@ class Vm:
         if status in ("guest-panicked", "io-error"):
             raise VmError(f"the guest stopped: QEMU run state {status!r}")
 
+    async def check_running(self) -> None:
+        """A `VmError` saying why if QEMU exited or the guest stopped (hypervisor error, panic)."""
+        status = await self._runstate()
+        self._raise_if_broken(status)
+        if status == "shutdown":
+            raise VmError("the guest powered off")
+
     async def _watch_qemu(self) -> None:
         """Return only by raising: QEMU exited, or the guest stopped for good."""
         while True:
@@ -682,10 +689,12 @@ async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
             progress(f"accel: KVM booted the probe guest; soaking {KVM_PROBE_SOAK_SECONDS:.0f} s")
             deadline = time.monotonic() + KVM_PROBE_SOAK_SECONDS
             while time.monotonic() < deadline:
-                result = await vm.run("sha256sum /usr/bin/* >/dev/null 2>&1; uptime", timeout=60)
-                if result.status != 0:
-                    return f"a command in the probe guest failed: {result.output[-200:]}"
-            await vm.run("true")
+                try:
+                    await vm.run("sha256sum /usr/bin/* >/dev/null 2>&1; uptime", timeout=60)
+                except VmError:
+                    await vm.check_running()  # the hypervisor's error says more than a timeout
+                    raise
+                await vm.check_running()
             return None
     except HarnessError as e:
         return str(e).splitlines()[0]
