@@ -249,7 +249,7 @@ async def _keep_running(vm: Vm) -> None:
 
 async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | None) -> int:
     accel = await choose_accel(plan.accel, image, say)
-    say(f"accel: {accel.accel.value}: {accel.reason}")
+    say(f"accel: {accel.reason}")
     if plan.user_image is not None:
         boot: DirectBoot | FirmwareBoot = FirmwareBoot(
             plan.user_image, disk_format(plan.user_image)
