@@ -697,7 +697,9 @@ async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
                 await vm.check_running()
             return None
     except HarnessError as e:
-        return str(e).splitlines()[0]
+        # Keep what QEMU said (the reason), not the launcher's framing or its pty notice.
+        said = str(e).splitlines()[0].split("its output: ", 1)[-1].split(" | ")
+        return " | ".join(part for part in said if "redirected to" not in part)[:300]
 
 
 async def choose_accel(
