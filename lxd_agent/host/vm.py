@@ -11,7 +11,8 @@ makes (QEMU, sockets, the disk overlay, the console reader) is released on every
 it really runs a guest here.
 
 Host side only. It must never write the base image (boots use a qcow2 overlay in a temporary
-directory) and never runs two guests at once on its own.
+directory), and it runs one guest at a time on a machine: every `Vm` holds a lock in the cache
+directory while it runs, and a second one waits for it (bounded).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import json
 import os
 import re
@@ -55,6 +57,8 @@ BOOT_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 60.0
 QMP_TIMEOUT = 10.0
+# Another harness VM (a test run, a demo) may hold the machine's cores for a few minutes.
+VM_LOCK_TIMEOUT = 900.0
 
 # What the console shows at each step of a boot, for the timeline.
 CONSOLE_MILESTONES = (
@@ -365,6 +369,11 @@ class SerialConsole:
 # One running guest
 
 
+def vm_lock_path() -> Path:
+    """Held by every running harness VM, so that VMs on this machine run one at a time."""
+    return cache_root() / "vm.lock"
+
+
 class Vm:
     """One guest under QEMU, from paused start to cleanup. Use as an async context manager::
 
@@ -542,6 +551,7 @@ class Vm:
 
     async def _start(self) -> None:
         stack = self._stack
+        await self._take_vm_lock()
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot
@@ -579,6 +589,29 @@ class Vm:
     def ring_read_size(self) -> int:
         # LXD reads 16 bytes from its 16-byte ring; a larger ring is read whole.
         return self.config.ring_size
+
+    async def _take_vm_lock(self) -> None:
+        """Wait (bounded) until no other harness VM runs here: a 2-core host runs one at a time."""
+        path = vm_lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self._stack.enter_context(path.open("a"))  # closing it releases the lock
+        deadline = time.monotonic() + VM_LOCK_TIMEOUT
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if time.monotonic() > deadline:
+                raise VmError(
+                    f"waited {VM_LOCK_TIMEOUT:g} s for another harness VM to finish (lock "
+                    f"{path} is held); stop it (see `pgrep -af lxd-agent-harness-`) and retry"
+                )
+            if not waiting:
+                self.progress(f"waiting for another harness VM to finish (lock {path})")
+                waiting = True
+            await asyncio.sleep(0.5)
 
     def _remove_listener(self) -> None:
         with contextlib.suppress(QMPError):

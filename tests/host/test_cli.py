@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -167,3 +168,41 @@ def test_the_seed_carries_the_package_and_installs_it(fake_deb: Path, tmp_path: 
     head = iso.read_bytes()[32768 : 32768 + 2048]  # the primary volume descriptor
     assert head[1:6] == b"CD001" and head[40:46] == b"cidata"
     assert not (tmp_path / "seed.iso.partial").exists()
+
+
+def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(vm, "VM_LOCK_TIMEOUT", 0.6)
+    lock_path = vm.vm_lock_path()
+    lock_path.parent.mkdir(parents=True)
+    config, _ = _config(tmp_path, Accel.TCG)
+    messages: list[str] = []
+    with lock_path.open("a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+
+        async def second() -> None:
+            async with vm.Vm(config, progress=messages.append):
+                raise AssertionError("started while another VM held the lock")
+
+        with pytest.raises(vm.VmError, match="another harness VM"):
+            asyncio.run(second())
+    assert any("waiting for another harness VM" in m for m in messages)
+    assert not list(tmp_path.glob("lxd-agent-vm-*"))
+
+
+def test_the_vm_lock_is_free_again_after_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config, _ = _config(tmp_path, Accel.TCG)  # its image does not exist: the start fails
+
+    async def start() -> None:
+        async with vm.Vm(config):
+            raise AssertionError("started without an image")
+
+    with pytest.raises(vm.VmError, match="overlay"):
+        asyncio.run(start())
+    with vm.vm_lock_path().open("a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
