@@ -169,6 +169,30 @@ def test_prerm_stops_the_agent_only_on_removal_from_a_running_system(
             assert logged(log) == ["deb-systemd-invoke stop lxd-agent.service"]
 
 
+def test_postrm_makes_the_ports_forget_the_agent_only_on_removal_from_a_running_vm(
+    installed: InstalledRoot,
+) -> None:
+    root = installed.root
+    postrm = f"{DPKG_INFO}/lxd-agent.postrm"
+    with stand_ins(root, udevadm="exit 0") as log:
+        assert chroot(root, postrm, "remove").returncode == 0
+        assert logged(log) == []
+        with running_systemd_and_udev(root):
+            # A chroot on a booted build host: the host's devices must not be touched.
+            assert chroot(root, postrm, "remove").returncode == 0
+            assert logged(log) == []
+            with stand_ins(root, ischroot="exit 1"):
+                assert chroot(root, postrm, "upgrade", __version__).returncode == 0
+                assert logged(log) == []
+                result = chroot(root, postrm, "remove")
+                assert result.returncode == 0, result.stderr
+                assert logged(log) == [
+                    "ischroot -t",
+                    "udevadm control --reload-rules",
+                    "udevadm trigger --action=change --subsystem-match=virtio-ports",
+                ]
+
+
 def test_remove_then_purge_leaves_none_of_its_files(installed: InstalledRoot) -> None:
     root = installed.root
     remove = chroot(root, "dpkg", "--remove", "lxd-agent")
