@@ -390,6 +390,7 @@ def build_image(
     final = GuestImage(images / key)
     if final.is_complete() and not rebuild:
         progress(f"image: reusing {final.directory}")
+        os.utime(final.directory)  # most recently used: kept by prune_images
         return final
 
     require_tools(["mmdebstrap", "mke2fs"])
@@ -453,4 +454,25 @@ def build_image(
     finally:
         remove_tree(work)
     progress(f"image: built {final.directory} in {time.monotonic() - started:.0f} s")
+    for pruned in prune_images(images, keep=KEEP_IMAGES):
+        progress(f"image: removed {pruned} (least recently used; the cache keeps {KEEP_IMAGES})")
     return final
+
+
+# Each image is about 0.5 GB and a new .deb makes a new one: keep a few, not every one ever built.
+KEEP_IMAGES = 4
+
+
+def prune_images(images: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` most recently used images in `images`; return what went.
+
+    Build directories in progress (`.build-*`) are not images and are left alone.
+    """
+    built = [
+        d for d in images.iterdir() if not d.name.startswith(".") and GuestImage(d).is_complete()
+    ]
+    built.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    pruned = built[keep:]
+    for directory in pruned:
+        remove_tree(directory)
+    return pruned

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from lxd_agent.host import image
 from lxd_agent.host.errors import HarnessError
-from lxd_agent.host.image import ImageError, ImageSpec, filter_apt_sources
+from lxd_agent.host.image import GuestImage, ImageError, ImageSpec, filter_apt_sources, prune_images
 
 
 def _deb(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -70,10 +71,13 @@ def test_a_complete_cached_image_is_reused_without_building(tmp_path: Path) -> N
     directory.mkdir(parents=True)
     for name in ("disk.raw", "vmlinuz", "initrd.img"):
         (directory / name).write_bytes(b"x")
+    os.utime(directory, (1_000_000, 1_000_000))
     messages: list[str] = []
     built = image.build_image(spec, progress=messages.append, cache=tmp_path)
     assert built.directory == directory
     assert any("reusing" in m for m in messages)
+    # Marked as used, so pruning keeps it over images not used since.
+    assert directory.stat().st_mtime > 1_000_000
 
 
 def test_cache_root_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,3 +258,28 @@ def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, fake_t
     with pytest.raises(KeyboardInterrupt):
         image.build_image(ImageSpec(), progress=interrupt, cache=cache)
     assert list((cache / "images").iterdir()) == []
+
+
+def _fake_image(images: Path, key: str, mtime: float) -> Path:
+    image = GuestImage(images / key)
+    image.directory.mkdir(parents=True)
+    for path in (image.disk, image.kernel, image.initrd):
+        path.write_bytes(b"")
+    os.utime(image.directory, (mtime, mtime))
+    return image.directory
+
+
+def test_pruning_keeps_the_most_recently_used_images(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    dirs = [_fake_image(images, f"key{i}", 1_000_000 + i) for i in range(5)]
+    building = images / ".build-key9-x"
+    building.mkdir()
+    (images / "incomplete").mkdir()
+    pruned = prune_images(images, keep=2)
+    assert sorted(pruned) == sorted(dirs[:3])
+    assert sorted(p.name for p in images.iterdir()) == [
+        ".build-key9-x",
+        "incomplete",
+        "key3",
+        "key4",
+    ]
