@@ -138,16 +138,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     candidates = survey(roots=_roots(args))
-    width = max(len(c.name) for c in candidates)
+    name_width = max(len(c.name) for c in candidates)
+    device_width = max(len(c.device or "-") for c in candidates)
     for c in candidates:
         print(
-            "{:<{w}}  {}  char-device={}  host-connected={}  {}".format(
+            "{:<{nw}}  {:<{dw}}  char-device={:<3}  host-connected={:<3}  {}".format(
                 c.name,
                 c.device or "-",
                 "yes" if c.is_char_device else "no",
                 "yes" if c.connected else "no",
                 "usable" if c.usable else c.problem,
-                w=width,
+                nw=name_width,
+                dw=device_width,
             )
         )
     chosen = next((c for c in candidates if c.usable), None)
