@@ -26,7 +26,7 @@ from lxd_agent.host.image import build_image as build_guest_image
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
-from lxd_agent.host.seed import INSTALLED_MARKER, make_seed_iso
+from lxd_agent.host.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
 from lxd_agent.host.vm import Accel, DirectBoot, Vm, VmConfig
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.helpers import run
@@ -264,6 +264,25 @@ def test_systemctl_stop_and_start_move_the_host_state(
     run(scenario(), TEST_DEADLINE)
 
 
+def test_probe_in_the_guest_skips_the_hung_up_legacy_stub(guest_image: GuestImage) -> None:
+    async def scenario() -> None:
+        async with booted(guest_image, "lxd-5.20") as vm:
+            await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
+            probe = await vm.run("lxd-agent probe")
+            status = await vm.run("systemctl show lxd-agent -p StatusText")
+            print(f"probe in the guest:\n{probe.output}\n{status.output}")
+            assert probe.status == 0, probe.output
+            new, legacy, verdict = probe.output.strip().splitlines()
+            assert new.startswith(PORT_NAME) and "host-connected=yes  usable" in new
+            # The kernel reports POLLHUP for the port that has no chardev on the host.
+            assert legacy.startswith(LEGACY_PORT_NAME) and "POLLHUP" in legacy, legacy
+            assert verdict.startswith(f"would use: {PORT_NAME} (")
+            assert f"StatusText=reporting to {PORT_NAME} (" in status.output, status.output
+            await power_off_and_wait_stopped(vm, PORT_NAME)
+
+    run(scenario(), TEST_DEADLINE)
+
+
 def test_hardened_unit_runs_as_shipped(guest_image: GuestImage, figures: Figures) -> None:
     async def scenario() -> None:
         async with booted(guest_image, "lxd-5.20") as vm:
@@ -307,8 +326,22 @@ def test_cloud_init_seed_installs_the_agent_which_reports_started_and_stopped(
             assert INSTALLED_MARKER in vm.console.tail(2000)
             installed = await vm.run("dpkg-query -W -f '${Version}' lxd-agent")
             assert installed.output.strip() == version, installed.output
+            # Removing stops the agent (the host sees STOPPED); installing again in the same
+            # boot starts it (the port already exists: no new device event would do it).
+            removed = await vm.run("dpkg -r lxd-agent", timeout=60)
+            assert removed.status == 0, removed.output
+            await vm.wait_for_state(STOPPED, PORT_NAME, timeout=STOP_TIMEOUT)
+            again = await vm.run(f"dpkg -i {SEED_DIR}/{deb.name}", timeout=120)
+            assert again.status == 0, again.output
+            await vm.wait_for_state(STARTED, PORT_NAME, timeout=STOP_TIMEOUT)
             stopped_after = await power_off_and_wait_stopped(vm, PORT_NAME)
             figures["cloud-init seed: power-off -> STOPPED"] = f"{stopped_after:.2f} s"
+            assert state_changes(vm, PORT_NAME) == [
+                f"unknown -> {STARTED}",
+                f"{STARTED} -> {STOPPED}",
+                f"{STOPPED} -> {STARTED}",
+                f"{STARTED} -> {STOPPED}",
+            ]
 
     run(scenario(), SEED_BOOT_TIMEOUT + 120)
 
