@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from lxd_agent.guest.notify import Notifier, watchdog_interval
-from lxd_agent.guest.ports import Candidate, PortError, PortRoots, find_connected_port, write_line
+from lxd_agent.guest.ports import (
+    Candidate,
+    PortError,
+    PortRoots,
+    describe_all,
+    find_connected_port,
+    write_line,
+)
 from lxd_agent.protocol import (
     CANDIDATE_PORT_NAMES,
     DEFAULT_REFRESH_SECONDS,
@@ -65,12 +72,16 @@ class Agent:
         self.clock = clock
         self.port: Candidate | None = None
         self._watchdog = watchdog_interval()
-        # Why the last look found no usable port; logged only when it changes.
+        self._last_ping = clock()
+        # Logged only when they change, so a port that keeps failing does not flood the journal.
         self._reasons = ""
+        self._last_failure: str | None = None
+        self._reported: tuple[str, str | None] | None = None
 
     def run(self) -> int:
         # Blocked for good, not restored: a late SIGTERM must not kill us while writing STOPPED.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        self.log.debug("systemd notifications: %s", self.notifier.backend)
         if not self._report_loop():
             return EXIT_NO_PORT
         self._stop()
@@ -117,19 +128,21 @@ class Agent:
     def _find(self) -> Candidate | None:
         port, seen = find_connected_port(self.config.names, self.config.roots)
         if port is None:
-            reasons = "; ".join(c.describe() for c in seen)
+            reasons = describe_all(seen)
             if reasons != self._reasons:
                 self.log.info("waiting for a port: %s", reasons)
                 self.notifier.notify("STATUS=waiting for a port: " + reasons)
             self._reasons = reasons
             return None
         self._reasons = ""
-        self.log.info(
-            "reporting to %s",
-            describe_port(port),
-            extra={"LXD_AGENT_PORT": port.name, "LXD_AGENT_DEVICE": port.device},
-        )
-        self.notifier.notify("STATUS=reporting to " + describe_port(port))
+        if (port.name, port.device) != self._reported:
+            self._reported = (port.name, port.device)
+            self.log.info(
+                "reporting to %s",
+                describe_port(port),
+                extra={"LXD_AGENT_PORT": port.name, "LXD_AGENT_DEVICE": port.device},
+            )
+            self.notifier.notify("STATUS=reporting to " + describe_port(port))
         return port
 
     def _write(self, line: str) -> bool:
@@ -137,13 +150,17 @@ class Agent:
         try:
             write_line(self.port.device, line, self.config.write_timeout)
         except PortError as e:
-            self.log.warning(
-                "could not write %s: %s; looking for a port again",
-                line,
-                e,
-                extra={"LXD_AGENT_STATE": line, "LXD_AGENT_PORT": self.port.name},
-            )
+            if str(e) != self._last_failure:
+                self.log.warning(
+                    "could not write %s: %s; looking for a port again",
+                    line,
+                    e,
+                    extra={"LXD_AGENT_STATE": line, "LXD_AGENT_PORT": self.port.name},
+                )
+            self._last_failure = str(e)
+            self._reported = None
             return False
+        self._last_failure = None
         self.log.debug("wrote %s", line, extra={"LXD_AGENT_STATE": line})
         return True
 
@@ -159,16 +176,19 @@ class Agent:
         """Wait ``seconds`` (None: until a signal), pinging the watchdog; return the signal."""
         end = None if seconds is None else self.clock() + seconds
         while True:
-            timeout = self._watchdog
-            if end is not None:
-                remaining = end - self.clock()
-                if remaining <= 0:
-                    return None
-                timeout = remaining if timeout is None else min(timeout, remaining)
-            if timeout is None:
+            now = self.clock()
+            deadlines = [end] if end is not None else []
+            if self._watchdog is not None:
+                ping_at = self._last_ping + self._watchdog
+                if now >= ping_at:
+                    self.notifier.notify("WATCHDOG=1")
+                    self._last_ping = now
+                    ping_at = now + self._watchdog
+                deadlines.append(ping_at)
+            if end is not None and now >= end:
+                return None
+            if not deadlines:
                 return signal.sigwaitinfo(_SIGNALS).si_signo
-            info = signal.sigtimedwait(_SIGNALS, timeout)
+            info = signal.sigtimedwait(_SIGNALS, max(min(deadlines) - now, 0.001))
             if info is not None:
                 return info.si_signo
-            if self._watchdog is not None:
-                self.notifier.notify("WATCHDOG=1")

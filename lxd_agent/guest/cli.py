@@ -14,13 +14,14 @@ import time
 from typing import NoReturn, Sequence
 
 from lxd_agent import __version__
-from lxd_agent.guest.agent import Agent, AgentConfig, describe_port
+from lxd_agent.guest.agent import EXIT_NO_PORT, Agent, AgentConfig, describe_port
 from lxd_agent.guest.notify import make_notifier, setup_logging
 from lxd_agent.guest.ports import (
     DEV_ROOT,
     SYS_ROOT,
     PortError,
     PortRoots,
+    describe_all,
     find_connected_port,
     survey,
     write_line,
@@ -29,6 +30,7 @@ from lxd_agent.protocol import DEFAULT_REFRESH_SECONDS, STATUS_LINES
 
 PROG = "lxd-agent"
 EXIT_USAGE = 2
+EXIT_PROBE_BROKEN = 255
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -155,23 +157,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
     chosen = next((c for c in candidates if c.usable), None)
     if chosen is None:
         print("would use: none (no usable port)")
-        return 1
+        return EXIT_NO_PORT
     print("would use: " + describe_port(chosen))
     return 0
 
 
 def cmd_status_write(args: argparse.Namespace) -> int:
+    # As the unit's ExecStopPost=: an agent skipped by ExecCondition= never said STARTED.
+    if os.environ.get("SERVICE_RESULT") == "exec-condition":
+        return 0
     deadline = time.monotonic() + args.timeout
-    port, seen = find_connected_port(roots=_roots(args))
+    port, seen = find_connected_port(roots=_roots(args), deadline=deadline)
     if port is None or port.device is None:
-        reasons = "; ".join(c.describe() for c in seen)
-        print(f"{PROG}: no usable port for {args.state}: {reasons}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: no usable port for {args.state}: {describe_all(seen)}", file=sys.stderr)
+        return EXIT_NO_PORT
     try:
         write_line(port.device, args.state, max(deadline - time.monotonic(), 0.0))
     except PortError as e:
         print(f"{PROG}: could not write {args.state}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_NO_PORT
     return 0
 
 
@@ -181,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command == "probe":
-        return cmd_probe(args)
+        try:
+            return cmd_probe(args)
+        except Exception as e:
+            # probe is the unit's ExecCondition=, where 1 means "skip": a bug must fail it (255).
+            print(f"{PROG}: probe failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_PROBE_BROKEN
     if args.command == "status" and args.action == "write":
         return cmd_status_write(args)
     parser.error("missing " + ("COMMAND" if args.command is None else "ACTION"))

@@ -85,6 +85,11 @@ class Candidate:
         return f"{self.name}: {self.device}: {verdict}"
 
 
+def describe_all(candidates: Sequence[Candidate]) -> str:
+    """Every candidate and its verdict on one line, for logs and error messages."""
+    return "; ".join(c.describe() for c in candidates)
+
+
 def find_device(name: str, roots: PortRoots = PortRoots()) -> str | None:
     """Return the device path for port ``name``, or None when no such port exists.
 
@@ -152,8 +157,11 @@ def _poll(fd: int, timeout: float) -> int:
 _DEAD = select.POLLHUP | select.POLLERR
 
 
-def inspect(name: str, roots: PortRoots = PortRoots()) -> Candidate:
-    """Check port ``name``: found, a character device, and connected on the host side."""
+def inspect(name: str, roots: PortRoots = PortRoots(), deadline: float | None = None) -> Candidate:
+    """Check port ``name``: found, a character device, and connected on the host side.
+
+    A port busy with another opener is retried for up to 0.5 s, or until ``deadline``.
+    """
     device = find_device(name, roots)
     if device is None:
         return Candidate(
@@ -173,7 +181,8 @@ def inspect(name: str, roots: PortRoots = PortRoots()) -> Candidate:
     if not stat.S_ISCHR(mode):
         return Candidate(name, device, problem=f"is a {_kind(mode)}, not a character device")
     try:
-        fd = _open_port(device, time.monotonic() + 0.5)
+        busy_until = time.monotonic() + 0.5
+        fd = _open_port(device, busy_until if deadline is None else min(busy_until, deadline))
     except PortError as e:
         return Candidate(name, device, is_char_device=True, problem=_reason(e, device))
     try:
@@ -222,7 +231,9 @@ def survey(
 
 
 def find_connected_port(
-    names: Sequence[str] = CANDIDATE_PORT_NAMES, roots: PortRoots = PortRoots()
+    names: Sequence[str] = CANDIDATE_PORT_NAMES,
+    roots: PortRoots = PortRoots(),
+    deadline: float | None = None,
 ) -> tuple[Candidate | None, list[Candidate]]:
     """Return the first usable candidate and every candidate looked at.
 
@@ -230,7 +241,7 @@ def find_connected_port(
     """
     seen: list[Candidate] = []
     for name in names:
-        candidate = inspect(name, roots)
+        candidate = inspect(name, roots, deadline)
         seen.append(candidate)
         if candidate.usable:
             return candidate, seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+from lxd_agent.guest import agent as agent_module
+from lxd_agent.guest.agent import Agent, AgentConfig
+from lxd_agent.guest.notify import Notifier
+from lxd_agent.guest.ports import PortGone
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.guest.conftest import DeadPort, LivePort, PortTree
 
@@ -245,3 +252,37 @@ def test_stop_hook_writes_stopped_after_the_agent_was_killed(
     result = subprocess.run(hook + tree.cli_args(), capture_output=True, text=True, timeout=10)
     assert result.returncode == 0, result.stderr
     assert live_port.read_lines(timeout=2) == [STOPPED]
+
+
+def test_a_port_that_keeps_failing_is_logged_once(
+    tree: PortTree, live_port: LivePort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    records: list[logging.LogRecord] = []
+    log = logging.getLogger("test-agent")
+    log.addHandler(ListHandler(records))
+    log.setLevel(logging.DEBUG)
+    agent_ = Agent(AgentConfig(roots=tree.roots), Notifier(None, "none"), log)
+
+    def failing(device: str, line: str, timeout: float) -> None:
+        raise PortGone(f"{device}: Input/output error")
+
+    monkeypatch.setattr(agent_module, "write_line", failing)
+    for _ in range(5):
+        agent_.port = agent_._find()
+        assert agent_.port is not None and not agent_._write(STARTED)
+    warnings = [r for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in records]
+    monkeypatch.undo()
+    agent_.port = agent_._find()
+    assert agent_._write(STARTED)
+    assert live_port.read_lines(timeout=2) == [STARTED]
+
+
+class ListHandler(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

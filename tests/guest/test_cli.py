@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lxd_agent import __version__
+from lxd_agent.guest import cli
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STOPPED
 from tests.guest.conftest import DeadPort, LivePort, PortTree
 
@@ -96,3 +98,30 @@ def test_status_write_without_a_port_gives_up_quickly(tree: PortTree) -> None:
     assert f"no usable port for {STOPPED}: {PORT_NAME}: no such port" in result.stderr
     # A stop hook must never hold up a shutdown (the budget is 2 s; interpreter start aside).
     assert elapsed < 10
+
+
+def test_stop_hook_after_an_execcondition_skip_writes_nothing(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    result = subprocess.run(
+        [sys.executable, "-m", "lxd_agent.guest", "status", "write", STOPPED, *tree.cli_args()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SERVICE_RESULT": "exec-condition"},
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert live_port.read_lines(timeout=0.5) == []
+
+
+def test_a_broken_probe_fails_the_unit_instead_of_skipping_it(
+    tree: PortTree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(**_: object) -> list[object]:
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(cli, "survey", broken)
+    # ExecCondition= skips on 1-254 and fails on 255.
+    assert cli.main(["probe", *tree.cli_args()]) == 255
+    assert "probe failed: RuntimeError: surprise" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pty
 import socket
@@ -215,3 +216,32 @@ def test_survey_reports_every_candidate_in_order(tree: PortTree, live_port: Live
     tree.link(LEGACY_PORT_NAME, live_port.device)
     names = [c.name for c in survey(roots=tree.roots)]
     assert names == [PORT_NAME, LEGACY_PORT_NAME]
+
+
+def test_eagain_after_pollout_is_retried_with_back_off(
+    live_port: LivePort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    refusals: list[float] = []
+
+    def write_refusing_twice(fd: int, data: bytes) -> int:
+        if len(refusals) < 2:
+            refusals.append(time.monotonic())
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write_refusing_twice)
+    write_line(live_port.device, STARTED, timeout=2.0)
+    assert len(refusals) == 2
+    assert live_port.read_lines(timeout=2) == [STARTED]
+
+
+def test_eagain_for_the_whole_timeout_gives_up(
+    live_port: LivePort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def always_eagain(fd: int, data: bytes) -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "write", always_eagain)
+    with pytest.raises(PortBusy, match="kept failing with EAGAIN"):
+        write_line(live_port.device, STARTED, timeout=0.3)
