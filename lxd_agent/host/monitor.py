@@ -75,6 +75,10 @@ def interpret_ring_read(data: bytes) -> RingRead:
 # -- the timeline ----------------------------------------------------------------------------
 
 
+# A QEMU that does not answer one read in this long is wedged; no wait may be unbounded.
+READ_TIMEOUT = 10.0
+
+
 class EntryKind(str, enum.Enum):
     EVENT = "event"  # a QMP event, as QEMU sent it
     READ = "read"  # a non-empty ring read, escaped and truncated
@@ -344,11 +348,24 @@ class RingbufMonitor:
         )
 
     async def _read_ring(self, ring: Ring) -> bytes:
+        command = self.qmp.execute(
+            "ringbuf-read",
+            {"device": ring.chardev_id, "size": self.read_size, "format": "base64"},
+        )
+        task = asyncio.ensure_future(command)
         try:
-            reply = await self.qmp.execute(
-                "ringbuf-read",
-                {"device": ring.chardev_id, "size": self.read_size, "format": "base64"},
+            # asyncio.wait, not wait_for: see wait_event.
+            done, _ = await asyncio.wait({task}, timeout=READ_TIMEOUT)
+        finally:
+            if not task.done():
+                task.cancel()
+        if not done:
+            raise MonitorError(
+                f"ringbuf-read of chardev {ring.chardev_id!r} ({ring.port_name}) got no answer "
+                f"within {READ_TIMEOUT:g} s; is QEMU wedged? Its log says more"
             )
+        try:
+            reply = task.result()
         except QMPError as err:
             raise MonitorError(
                 f"ringbuf-read of chardev {ring.chardev_id!r} ({ring.port_name}) failed: "

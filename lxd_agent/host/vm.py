@@ -35,16 +35,14 @@ from types import TracebackType
 from typing import Callable, Union
 
 import serial
-from qemu.qmp import EventListener, QMPError
+from qemu.qmp import QMPError
 
-from lxd_agent.host.errors import HarnessError
-from lxd_agent.host.image import GuestImage, cache_root
+from lxd_agent.host.errors import HarnessError, QemuError
+from lxd_agent.host.image import GuestImage, Progress, cache_root
 from lxd_agent.host.layouts import Layout, get_layout
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
-from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.host.qemu import DEFAULT_QEMU_BINARY, QemuProcess
 from lxd_agent.protocol import DEFAULT_RING_SIZE
-
-Progress = Callable[[str], None]
 
 CONSOLE_ID = "console"
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
@@ -391,7 +389,6 @@ class Vm:
         self._qemu: QemuProcess | None = None
         self._monitor: RingbufMonitor | None = None
         self._console: SerialConsole | None = None
-        self._runstate_listener = EventListener(("STOP", "SHUTDOWN", "RESET", "GUEST_PANICKED"))
         self._logged_in = False
         self.files: VmFiles | None = None
         self.console_device: str | None = None
@@ -580,8 +577,6 @@ class Vm:
         self._console = stack.enter_context(
             SerialConsole(self.console_device, files.console_log, on_milestone=milestone)
         )
-        qmp.register_listener(self._runstate_listener)
-        stack.callback(self._remove_listener)
         await self._execute("cont")
         self.note("guest running")
 
@@ -612,10 +607,6 @@ class Vm:
                 self.progress(f"waiting for another harness VM to finish (lock {path})")
                 waiting = True
             await asyncio.sleep(0.5)
-
-    def _remove_listener(self) -> None:
-        with contextlib.suppress(QMPError):
-            self.qemu.qmp.remove_listener(self._runstate_listener)
 
     async def _execute(self, command: str) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""
@@ -703,7 +694,7 @@ def _host_identity() -> dict[str, str]:
     qemu = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         qemu = subprocess.run(
-            ["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=10
+            [DEFAULT_QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=10
         ).stdout.splitlines()[0]
     return {"kernel": os.uname().release, "qemu": qemu, "cpu": cpu}
 
@@ -716,8 +707,9 @@ def forget_kvm_verdict() -> None:
 async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
     """Boot `image` under KVM and keep it busy; None if KVM held up, else what went wrong."""
     config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.KVM)
+    vm = Vm(config)
     try:
-        async with Vm(config) as vm:
+        async with vm:
             await vm.console.wait_for(SHELL_PROMPT, KVM_PROBE_BOOT_TIMEOUT, what="a shell")
             progress(f"accel: KVM booted the probe guest; soaking {KVM_PROBE_SOAK_SECONDS:.0f} s")
             deadline = time.monotonic() + KVM_PROBE_SOAK_SECONDS
@@ -732,7 +724,15 @@ async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
     except HarnessError as e:
         # Keep what QEMU said (the reason), not the launcher's framing or its pty notice.
         said = str(e).splitlines()[0].split("its output: ", 1)[-1].split(" | ")
-        return " | ".join(part for part in said if "redirected to" not in part)[:300]
+        reason = " | ".join(part for part in said if "redirected to" not in part)[:300]
+        if vm._qemu is None and not isinstance(e, QemuError):
+            # Failed before QEMU ran (the VM lock, the overlay): says nothing about KVM.
+            raise KvmProbeInconclusive(reason) from e
+        return reason
+
+
+class KvmProbeInconclusive(HarnessError):
+    """The KVM probe could not run its guest; no verdict on KVM, so none is cached."""
 
 
 async def choose_accel(
@@ -754,7 +754,10 @@ async def choose_accel(
     if image is None:
         return AccelChoice(Accel.TCG, "TCG: no guest image to probe KVM with")
     progress("accel: /dev/kvm exists; probing whether KVM really runs a guest here")
-    error = await probe_kvm(image, progress)
+    try:
+        error = await probe_kvm(image, progress)
+    except KvmProbeInconclusive as e:
+        return AccelChoice(Accel.TCG, f"TCG: the KVM probe could not run ({e}); nothing cached")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps({"host": identity, "error": error}, indent=2) + "\n")

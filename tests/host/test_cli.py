@@ -157,6 +157,18 @@ def test_a_verdict_from_another_host_is_not_trusted(
     assert json.loads(verdict.read_text())["error"] == "emulation failure"
 
 
+def test_a_probe_that_could_not_run_its_guest_caches_no_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    # The real probe, failing before QEMU runs: the image it is given has no disk.
+    image = GuestImage(tmp_path / "no-image")
+    choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
+    assert choice.accel is Accel.TCG and "nothing cached" in choice.reason, choice.reason
+    assert not (tmp_path / "lxd-agent" / "kvm-verdict.json").exists()
+
+
 def test_the_seed_carries_the_package_and_installs_it(fake_deb: Path, tmp_path: Path) -> None:
     text = user_data(fake_deb)
     assert text.startswith("#cloud-config\n")

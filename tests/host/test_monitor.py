@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from dataclasses import dataclass
 
 import pytest
 
+from lxd_agent.host import monitor as monitor_module
 from lxd_agent.host.errors import MonitorError, MonitorTimeout
 from lxd_agent.host.layouts import BRIDGED, Ring
 from lxd_agent.host.monitor import (
@@ -219,6 +221,21 @@ def test_monitor_fails_fast_when_qemu_goes_away() -> None:
             return loop.time() - start
 
     assert run(scenario()) < 10.0
+
+
+def test_a_read_that_qemu_never_answers_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(monitor_module, "READ_TIMEOUT", 0.5)
+
+    async def scenario() -> None:
+        async with monitored_ring(poll_interval=600.0) as (qemu, mon):
+            os.kill(qemu.pid, signal.SIGSTOP)  # wedged: the socket stays open, nothing answers
+            try:
+                with pytest.raises(MonitorError, match=r"got no answer within 0\.5 s"):
+                    await mon.read_rings("test")
+            finally:
+                os.kill(qemu.pid, signal.SIGCONT)
+
+    run(scenario())
 
 
 def test_missing_chardev_is_a_clear_error_at_start() -> None:
