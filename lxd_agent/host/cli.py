@@ -54,6 +54,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 DEFAULT_TIMEOUT = 120.0
+STUB_POWEROFF_BOUND = 20.0
 # cloud-init runs late in the boot and installs the package first.
 DEFAULT_SEED_TIMEOUT = 600.0
 
@@ -76,6 +77,24 @@ def find_default_deb() -> Path:
             " and found none; run `make deb` first or pass --deb PATH"
         )
     return max(debs, key=lambda deb: deb.stat().st_mtime)
+
+
+async def check_agent_stood_aside(vm: Vm, timeout: float) -> None:
+    """With no LXD ring (Incus), the agent must be skipped and the boot must complete."""
+    state = await vm.run("systemctl is-system-running --wait", timeout=timeout)
+    vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
+    if state.output.strip() != "running":
+        raise HarnessError(
+            f"the guest's boot did not complete cleanly: is-system-running says "
+            f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
+        )
+    unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result")
+    vm.note(f"guest: lxd-agent: {' '.join(unit.output.split())}")
+    if "Result=exec-condition" not in unit.output:
+        raise HarnessError(
+            "lxd-agent was not skipped although no LXD port has a ring behind it: "
+            f"{' '.join(unit.output.split())}; see `journalctl -u lxd-agent` in the guest (--keep)"
+        )
 
 
 def lxd_ring_port(layout: Layout) -> str | None:
@@ -279,8 +298,7 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
                 # boot, which the console shows.
                 say(f"boot: {plan.layout.name} has no ring on an LXD port; checking the boot")
                 await vm.login(timeout=plan.timeout)
-                state = await vm.run("systemctl is-system-running --wait", timeout=plan.timeout)
-                vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
+                await check_agent_stood_aside(vm, plan.timeout)
             if plan.keep:
                 await _keep_running(vm)
                 return EXIT_OK
@@ -289,7 +307,10 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
             await vm.power_off()
             if port is not None:
                 seen.stopped = await vm.wait_for_state(STOPPED, port, timeout=plan.timeout)
-            await vm.wait_guest_off(timeout=min(plan.timeout, POWEROFF_TIMEOUT))
+            # Without a ring, the power-off time is the proof: off in 1-3 s here, while an
+            # agent stuck on the dead stub would hold it for systemd's 90 s stop timeout.
+            off_bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
+            await vm.wait_guest_off(timeout=min(plan.timeout, off_bound))
         except HarnessError as e:
             # The monitor's messages end with the timeline, printed below with the console.
             reason = re.sub(r";?\s*timeline:$", "", str(e).splitlines()[0])

@@ -300,7 +300,7 @@ def test_hardened_unit_runs_as_shipped(guest_image: GuestImage, figures: Figures
             match = re.search(r"exposure level for lxd-agent\.service: ([0-9.]+)", security.output)
             assert match, security.output
             figures["systemd-analyze security exposure (guest)"] = match.group(1)
-            assert float(match.group(1)) <= 2.0, security.output
+            assert float(match.group(1)) <= 1.5, security.output
             errors = await vm.run("journalctl -b -q -u lxd-agent -p err --no-pager")
             assert errors.output.strip() == "", errors.output
             await power_off_and_wait_stopped(vm, PORT_NAME)
