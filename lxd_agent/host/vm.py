@@ -625,7 +625,8 @@ class Vm:
 
     async def _console_pty(self) -> str:
         chardevs = await self._execute("query-chardev")
-        assert isinstance(chardevs, list)
+        if not isinstance(chardevs, list):
+            raise VmError(f"query-chardev answered {chardevs!r}, not a list; is this QEMU's QMP?")
         for chardev in chardevs:
             if chardev.get("label") == CONSOLE_ID:
                 filename = str(chardev.get("filename", ""))
@@ -639,7 +640,8 @@ class Vm:
                 f"QEMU exited with status {self.qemu.returncode}: {self.qemu.log_tail(5)}"
             )
         reply = await self._execute("query-status")
-        assert isinstance(reply, dict)
+        if not isinstance(reply, dict):
+            raise VmError(f"query-status answered {reply!r}, not an object; is this QEMU's QMP?")
         return str(reply.get("status"))
 
     def _raise_if_broken(self, status: str) -> None:
