@@ -115,13 +115,20 @@ def test_auto_without_usable_dev_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> 
     assert choice.accel is Accel.TCG and "/dev/kvm" in choice.reason
 
 
-def test_auto_uses_a_cached_kvm_verdict_for_this_host(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def kvm_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the KVM verdict is cached, in a cache of this test's own; /dev/kvm looks usable."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(os, "access", lambda path, mode: True)
     verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
     verdict.parent.mkdir()
+    return verdict
+
+
+def test_auto_uses_a_cached_kvm_verdict_for_this_host(
+    kvm_verdict: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verdict = kvm_verdict
 
     async def no_probe(*_: object) -> str | None:
         raise AssertionError("probed although a verdict was cached")
@@ -136,12 +143,9 @@ def test_auto_uses_a_cached_kvm_verdict_for_this_host(
 
 
 def test_a_verdict_from_another_host_is_not_trusted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, kvm_verdict: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(os, "access", lambda path, mode: True)
-    verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
-    verdict.parent.mkdir()
+    verdict = kvm_verdict
     verdict.write_text(json.dumps({"host": {"kernel": "other"}, "error": None}))
     probed: list[GuestImage] = []
 
@@ -158,15 +162,13 @@ def test_a_verdict_from_another_host_is_not_trusted(
 
 
 def test_a_probe_that_could_not_run_its_guest_caches_no_verdict(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, kvm_verdict: Path
 ) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(os, "access", lambda path, mode: True)
     # The real probe, failing before QEMU runs: the image it is given has no disk.
     image = GuestImage(tmp_path / "no-image")
     choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
     assert choice.accel is Accel.TCG and "nothing cached" in choice.reason, choice.reason
-    assert not (tmp_path / "lxd-agent" / "kvm-verdict.json").exists()
+    assert not kvm_verdict.exists()
 
 
 def test_the_seed_carries_the_package_and_installs_it(fake_deb: Path, tmp_path: Path) -> None:
