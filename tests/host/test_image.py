@@ -9,7 +9,16 @@ import pytest
 
 from lxd_agent.host import image
 from lxd_agent.host.errors import HarnessError
-from lxd_agent.host.image import GuestImage, ImageError, ImageSpec, filter_apt_sources, prune_images
+from lxd_agent.host.image import (
+    BuildStepFailed,
+    GuestImage,
+    ImageError,
+    ImageSpec,
+    filter_apt_sources,
+    host_release,
+    prune_images,
+    source_suites,
+)
 
 
 def _deb(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -127,7 +136,9 @@ def _sources_dir(tmp_path: Path) -> Path:
 
 
 def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path: Path) -> None:
-    text = filter_apt_sources("bookworm", _sources_dir(tmp_path), tmp_path / "missing.list")
+    text = filter_apt_sources(
+        "bookworm", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
     stanzas = [s for s in text.split("\n\n") if s.strip()]
     assert "Suites: bookworm bookworm-updates\n" in stanzas[0]
     assert "Types: deb\n" in stanzas[0]
@@ -142,9 +153,53 @@ def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path:
     assert len(stanzas) == 3
 
 
-def test_sources_for_a_release_the_host_lacks_name_what_was_found(tmp_path: Path) -> None:
+def test_sources_for_another_release_swap_only_the_hosts_codename(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "trixie", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    stanzas = [s for s in text.split("\n\n") if s.strip()]
+    # The host's URIs, components and keys; its suites renamed, and its own `trixie` once.
+    assert "URIs: http://mirror.invalid/debian\n" in stanzas[0]
+    assert "Suites: trixie trixie-updates\n" in stanzas[0]
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in stanzas[0]
+    assert "Suites: trixie-security\n" in stanzas[1]
+    assert "Suites: trixie-backports\n" in stanzas[2] and "Signed-By: /k.gpg" in stanzas[2]
+    assert source_suites(text) == [
+        "trixie",
+        "trixie-updates",
+        "trixie-security",
+        "trixie-backports",
+    ]
+    assert "bookworm" not in text and "bullseye" not in text and "nodistro" not in text
+    assert len(stanzas) == 3
+
+
+def test_sources_for_bullseye_come_from_the_same_mirror(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "bullseye", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    # old.list's own bullseye line is kept too: it is a source for the release asked for.
+    assert source_suites(text) == [
+        "bullseye",
+        "bullseye-updates",
+        "bullseye-security",
+        "bullseye-backports",
+        "bullseye",
+    ]
+
+
+def test_sources_on_a_host_of_unknown_release_name_what_was_found(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"found suites: .*bookworm"):
-        filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list")
+        filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list", host="")
+
+
+def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:
+    os_release = tmp_path / "os-release"
+    os_release.write_text(
+        'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n'
+    )
+    assert host_release(os_release) == "bookworm"
+    assert host_release(tmp_path / "missing") == ""
 
 
 def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Path) -> None:
@@ -211,7 +266,7 @@ def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     count = tmp_path / "count"
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("COUNT_FILE", str(count))
-    monkeypatch.setattr(image, "filter_apt_sources", lambda release: "Types: deb\n")
+    monkeypatch.setattr(image, "filter_apt_sources", lambda release: "Types: deb\nSuites: x\n")
     return count
 
 
@@ -244,8 +299,11 @@ def test_a_failed_build_leaves_nothing_in_the_cache(
 ) -> None:
     monkeypatch.setenv("FAIL_MMDEBSTRAP", "1")
     cache = tmp_path / "cache"
-    with pytest.raises(ImageError, match="failed on purpose"):
+    with pytest.raises(BuildStepFailed) as failed:
         image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert failed.value.command[0] == "mmdebstrap" and failed.value.status != 0
+    assert "failed on purpose" in failed.value.tail[-1]
+    assert "Debian bookworm" in failed.value.step
     assert list((cache / "images").iterdir()) == []
 
 
