@@ -48,6 +48,12 @@ BASE_PACKAGES = (
     "login",
 )
 
+# Packages taken from a release's own suite rather than its newest (security) version. The
+# mirror these machines reach lists bullseye-security's linux-image-cloud-amd64 5.10.262-1 but
+# answers 404 for its file (seen 2026-11-26); bullseye's own 5.10.223-1 is served. Bullseye's
+# LTS ended in August 2026, so a test guest loses nothing by it.
+SUITE_PINS = {"bullseye": {"linux-image-cloud-amd64": "bullseye"}}
+
 # Added for the NoCloud install path (seed.py): the image then gets the .deb from its seed.
 CLOUD_INIT_PACKAGES = ("cloud-init",)
 
@@ -123,7 +129,7 @@ class ImageSpec:
         inputs = {
             "format": IMAGE_FORMAT_VERSION,
             "release": self.release,
-            "packages": sorted(self.packages),
+            "packages": sorted(pinned_packages(self)),
             "debs": sorted(file_sha256(deb) for deb in self.debs),
             "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
             "customize": hashlib.sha256(CUSTOMIZE_SCRIPT.encode()).hexdigest(),
@@ -321,6 +327,12 @@ def require_tools(tools: Iterable[str]) -> None:
         )
 
 
+def pinned_packages(spec: ImageSpec) -> list[str]:
+    """`spec.packages` for apt, with `SUITE_PINS` as `name/suite`."""
+    pins = SUITE_PINS.get(spec.release, {})
+    return [f"{p}/{pins[p]}" if p in pins else p for p in spec.packages]
+
+
 def mmdebstrap_command(
     spec: ImageSpec, tree: Path, sources_file: Path, hook_script: Path
 ) -> list[str]:
@@ -329,7 +341,7 @@ def mmdebstrap_command(
         "mmdebstrap",
         "--variant=apt",
         "--format=directory",
-        "--include=" + ",".join(spec.packages),
+        "--include=" + ",".join(pinned_packages(spec)),
     ]
     if spec.debs:
         # A local .deb is only reachable from inside the tree through this hook (facts §6).
@@ -427,6 +439,20 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def detach_mounts_under(path: Path) -> None:
+    """Detach what a failed or interrupted mmdebstrap left mounted inside our build directory.
+
+    mmdebstrap bind-mounts the host's /dev, /proc and /sys, and local .debs, into its tree, and
+    does not always undo that when it fails. Each mount is first made private, so that detaching
+    it cannot propagate to the host's own mount of the same file system, then detached lazily,
+    deepest first. Only mount points inside `path` are touched.
+    """
+    points = sorted(mounts_under(path), key=len, reverse=True)
+    for command in (["mount", "--make-private"], ["umount", "--lazy"]):
+        for point in points:
+            subprocess.run([*command, point], check=False, capture_output=True, timeout=60)
+
+
 def build_image(
     spec: ImageSpec,
     progress: Progress = print,
@@ -495,6 +521,7 @@ def build_image(
             )
         finally:
             # The tree is large; drop it before the disk is published.
+            detach_mounts_under(work)
             remove_tree(tree)
         manifest = {
             "key": key,

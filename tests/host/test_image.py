@@ -213,6 +213,26 @@ def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Pa
     assert with_deb[-3:] == ["bookworm", str(tree), str(sources)]
 
 
+def test_carried_files_are_copied_into_root_and_change_the_key(tmp_path: Path) -> None:
+    carried = _deb(tmp_path, "x.deb", b"one")
+    tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
+    spec = ImageSpec(carried=(carried,))
+    command = image.mmdebstrap_command(spec, tree, sources, hook)
+    assert f"--customize-hook=copy-in {carried} /root" in command
+    assert not any(arg.startswith("--hook-dir") for arg in command)  # not installed
+    before = spec.key()
+    carried.write_bytes(b"two")
+    assert spec.key() != before != ImageSpec().key()
+
+
+def test_a_pinned_package_is_asked_for_from_the_releases_own_suite(tmp_path: Path) -> None:
+    tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
+    bullseye = image.mmdebstrap_command(ImageSpec(release="bullseye"), tree, sources, hook)
+    trixie = image.mmdebstrap_command(ImageSpec(release="trixie"), tree, sources, hook)
+    assert "linux-image-cloud-amd64/bullseye" in next(a for a in bullseye if "linux-" in a)
+    assert "linux-image-cloud-amd64," in next(a for a in trixie if "linux-" in a)
+
+
 def test_mounts_under_sees_the_root_mount_and_none_in_a_fresh_directory(tmp_path: Path) -> None:
     assert "/" in image.mounts_under(Path("/"))
     assert image.mounts_under(tmp_path) == []
@@ -245,6 +265,10 @@ mkdir -p "$tree/boot"
 echo kernel > "$tree/boot/vmlinuz-6.1.0-test"
 echo initrd > "$tree/boot/initrd.img-6.1.0-test"
 echo "I: fake mmdebstrap into $tree"
+if [ -n "${LEAVE_A_MOUNT:-}" ]; then
+  # What the real one leaves when its setup fails: a bind mount inside the tree.
+  mkdir -p "$tree/dev" && mount --bind "$LEAVE_A_MOUNT" "$tree/dev" || exit 99
+fi
 [ -z "${FAIL_MMDEBSTRAP:-}" ] || { echo "E: failed on purpose"; exit 1; }
 """
 
@@ -305,6 +329,22 @@ def test_a_failed_build_leaves_nothing_in_the_cache(
     assert "failed on purpose" in failed.value.tail[-1]
     assert "Debian bookworm" in failed.value.step
     assert list((cache / "images").iterdir()) == []
+
+
+def test_a_failed_build_that_left_a_bind_mount_leaves_nothing_and_names_its_cause(
+    tmp_path: Path, fake_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host_dir = tmp_path / "host-dev"
+    (host_dir / "keep").mkdir(parents=True)
+    monkeypatch.setenv("FAIL_MMDEBSTRAP", "1")
+    monkeypatch.setenv("LEAVE_A_MOUNT", str(host_dir))
+    cache = tmp_path / "cache"
+    with pytest.raises(BuildStepFailed) as failed:
+        image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert "failed on purpose" in failed.value.tail[-1]  # the cause, not the cleanup
+    assert list((cache / "images").iterdir()) == []
+    assert image.mounts_under(tmp_path) == []
+    assert (host_dir / "keep").is_dir()  # detached, never deleted through
 
 
 def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, fake_tools: Path) -> None:

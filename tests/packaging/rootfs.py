@@ -19,7 +19,12 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from lxd_agent.host.image import DEFAULT_RELEASE, filter_apt_sources, mounts_under
+from lxd_agent.host.image import (
+    DEFAULT_RELEASE,
+    detach_mounts_under,
+    filter_apt_sources,
+    mounts_under,
+)
 
 MMDEBSTRAP_TIMEOUT = 300.0
 # What a chroot'ed command sees: dpkg's usual PATH, and no pyenv, venv or locale from the
@@ -37,13 +42,8 @@ class RootfsError(Exception):
 
 
 def remove_tree(root: Path) -> None:
-    """Unmount whatever mmdebstrap may have left mounted below `root`, then delete it.
-
-    Unlike the image cache (which refuses and says so), a test's own temporary root is
-    unmounted here: nothing else can be using it.
-    """
-    for point in sorted(mounts_under(root), key=len, reverse=True):
-        subprocess.run(["umount", "--lazy", point], check=False)
+    """Detach whatever mmdebstrap may have left mounted below `root`, then delete it."""
+    detach_mounts_under(root)
     left = mounts_under(root)
     if left:
         raise RootfsError(f"not removing {root}: still mounted below it: {left}")
