@@ -77,11 +77,12 @@ printf '127.0.0.1\\tlocalhost\\n127.0.1.1\\t{GUEST_HOSTNAME}\\n' > "$root/etc/ho
 # The disk is a bare ext4 filesystem that QEMU exposes as the first virtio disk.
 echo '/dev/vda / ext4 rw,errors=remount-ro 0 1' > "$root/etc/fstab"
 # The harness runs commands through the serial console, so root logs in there by itself.
+# The tty by name (%I), not stdin (-): bullseye's serial-getty@ unit gives agetty no tty on stdin.
 mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
 cat > "$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
 [Service]
 ExecStart=
-ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 %I $TERM
 EOF
 # cloud-init (when present): look only for a NoCloud seed, and leave the network alone (the
 # test VM has none, and the image has no network renderer for cloud-init to drive).

@@ -1,0 +1,39 @@
+"""Fixtures every VM test shares: the package under test and the table of measured figures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from lxd_agent.host.package import PackageNotFound, find_test_deb
+from tests.host.guests import TOOLS, Figures
+
+
+@pytest.fixture(scope="session")
+def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
+    """Measured figures, printed after the run whether the tests passed or not."""
+    measured: Figures = {}
+    yield measured
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None or not measured:
+        return
+    # Session teardown runs inside the last test's captured teardown: print past the capture.
+    with capture.global_and_fixture_disabled():
+        reporter.section("VM figures (TCG)")
+        for name, value in measured.items():
+            reporter.write_line(f"{name:<48} {value}")
+
+
+@pytest.fixture(scope="session")
+def deb() -> Path:
+    for tool in TOOLS:
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not on PATH: the VM tests need it; run `make setup`")
+    try:
+        return find_test_deb()
+    except PackageNotFound as e:
+        pytest.fail(f"the VM tests need the package: {e}")

@@ -1,0 +1,85 @@
+"""What the VM tests share: booting a guest with a layout, powering it off, reading its timeline.
+
+Each VM test boots one guest (never two at once) and checks, from the host's side, what the
+agent reported on the ring buffers and when. On failure the console tail and the ring-buffer
+timeline are printed (pytest shows them under "Captured stdout").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import AsyncIterator, Dict
+
+from lxd_agent.host.image import GuestImage
+from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.monitor import EntryKind
+from lxd_agent.host.qemu import process_exists
+from lxd_agent.host.vm import Accel, DirectBoot, Vm, VmConfig
+from lxd_agent.protocol import STOPPED
+
+TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
+
+# Generous bounds: the point is catching a hang (90 s is systemd's stop timeout), not speed.
+BOOT_TIMEOUT = 120.0
+SEED_BOOT_TIMEOUT = 420.0
+STOP_TIMEOUT = 30.0
+POWER_OFF_BOUND = 20.0
+TEST_DEADLINE = 300.0
+
+Figures = Dict[str, str]
+
+
+@contextlib.asynccontextmanager
+async def booted(image: GuestImage, layout: str, seed: Path | None = None) -> AsyncIterator[Vm]:
+    """A running guest; on any failure, its console tail and timeline are printed."""
+    config = VmConfig(layout=get_layout(layout), boot=DirectBoot(image), accel=Accel.TCG, seed=seed)
+    vm = Vm(config, progress=print)
+    async with vm:
+        pid = vm.qemu.pid
+        assert vm.files is not None
+        workdir = vm.files.workdir
+        try:
+            yield vm
+        except BaseException:
+            print(f"=== {layout}: console tail and ring-buffer timeline ===")
+            print(vm.report(console_lines=40))
+            raise
+        print(f"=== {layout}: ring-buffer timeline ===")
+        print("\n".join(vm.render_timeline()))
+    assert not process_exists(pid), f"QEMU {pid} outlived its VM"
+    assert not workdir.exists(), f"{workdir} outlived its VM"
+
+
+async def power_off_and_wait_stopped(vm: Vm, port: str) -> float:
+    """Power off; STOPPED must follow the power button. Seconds from power-off to STOPPED."""
+    await vm.power_off()
+    stopped = await vm.wait_for_state(STOPPED, port, timeout=STOP_TIMEOUT)
+    await vm.wait_guest_off(timeout=POWER_OFF_BOUND)
+    assert vm.powerdown_at is not None
+    after = stopped.seconds - (vm.powerdown_at - vm.t0)
+    assert after >= 0, f"STOPPED at {stopped.seconds:.2f} s came before the power button"
+    return after
+
+
+async def multi_user_after(vm: Vm) -> float:
+    """Seconds from the start of userspace (systemd) to multi-user.target, in the guest."""
+    await vm.run("systemctl is-system-running --wait", timeout=90)
+    manager = await vm.run("systemctl show -p UserspaceTimestampMonotonic")
+    target = await vm.run("systemctl show -p ActiveEnterTimestampMonotonic multi-user.target")
+    start = int(manager.output.strip().split("=", 1)[1])
+    reached = int(target.output.strip().split("=", 1)[1])
+    assert reached > 0, "multi-user.target never became active"
+    return (reached - start) / 1e6
+
+
+def state_changes(vm: Vm, port: str) -> list[str]:
+    return [
+        e.text for e in vm.monitor.timeline.entries if e.kind is EntryKind.STATE and e.port == port
+    ]
+
+
+def nonempty_reads(vm: Vm, port: str) -> list[str]:
+    return [
+        e.text for e in vm.monitor.timeline.entries if e.kind is EntryKind.READ and e.port == port
+    ]

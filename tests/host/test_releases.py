@@ -1,0 +1,237 @@
+"""The one .deb (built on Debian 12) in Debian 11, 12 and 13 guests, and in place of Debian's own.
+
+For each release: an image with the package installed, booted on LXD 5.20's layout (STARTED at
+boot; the unit as systemd sees it; `systemctl stop`/`start`; a SIGKILL of the agent, after which
+the stop hook writes STOPPED and systemd restarts it; STOPPED at power-off), and on Incus's
+(the boot is not held up, the unit is skipped, not failed, and the power button is obeyed). Where
+Debian's archive has its own `lxd-agent` (bookworm, trixie), an image with that one installed
+gets ours with `apt-get install ./...deb` in the running guest, and ours must take over.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host.image import BASE_PACKAGES, RELEASES, GuestImage, ImageSpec, build_image
+from lxd_agent.host.package import DEB_PACKAGE
+from lxd_agent.host.vm import Vm
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from tests.host.guests import (
+    BOOT_TIMEOUT,
+    POWER_OFF_BOUND,
+    STOP_TIMEOUT,
+    TEST_DEADLINE,
+    Figures,
+    booted,
+    multi_user_after,
+    power_off_and_wait_stopped,
+    state_changes,
+)
+from tests.host.helpers import run
+
+pytestmark = pytest.mark.vm
+
+# The unit's `systemd-analyze security` exposure in every release's guest (it is 0.7 on 12).
+EXPOSURE_BOUND = 1.0
+# Debian's own lxd-agent is in these releases' archives (tests/packaging/test_apt.py checks).
+RELEASES_WITH_DEBIANS_LXD_AGENT = ("bookworm", "trixie")
+
+
+def image_for(release: str, spec: ImageSpec, figures: Figures, what: str) -> GuestImage:
+    started = time.monotonic()
+    image = build_image(spec, progress=print)
+    figures[f"{release}: image {what}: build or reuse"] = f"{time.monotonic() - started:.1f} s"
+    return image
+
+
+@pytest.fixture(scope="module", params=list(RELEASES))
+def release_image(
+    request: pytest.FixtureRequest, deb: Path, figures: Figures
+) -> tuple[str, GuestImage]:
+    release: str = request.param
+    spec = ImageSpec(release=release, debs=(deb,))
+    return release, image_for(release, spec, figures, "with the .deb")
+
+
+async def guest_versions(vm: Vm) -> str:
+    python = await vm.run("python3 --version")
+    systemd = await vm.run("systemctl --version | head -1")
+    return f"{python.output.strip()}, {systemd.output.strip()}"
+
+
+async def exposure(vm: Vm) -> float:
+    security = await vm.run("systemd-analyze security --no-pager lxd-agent | tail -1")
+    match = re.search(r"exposure level for lxd-agent\.service: ([0-9.]+)", security.output)
+    assert match, security.output
+    return float(match.group(1))
+
+
+def test_release_reports_at_boot_after_a_kill_and_at_power_off(
+    release_image: tuple[str, GuestImage], figures: Figures
+) -> None:
+    release, image = release_image
+
+    async def scenario() -> None:
+        async with booted(image, "lxd-5.20") as vm:
+            started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
+            figures[f"{release}: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
+            print(f"{release} guest: {await guest_versions(vm)}")
+
+            # The agent picked the new name and saw the chardev-less legacy port hang up.
+            probe = await vm.run("lxd-agent probe")
+            assert probe.status == 0, probe.output
+            new, legacy, verdict = probe.output.strip().splitlines()
+            assert new.startswith(PORT_NAME) and "host-connected=yes  usable" in new
+            assert legacy.startswith(LEGACY_PORT_NAME) and "POLLHUP" in legacy, legacy
+            assert verdict.startswith(f"would use: {PORT_NAME} (")
+
+            # The unit as shipped, as this release's systemd reads it.
+            show = await vm.run(
+                "systemctl show lxd-agent -p ActiveState,SubState,Result,Type,DropInPaths,"
+                "StatusText"
+            )
+            props = dict(line.split("=", 1) for line in show.output.splitlines() if "=" in line)
+            assert props.get("ActiveState") == "active", show.output
+            assert props.get("SubState") == "running", show.output
+            assert props.get("Result") == "success", show.output
+            assert props.get("Type") == "notify", show.output
+            assert props.get("DropInPaths", "") == "", "the unit must run without drop-ins"
+            assert props.get("StatusText", "").startswith(f"reporting to {PORT_NAME} (")
+            # --man=no: the guest has no man-db to open Documentation=man:lxd-agent(8) with
+            # (the package ships the page: tests/packaging/test_contents.py).
+            verify = await vm.run(
+                "systemd-analyze verify --man=no /lib/systemd/system/lxd-agent.service 2>&1"
+            )
+            assert verify.status == 0 and verify.output.strip() == "", verify.output
+            score = await exposure(vm)
+            figures[f"{release}: systemd-analyze security exposure"] = f"{score}"
+            assert score <= EXPOSURE_BOUND
+            multi_user = await multi_user_after(vm)
+            figures[f"{release}: userspace -> multi-user.target"] = f"{multi_user:.2f} s"
+
+            # systemctl stop and start move the host's state.
+            stop = await vm.run("systemctl stop lxd-agent")
+            assert stop.status == 0, stop.output
+            await vm.wait_for_state(STOPPED, PORT_NAME, timeout=STOP_TIMEOUT)
+            before = time.monotonic()
+            start = await vm.run("systemctl start lxd-agent")
+            assert start.status == 0, start.output
+            await vm.wait_for_state(STARTED, PORT_NAME, timeout=STOP_TIMEOUT)
+            figures[f"{release}: systemctl start -> STARTED on the host"] = (
+                f"{time.monotonic() - before:.2f} s"
+            )
+
+            # SIGKILL: the agent cannot say STOPPED; the unit's stop hook does, then
+            # Restart=on-failure brings it back (after RestartSec=5s).
+            killed_at = time.monotonic()
+            kill = await vm.run("systemctl kill -s KILL lxd-agent")
+            assert kill.status == 0, kill.output
+            await vm.wait_for_state(STOPPED, PORT_NAME, timeout=STOP_TIMEOUT)
+            stopped_after = time.monotonic() - killed_at
+            await vm.wait_for_state(STARTED, PORT_NAME, timeout=STOP_TIMEOUT)
+            figures[f"{release}: kill -> STOPPED, STARTED again"] = (
+                f"{stopped_after:.2f} s, {time.monotonic() - killed_at:.2f} s"
+            )
+            restarts = await vm.run("systemctl show lxd-agent -p NRestarts")
+            assert restarts.output.strip() == "NRestarts=1", restarts.output
+            errors = await vm.run("journalctl -b -q -u lxd-agent -p err --no-pager")
+            assert errors.output.strip() == "", errors.output
+
+            off = await power_off_and_wait_stopped(vm, PORT_NAME)
+            figures[f"{release}: power-off -> STOPPED"] = f"{off:.2f} s"
+            assert state_changes(vm, PORT_NAME) == [
+                f"unknown -> {STARTED}",
+                f"{STARTED} -> {STOPPED}",  # systemctl stop
+                f"{STOPPED} -> {STARTED}",  # systemctl start
+                f"{STARTED} -> {STOPPED}",  # kill: the stop hook
+                f"{STOPPED} -> {STARTED}",  # restarted
+                f"{STARTED} -> {STOPPED}",  # power-off
+            ]
+
+    run(scenario(), TEST_DEADLINE)
+
+
+def test_release_on_incus_does_not_hold_up_boot_or_power_off(
+    release_image: tuple[str, GuestImage], figures: Figures
+) -> None:
+    release, image = release_image
+
+    async def scenario() -> None:
+        async with booted(image, "incus") as vm:
+            await vm.login(timeout=BOOT_TIMEOUT)
+            # A hanging agent would hold is-system-running in "starting" past this timeout.
+            system = await vm.run("systemctl is-system-running --wait", timeout=90)
+            target = await vm.run("systemctl is-active multi-user.target")
+            multi_user = await multi_user_after(vm)
+            figures[f"{release}: incus: userspace -> multi-user.target"] = f"{multi_user:.2f} s"
+            # systemd 257 (trixie) runs the stop hook after the condition skip too: let it end.
+            await vm.run(
+                "for i in $(seq 150); do [ $(systemctl show -p ActiveState --value lxd-agent)"
+                " = deactivating ] || break; sleep 0.2; done"
+            )
+            agent = await vm.run("systemctl show lxd-agent -p ActiveState,SubState,Result")
+            journal = await vm.run("journalctl -b -q -o short-monotonic -u lxd-agent --no-pager")
+            print(f"{release}: incus: the agent's journal:\n{journal.output}")
+            figures[f"{release}: incus: agent unit after boot"] = " ".join(agent.output.split())
+            assert system.output.strip() == "running", system.output  # not degraded
+            assert target.output.strip() == "active", target.output
+            # Skipped by its ExecCondition= (probe finds no usable port): not hanging in its
+            # start phase, not failed, not looping through restarts.
+            assert "ActiveState=inactive" in agent.output, agent.output
+            assert "Result=exec-condition" in agent.output, agent.output
+            # ...and a start that systemd had to time out was a hang, even if it is over now.
+            assert "timed out" not in journal.output, journal.output
+            await vm.power_off()
+            off = await vm.wait_guest_off(timeout=POWER_OFF_BOUND)
+            assert vm.powerdown_at is not None
+            took = off - (vm.powerdown_at - vm.t0)
+            figures[f"{release}: incus: power-off -> guest off"] = (
+                f"{took:.2f} s (bound {POWER_OFF_BOUND:g} s)"
+            )
+            # The agent never writes to Incus's own port.
+            assert vm.monitor.state(INCUS_PORT_NAME) is None
+
+    run(scenario(), TEST_DEADLINE)
+
+
+@pytest.mark.parametrize("release", RELEASES_WITH_DEBIANS_LXD_AGENT)
+def test_ours_takes_over_from_debians_lxd_agent_in_a_running_guest(
+    release: str, deb: Path, figures: Figures
+) -> None:
+    spec = ImageSpec(release=release, packages=(*BASE_PACKAGES, "lxd-agent"), carried=(deb,))
+    image = image_for(release, spec, figures, "with Debian's lxd-agent")
+
+    async def scenario() -> None:
+        async with booted(image, "lxd-5.20") as vm:
+            await vm.login(timeout=BOOT_TIMEOUT)
+            # Not `is-system-running --wait`: on trixie Debian's agent restarts for ever.
+            theirs = await vm.run("dpkg-query -W -f '${Version}' lxd-agent")
+            before = await vm.run("systemctl show lxd-agent -p ActiveState,Result")
+            print(f"{release}: Debian's lxd-agent {theirs.output.strip()}: {before.output!r}")
+            # Debian's agent (LXD 5.0) only knows the legacy port, which has no ring here.
+            assert vm.monitor.state(PORT_NAME) is None
+
+            # No network in the guest: apt installs the file with what the image has.
+            installing_at = time.monotonic()
+            install = await vm.run(
+                f"apt-get install -y -q /root/{deb.name} 2>&1", timeout=BOOT_TIMEOUT
+            )
+            assert install.status == 0, install.output
+            assert "trying to overwrite" not in install.output, install.output
+            await vm.wait_for_state(STARTED, PORT_NAME, timeout=STOP_TIMEOUT)
+            figures[f"{release}: apt-get install over Debian's -> STARTED"] = (
+                f"{time.monotonic() - installing_at:.2f} s"
+            )
+            gone = await vm.run("dpkg-query -W -f '${db:Status-Abbrev}' lxd-agent")
+            assert gone.output.strip()[1:2] != "i", gone.output  # removed by the conflict
+            verify = await vm.run(f"dpkg --verify {DEB_PACKAGE}")
+            assert verify.status == 0 and verify.output.strip() == "", verify.output
+            active = await vm.run("systemctl is-active lxd-agent")
+            assert active.output.strip() == "active", active.output
+            await power_off_and_wait_stopped(vm, PORT_NAME)
+
+    run(scenario(), TEST_DEADLINE)
