@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lxd_agent.host.accel import Accel, choose_accel
+from lxd_agent.host.disk import disk_format
 from lxd_agent.host.errors import HarnessError
 from lxd_agent.host.image import (
     BASE_PACKAGES,
@@ -38,13 +40,10 @@ from lxd_agent.host.monitor import TimelineEntry
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.vm import (
     POWEROFF_TIMEOUT,
-    Accel,
     DirectBoot,
     FirmwareBoot,
     Vm,
     VmConfig,
-    choose_accel,
-    disk_format,
 )
 from lxd_agent.protocol import CANDIDATE_PORT_NAMES, DEFAULT_RING_SIZE, STARTED, STOPPED
 

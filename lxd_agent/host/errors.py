@@ -26,3 +26,7 @@ class MonitorError(HarnessError):
 
 class MonitorTimeout(MonitorError):
     """The monitor did not see the awaited state in time; the message holds the timeline."""
+
+
+class VmError(HarnessError):
+    """The guest did not do what the harness waited for, or QEMU stopped under it."""

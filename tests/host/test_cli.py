@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host import cli, vm
+from lxd_agent.host import accel, cli, vm
+from lxd_agent.host.accel import Accel
+from lxd_agent.host.errors import VmError
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.seed import make_seed_iso, user_data
-from lxd_agent.host.vm import Accel, DirectBoot, VmConfig, VmFiles, qemu_args
+from lxd_agent.host.vm import DirectBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 
 
@@ -105,13 +107,13 @@ def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> 
     config, files = _config(tmp_path, Accel.KVM)
     assert "-accel kvm -cpu host" in " ".join(qemu_args(config, files))
     undecided, _ = _config(tmp_path, Accel.AUTO)
-    with pytest.raises(vm.VmError, match="choose_accel"):
+    with pytest.raises(VmError, match="choose_accel"):
         qemu_args(undecided, files)
 
 
 def test_auto_without_usable_dev_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "access", lambda path, mode: False)
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, None, print))
+    choice = asyncio.run(accel.choose_accel(Accel.AUTO, None, print))
     assert choice.accel is Accel.TCG and "/dev/kvm" in choice.reason
 
 
@@ -133,13 +135,13 @@ def test_auto_uses_a_cached_kvm_verdict_for_this_host(
     async def no_probe(*_: object) -> str | None:
         raise AssertionError("probed although a verdict was cached")
 
-    monkeypatch.setattr(vm, "probe_kvm", no_probe)
-    host = vm._host_identity()
+    monkeypatch.setattr(accel, "probe_kvm", no_probe)
+    host = accel._host_identity()
     verdict.write_text(json.dumps({"host": host, "error": "KVM internal error"}))
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, None, print))
+    choice = asyncio.run(accel.choose_accel(Accel.AUTO, None, print))
     assert choice.accel is Accel.TCG and "KVM internal error" in choice.reason
     verdict.write_text(json.dumps({"host": host, "error": None}))
-    assert asyncio.run(vm.choose_accel(Accel.AUTO, None, print)).accel is Accel.KVM
+    assert asyncio.run(accel.choose_accel(Accel.AUTO, None, print)).accel is Accel.KVM
 
 
 def test_a_verdict_from_another_host_is_not_trusted(
@@ -153,9 +155,9 @@ def test_a_verdict_from_another_host_is_not_trusted(
         probed.append(image)
         return "emulation failure"
 
-    monkeypatch.setattr(vm, "probe_kvm", failing_probe)
+    monkeypatch.setattr(accel, "probe_kvm", failing_probe)
     image = GuestImage(tmp_path / "image")
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
+    choice = asyncio.run(accel.choose_accel(Accel.AUTO, image, print))
     assert probed == [image]
     assert choice.accel is Accel.TCG
     assert json.loads(verdict.read_text())["error"] == "emulation failure"
@@ -166,7 +168,7 @@ def test_a_probe_that_could_not_run_its_guest_caches_no_verdict(
 ) -> None:
     # The real probe, failing before QEMU runs: the image it is given has no disk.
     image = GuestImage(tmp_path / "no-image")
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
+    choice = asyncio.run(accel.choose_accel(Accel.AUTO, image, print))
     assert choice.accel is Accel.TCG and "nothing cached" in choice.reason, choice.reason
     assert not kvm_verdict.exists()
 
@@ -200,7 +202,7 @@ def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
             async with vm.Vm(config, progress=messages.append):
                 raise AssertionError("started while another VM held the lock")
 
-        with pytest.raises(vm.VmError, match="another harness VM"):
+        with pytest.raises(VmError, match="another harness VM"):
             asyncio.run(second())
     assert any("waiting for another harness VM" in m for m in messages)
     assert not list(tmp_path.glob("lxd-agent-vm-*"))
@@ -216,7 +218,7 @@ def test_the_vm_lock_is_free_again_after_a_failed_start(
         async with vm.Vm(config):
             raise AssertionError("started without an image")
 
-    with pytest.raises(vm.VmError, match="overlay"):
+    with pytest.raises(VmError, match="overlay"):
         asyncio.run(start())
     with vm.vm_lock_path().open("a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held

@@ -21,13 +21,14 @@ from typing import AsyncIterator, Dict, Iterator
 
 import pytest
 
+from lxd_agent.host.accel import Accel
 from lxd_agent.host.image import BASE_PACKAGES, CLOUD_INIT_PACKAGES, GuestImage, ImageSpec
 from lxd_agent.host.image import build_image as build_guest_image
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
 from lxd_agent.host.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
-from lxd_agent.host.vm import Accel, DirectBoot, Vm, VmConfig
+from lxd_agent.host.vm import DirectBoot, Vm, VmConfig
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.helpers import run
 
