@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lxd_agent.host.errors import HarnessError, QemuError, VmError
+from lxd_agent.host.errors import GuestStopped, HarnessError, QemuError, VmError
 from lxd_agent.host.image import GuestImage, Progress, cache_root
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.qemu import DEFAULT_QEMU_BINARY
@@ -92,13 +92,38 @@ async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
                 await vm.check_running()
             return None
     except HarnessError as e:
-        # Keep what QEMU said (the reason), not the launcher's framing or its pty notice.
-        said = str(e).splitlines()[0].split("its output: ", 1)[-1].split(" | ")
-        reason = " | ".join(part for part in said if "redirected to" not in part)[:300]
-        if vm._qemu is None and not isinstance(e, QemuError):
+        if not vm.qemu_started and not isinstance(e, QemuError):
             # Failed before QEMU ran (the VM lock, the overlay): says nothing about KVM.
-            raise KvmProbeInconclusive(reason) from e
-        return reason
+            raise KvmProbeInconclusive(str(e)) from e
+        return probe_failure_reason(e)
+
+
+def probe_failure_reason(error: HarnessError) -> str:
+    """The verdict to cache for a failed probe: QEMU's own words when it said something.
+
+    QEMU's output names the failure (`KVM internal error. Suberror: 1`); the launcher's message
+    only frames it. The pty notice QEMU prints at every start is left out.
+    """
+    if isinstance(error, QemuError):
+        output = error.output
+    elif isinstance(error, VmError):
+        output = error.qemu_output
+    else:
+        output = []
+    said = [line for line in output if line.strip() and "redirected to" not in line]
+    return (" | ".join(said) if said else str(error))[:300]
+
+
+def forget_verdict_after(error: BaseException, accel: Accel) -> bool:
+    """After a failed boot: if KVM itself broke, forget the cached verdict; whether it did.
+
+    A verdict said KVM holds up here; a hypervisor error under KVM proves it wrong, so the
+    next `auto` run probes again instead of trusting it.
+    """
+    if accel is Accel.KVM and isinstance(error, GuestStopped) and error.hypervisor_failed:
+        forget_kvm_verdict()
+        return True
+    return False
 
 
 class KvmProbeInconclusive(HarnessError):

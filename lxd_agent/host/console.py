@@ -149,12 +149,14 @@ class SerialConsole:
             if time.monotonic() > deadline:
                 raise VmError(
                     f"waited {timeout:g} s for {what or pattern.pattern!r} on the guest console "
-                    "and did not see it; see the console tail below"
+                    "and did not see it; see the console tail",
+                    console_tail=self.tail_lines(),
                 )
             if self._thread is not None and not self._thread.is_alive():
                 raise VmError(
                     f"the guest console closed while waiting for {what or pattern.pattern!r} "
-                    "(QEMU exited?)"
+                    "(QEMU exited?)",
+                    console_tail=self.tail_lines(),
                 )
             await asyncio.sleep(0.05)
 
@@ -163,10 +165,14 @@ class SerialConsole:
         self._port.write(text.encode())
 
     def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.tail_lines(lines))
+
+    def tail_lines(self, lines: int = 30) -> list[str]:
+        """The console's last `lines` lines, escape sequences removed."""
         with self._lock:
             raw = bytes(self._data[-64 * 1024 :])
         text = ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace"))
-        return "\n".join(text.splitlines()[-lines:])
+        return text.splitlines()[-lines:]
 
 
 class ConsoleShell:

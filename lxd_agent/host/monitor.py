@@ -249,7 +249,7 @@ class RingbufMonitor:
     ) -> TimelineEntry:
         """Wait until `port`'s ring (any ring when None) is in `status`; the entry that said so.
 
-        Returns at once if it already is. A `MonitorTimeout` (with the timeline) after
+        Returns at once if it already is. A `MonitorTimeout` (its `timeline` field set) after
         `timeout` s; a `MonitorError` as soon as the monitor can no longer read the rings.
         """
         if status not in (STARTED, STOPPED):
@@ -267,13 +267,15 @@ class RingbufMonitor:
             if self._failure is not None:
                 raise MonitorError(
                     f"stopped reading the rings while waiting for {status} on {where}: "
-                    f"{self._failure}; timeline:\n" + "\n".join(self.render_timeline())
+                    f"{self._failure}",
+                    timeline=self.render_timeline(),
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise MonitorTimeout(
                     f"no {status} on {where} within {timeout:g} s (state: {self._states}); "
-                    "check the guest console; timeline:\n" + "\n".join(self.render_timeline())
+                    "check the guest console and the timeline",
+                    timeline=self.render_timeline(),
                 )
             self._state_changed.clear()
             await wait_event(self._state_changed, remaining)

@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Union
+from typing import Iterator, Union
 
 from qemu.qmp import QMPError
 
-from lxd_agent.host.accel import Accel, forget_kvm_verdict
+from lxd_agent.host.accel import Accel
 from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent.host.disk import make_overlay
-from lxd_agent.host.errors import HarnessError, VmError
+from lxd_agent.host.errors import GuestStopped, HarnessError, VmError
 from lxd_agent.host.image import GuestImage, Progress, cache_root
 from lxd_agent.host.layouts import Layout
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
@@ -50,6 +50,10 @@ COMMAND_TIMEOUT = 60.0
 QMP_TIMEOUT = 10.0
 # Another harness VM (a test run, a demo) may hold the machine's cores for a few minutes.
 VM_LOCK_TIMEOUT = 900.0
+
+# How much of the console and of QEMU's output a `VmError` carries.
+ERROR_CONSOLE_LINES = 30
+ERROR_QEMU_LINES = 5
 
 
 @dataclass(frozen=True)
@@ -208,8 +212,17 @@ class Vm:
             raise VmError("the VM is not running; use `async with Vm(...)`")
         return self._qemu
 
+    @property
+    def qemu_started(self) -> bool:
+        """Whether QEMU came up (with QMP) in this VM: a failure before says nothing of QEMU."""
+        return self._qemu is not None
+
     def seconds(self) -> float:
         return time.monotonic() - self.t0
+
+    def error(self, message: str) -> VmError:
+        """A `VmError` for `message` that carries what the VM has seen so far."""
+        return self._filled(VmError(message))
 
     def note(self, text: str) -> None:
         """A milestone in the timeline (and on the progress output)."""
@@ -221,6 +234,10 @@ class Vm:
         self, status: str, port: str | None = None, timeout: float = BOOT_TIMEOUT
     ) -> TimelineEntry:
         """Wait until the host sees `status` on `port` (any ring when None)."""
+        with self._failures_filled():
+            return await self._wait_for_state(status, port, timeout)
+
+    async def _wait_for_state(self, status: str, port: str | None, timeout: float) -> TimelineEntry:
         watch = asyncio.ensure_future(self._watch_qemu())
         wait = asyncio.ensure_future(self.monitor.wait_for(status, port=port, timeout=timeout))
         try:
@@ -252,12 +269,17 @@ class Vm:
 
     async def power_off(self) -> None:
         """Press the ACPI power button (`system_powerdown`), as LXD does for a clean stop."""
-        await self._execute("system_powerdown")
+        with self._failures_filled():
+            await self._execute("system_powerdown")
         self.powerdown_at = time.monotonic()
         self.note("system_powerdown sent")
 
     async def wait_guest_off(self, timeout: float = POWEROFF_TIMEOUT) -> float:
         """Wait until the guest has powered off (QEMU paused on shutdown); seconds since t0."""
+        with self._failures_filled():
+            return await self._wait_guest_off(timeout)
+
+    async def _wait_guest_off(self, timeout: float) -> float:
         deadline = time.monotonic() + timeout
         while True:
             status = await self._runstate()
@@ -268,7 +290,7 @@ class Vm:
                     after = f" ({self.guest_off_at - self.powerdown_at:.2f} s after power-off)"
                 self.note(f"guest powered off{after}")
                 return self.guest_off_at - self.t0
-            self._raise_if_broken(status)
+            self._raise_if_stopped(status)
             if time.monotonic() > deadline:
                 raise VmError(
                     f"the guest was still {status!r} {timeout:g} s after the power button; "
@@ -278,23 +300,49 @@ class Vm:
 
     async def login(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Wait for the autologin shell on the console and make it quiet and parseable."""
-        await self.shell.login(timeout)
+        with self._failures_filled():
+            await self.shell.login(timeout)
 
     async def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
         """Run a shell command in the guest through the console; its status and output."""
         await self.login()
-        return await self.shell.run(command, timeout)
+        with self._failures_filled():
+            return await self.shell.run(command, timeout)
 
     def render_timeline(self) -> list[str]:
         return self.monitor.render_timeline() if self._monitor else []
 
-    def report(self, console_lines: int = 30) -> str:
-        """The console tail and the timeline: what a failure message needs."""
+    def report(self, console_lines: int = ERROR_CONSOLE_LINES) -> str:
+        """The console tail and the timeline, for a person reading a failed test."""
         parts = ["--- console (last lines) ---"]
-        parts.append(self._console.tail(console_lines) if self._console else "(no console)")
+        parts.extend(self._console.tail_lines(console_lines) if self._console else ["(no console)"])
         parts.append("--- timeline (seconds since QEMU start) ---")
         parts.extend(self.render_timeline() or ["(empty)"])
         return "\n".join(parts)
+
+    def _filled(self, error: VmError) -> VmError:
+        """`error` with what the VM has seen filled into the fields its raiser left empty."""
+        if not error.console_tail and self._console is not None:
+            error.console_tail = self._console.tail_lines(ERROR_CONSOLE_LINES)
+        if not error.qemu_output and self._qemu is not None:
+            error.qemu_output = self._qemu.output_tail(ERROR_QEMU_LINES)
+        if not error.timeline:
+            error.timeline = self.render_timeline()
+        return error
+
+    @contextlib.contextmanager
+    def _failures_filled(self) -> Iterator[None]:
+        """Errors leaving the VM's waits carry the console tail, QEMU's output and the timeline.
+
+        The monitor's own errors become `VmError`s: the VM has the console to add to them.
+        """
+        try:
+            yield
+        except VmError as e:
+            self._filled(e)
+            raise
+        except HarnessError as e:
+            raise self.error(str(e)) from e
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -382,14 +430,13 @@ class Vm:
         try:
             return await asyncio.wait_for(self.qemu.qmp.execute(command), QMP_TIMEOUT)
         except asyncio.TimeoutError:
-            raise VmError(
+            raise self.error(
                 f"QEMU did not answer the QMP command {command} within {QMP_TIMEOUT:g} s; "
-                f"its output: {self.qemu.log_tail(5)}"
+                "is it wedged? See its output"
             ) from None
         except (QMPError, OSError, EOFError) as e:
-            raise VmError(
-                f"QMP command {command} failed ({type(e).__name__}: {e}); "
-                f"QEMU's output: {self.qemu.log_tail(5)}"
+            raise self.error(
+                f"QMP command {command} failed ({type(e).__name__}: {e}); see QEMU's output"
             ) from None
 
     async def _console_pty(self) -> str:
@@ -405,36 +452,43 @@ class Vm:
 
     async def _runstate(self) -> str:
         if self.qemu.returncode is not None:
-            raise VmError(
-                f"QEMU exited with status {self.qemu.returncode}: {self.qemu.log_tail(5)}"
-            )
+            raise self.error(f"QEMU exited with status {self.qemu.returncode}; see its output")
         reply = await self._execute("query-status")
         if not isinstance(reply, dict):
             raise VmError(f"query-status answered {reply!r}, not an object; is this QEMU's QMP?")
         return str(reply.get("status"))
 
-    def _raise_if_broken(self, status: str) -> None:
+    def _raise_if_stopped(self, status: str, *, powered_off: str = "") -> None:
+        """A `GuestStopped` if QEMU's run state `status` means the guest will not go on.
+
+        `powered_off` is the message for a plain power-off; without one, a power-off is no error.
+        The error only says what happened: `hypervisor_failed` tells the caller (e.g. the
+        accelerator's verdict cache) that the accelerator broke, not the guest.
+        """
         if status == "internal-error":
-            forget_kvm_verdict()
-            raise VmError(
-                f"the guest stopped with a hypervisor error ({self.config.accel.value}): "
-                f"{self.qemu.log_tail(3)}; run again with --accel tcg"
+            message = (
+                f"the guest stopped with a hypervisor error under {self.config.accel.value} "
+                "(see QEMU's output); run again with --accel tcg"
             )
-        if status in ("guest-panicked", "io-error"):
-            raise VmError(f"the guest stopped: QEMU run state {status!r}")
+        elif status in ("guest-panicked", "io-error"):
+            message = f"the guest stopped: QEMU run state {status!r}"
+        elif status == "shutdown" and powered_off:
+            message = powered_off
+        else:
+            return
+        raise self._filled(GuestStopped(message, run_state=status))
 
     async def check_running(self) -> None:
         """A `VmError` saying why if QEMU exited or the guest stopped (hypervisor error, panic)."""
-        status = await self._runstate()
-        self._raise_if_broken(status)
-        if status == "shutdown":
-            raise VmError("the guest powered off")
+        with self._failures_filled():
+            status = await self._runstate()
+            self._raise_if_stopped(status, powered_off="the guest powered off")
 
     async def _watch_qemu(self) -> None:
         """Return only by raising: QEMU exited, or the guest stopped for good."""
         while True:
             status = await self._runstate()
-            if status in ("shutdown", "internal-error", "guest-panicked", "io-error"):
-                self._raise_if_broken(status)
-                raise VmError("the guest powered off before the awaited state was seen")
+            self._raise_if_stopped(
+                status, powered_off="the guest powered off before the awaited state was seen"
+            )
             await asyncio.sleep(0.5)
