@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,10 +30,11 @@ from lxd_agent.host.accel import Accel
 from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent.host.disk import make_overlay
 from lxd_agent.host.errors import GuestStopped, HarnessError, VmError
-from lxd_agent.host.image import GuestImage, Progress, cache_root
+from lxd_agent.host.image import GuestImage, Progress
 from lxd_agent.host.layouts import Layout
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.host.vmlock import take_vm_lock
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 CONSOLE_ID = "console"
@@ -48,8 +48,6 @@ BOOT_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 60.0
 QMP_TIMEOUT = 10.0
-# Another harness VM (a test run, a demo) may hold the machine's cores for a few minutes.
-VM_LOCK_TIMEOUT = 900.0
 
 # How much of the console and of QEMU's output a `VmError` carries.
 ERROR_CONSOLE_LINES = 30
@@ -156,11 +154,6 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # One running guest
-
-
-def vm_lock_path() -> Path:
-    """Held by every running harness VM, so that VMs on this machine run one at a time."""
-    return cache_root() / "vm.lock"
 
 
 class Vm:
@@ -364,7 +357,7 @@ class Vm:
 
     async def _start(self) -> None:
         stack = self._stack
-        await self._take_vm_lock()
+        await take_vm_lock(stack, self.progress)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot
@@ -401,29 +394,6 @@ class Vm:
     def ring_read_size(self) -> int:
         # LXD reads 16 bytes from its 16-byte ring; a larger ring is read whole.
         return self.config.ring_size
-
-    async def _take_vm_lock(self) -> None:
-        """Wait (bounded) until no other harness VM runs here: a 2-core host runs one at a time."""
-        path = vm_lock_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self._stack.enter_context(path.open("a"))  # closing it releases the lock
-        deadline = time.monotonic() + VM_LOCK_TIMEOUT
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                pass
-            if time.monotonic() > deadline:
-                raise VmError(
-                    f"waited {VM_LOCK_TIMEOUT:g} s for another harness VM to finish (lock "
-                    f"{path} is held); stop it (see `pgrep -af lxd-agent-harness-`) and retry"
-                )
-            if not waiting:
-                self.progress(f"waiting for another harness VM to finish (lock {path})")
-                waiting = True
-            await asyncio.sleep(0.5)
 
     async def _execute(self, command: str) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host import cli, vm
+from lxd_agent.host import cli, vm, vmlock
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
 from lxd_agent.host.image import GuestImage
@@ -128,8 +128,8 @@ def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(vm, "VM_LOCK_TIMEOUT", 0.6)
-    lock_path = vm.vm_lock_path()
+    monkeypatch.setattr(vmlock, "VM_LOCK_TIMEOUT", 0.6)
+    lock_path = vmlock.vm_lock_path()
     lock_path.parent.mkdir(parents=True)
     config, _ = _config(tmp_path, Accel.TCG)
     messages: list[str] = []
@@ -158,7 +158,7 @@ def test_the_vm_lock_is_free_again_after_a_failed_start(
 
     with pytest.raises(VmError, match="overlay"):
         asyncio.run(start())
-    with vm.vm_lock_path().open("a") as lock:
+    with vmlock.vm_lock_path().open("a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
 
 
