@@ -5,4 +5,4 @@ systemd-python only. ``lxd_agent.host`` runs on the host (QEMU, QMP, image build
 never imported by the guest. ``lxd_agent.protocol`` is the vocabulary both sides share.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

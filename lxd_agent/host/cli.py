@@ -30,12 +30,14 @@ from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
     DEFAULT_RELEASE,
+    RELEASES,
     GuestImage,
     ImageSpec,
     build_image,
 )
 from lxd_agent.host.layouts import LAYOUTS, Layout, check_ring_size, get_layout
 from lxd_agent.host.monitor import TimelineEntry
+from lxd_agent.host.package import find_deb
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.vm import (
     POWEROFF_TIMEOUT,
@@ -85,18 +87,6 @@ def failure_lines(error: HarnessError) -> list[str]:
     return lines
 
 
-def find_default_deb() -> Path:
-    """The newest `out/lxd-agent_*_all.deb` here or in the source tree this runs from."""
-    places = [Path.cwd() / "out", Path(__file__).resolve().parents[2] / "out"]
-    debs = [deb for place in places for deb in place.glob("lxd-agent_*_all.deb")]
-    if not debs:
-        raise UsageError(
-            f"looked for out/lxd-agent_*_all.deb in {' and '.join(map(str, dict.fromkeys(places)))}"
-            " and found none; run `make deb` first or pass --deb PATH"
-        )
-    return max(debs, key=lambda deb: deb.stat().st_mtime)
-
-
 async def check_agent_stood_aside(vm: Vm, timeout: float) -> None:
     """With no LXD ring (Incus), the agent must be skipped and the boot must complete."""
     state = await vm.run("systemctl is-system-running --wait", timeout=timeout)
@@ -135,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def image_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
-        p.add_argument("--release", default=DEFAULT_RELEASE, help="Debian release of the guest")
+        p.add_argument(
+            "--release",
+            default=DEFAULT_RELEASE,
+            choices=list(RELEASES),
+            help="Debian release of the guest, from the host's own mirror "
+            f"(default {DEFAULT_RELEASE})",
+        )
         p.add_argument(
             "--seed",
             action="store_true",
@@ -187,13 +183,6 @@ def _positive_number(text: str, what: str) -> float:
     return value
 
 
-def _deb(args: argparse.Namespace) -> Path:
-    deb: Path = args.deb or find_default_deb()
-    if not deb.is_file():
-        raise UsageError(f"looked for the package {deb} and found nothing; run `make deb` first")
-    return deb
-
-
 def plan_boot(args: argparse.Namespace) -> BootPlan:
     """Check every input before anything is built or booted."""
     layout = get_layout(args.layout)
@@ -214,7 +203,7 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
     )
     return BootPlan(
         layout=layout,
-        deb=_deb(args),
+        deb=find_deb(args.deb),
         release=args.release,
         accel=Accel(args.accel),
         ring_size=ring_size,
@@ -382,7 +371,7 @@ def boot_command(args: argparse.Namespace) -> int:
 
 def image_command(args: argparse.Namespace) -> int:
     try:
-        spec = image_spec(_deb(args), args.release, args.seed)
+        spec = image_spec(find_deb(args.deb), args.release, args.seed)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE

@@ -28,7 +28,11 @@ from typing import Callable, Iterable, Sequence
 
 from lxd_agent.host.errors import HarnessError
 
+# The Debian releases a guest can be built from, with their version numbers. The host's own
+# mirror serves them all: only the suite names in its apt sources change (see filter_apt_sources).
+RELEASES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
 DEFAULT_RELEASE = "bookworm"
+OS_RELEASE = Path("/etc/os-release")
 
 # What every guest needs (facts §6): without dbus, logind does not run and the ACPI power
 # button is ignored; the cloud kernel's initrd has virtio_blk, virtio_console loads from the tree.
@@ -39,7 +43,16 @@ BASE_PACKAGES = (
     "linux-image-cloud-amd64",
     "python3",
     "python3-systemd",
+    # agetty's --autologin runs /bin/login; from trixie on `login` is no longer essential, so
+    # --variant=apt leaves it out.
+    "login",
 )
+
+# Packages taken from a release's own suite rather than its newest (security) version. The
+# mirror these machines reach lists bullseye-security's linux-image-cloud-amd64 5.10.262-1 but
+# answers 404 for its file (seen 2026-11-26); bullseye's own 5.10.223-1 is served. Bullseye's
+# LTS ended in August 2026, so a test guest loses nothing by it.
+SUITE_PINS = {"bullseye": {"linux-image-cloud-amd64": "bullseye"}}
 
 # Added for the NoCloud install path (seed.py): the image then gets the .deb from its seed.
 CLOUD_INIT_PACKAGES = ("cloud-init",)
@@ -87,6 +100,20 @@ class ImageError(HarnessError):
     """The guest image could not be built: a tool, an apt source or a package is missing."""
 
 
+class BuildStepFailed(ImageError):
+    """A build step (mmdebstrap, mke2fs) exited non-zero; its output's last lines are kept."""
+
+    def __init__(self, step: str, command: Sequence[str], status: int, tail: Sequence[str]) -> None:
+        self.step = step
+        self.command = list(command)
+        self.status = status
+        self.tail = list(tail)
+        last = self.tail[-1] if self.tail else "no output"
+        super().__init__(
+            f"{step} ({self.command[0]}) failed with exit status {status}, last line: {last!r}"
+        )
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """Everything that goes into an image; its `key()` names the cache directory."""
@@ -94,14 +121,17 @@ class ImageSpec:
     release: str = DEFAULT_RELEASE
     packages: tuple[str, ...] = BASE_PACKAGES
     debs: tuple[Path, ...] = ()
+    carried: tuple[Path, ...] = ()
+    """Files copied into the image's /root, not installed (e.g. a .deb to install at run time)."""
 
     def key(self) -> str:
         """A short hash of every input, so a changed input gives a different image."""
         inputs = {
             "format": IMAGE_FORMAT_VERSION,
             "release": self.release,
-            "packages": sorted(self.packages),
+            "packages": sorted(pinned_packages(self)),
             "debs": sorted(file_sha256(deb) for deb in self.debs),
+            "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
             "customize": hashlib.sha256(CUSTOMIZE_SCRIPT.encode()).hexdigest(),
         }
         blob = json.dumps(inputs, sort_keys=True).encode()
@@ -213,16 +243,45 @@ def _active_source_files(sources_dir: Path, sources_list: Path) -> list[Path]:
     return files
 
 
+def host_release(os_release: Path = OS_RELEASE) -> str:
+    """The host's Debian codename (`VERSION_CODENAME` in /etc/os-release), "" if it has none."""
+    with contextlib.suppress(OSError):
+        for line in os_release.read_text(encoding="utf-8", errors="replace").splitlines():
+            name, _, value = line.partition("=")
+            if name.strip() == "VERSION_CODENAME":
+                return value.strip().strip("\"'")
+    return ""
+
+
+def _release_suites(suites: Iterable[str], release: str, host: str) -> list[str]:
+    """The suites of one stanza for `release`: its own, or the host's with the codename swapped.
+
+    `bookworm-security` becomes `trixie-security` for a trixie guest on a bookworm host; suites
+    of other releases and of third-party repositories (`nodistro`) are dropped.
+    """
+    kept: list[str] = []
+    for suite in suites:
+        if _suite_belongs(suite, release):
+            kept.append(suite)
+        elif host and _suite_belongs(suite, host):
+            kept.append(release + suite[len(host) :])
+    return list(dict.fromkeys(kept))
+
+
 def filter_apt_sources(
     release: str,
     sources_dir: Path = APT_SOURCES_DIR,
     sources_list: Path = APT_SOURCES_LIST,
+    host: str | None = None,
 ) -> str:
-    """The host's active binary apt sources whose suites belong to `release`, as deb822 text.
+    """The host's active binary apt sources for `release`, as deb822 text.
 
-    Other suites in a stanza are dropped, so a host on another release, or with third-party
-    repositories, does not leak them into the guest.
+    The URIs, components and keys are the host's; the suites are the host's own release's with
+    its codename changed to `release` (and any suite of `release` the host lists itself).
+    Other suites are dropped, so third-party repositories do not leak into the guest.
     """
+    if host is None:
+        host = host_release()
     stanzas: list[dict[str, str]] = []
     seen_suites: set[str] = set()
     for path in _active_source_files(sources_dir, sources_list):
@@ -235,19 +294,24 @@ def filter_apt_sources(
                 continue
             suites = stanza.get("Suites", "").split()
             seen_suites.update(suites)
-            kept = [s for s in suites if _suite_belongs(s, release)]
+            kept = _release_suites(suites, release, host)
             if kept and stanza.get("URIs"):
                 stanzas.append({**stanza, "Types": "deb", "Suites": " ".join(kept)})
     if not stanzas:
         found = ", ".join(sorted(seen_suites)) or "none"
         raise ImageError(
-            f"looked for apt sources for release {release!r} in {sources_list} and "
-            f"{sources_dir}/*.sources|*.list and found suites: {found}; "
-            f"add a source for {release} on the host or pick a --release it has"
+            f"looked for apt sources for release {release!r} (or the host's {host or 'unknown'}) "
+            f"in {sources_list} and {sources_dir}/*.sources|*.list and found suites: {found}; "
+            "add a Debian source on the host or pick a --release it has"
         )
     return "\n".join(
         "".join(f"{name}: {value}\n" for name, value in stanza.items()) for stanza in stanzas
     )
+
+
+def source_suites(sources: str) -> list[str]:
+    """Every suite named in deb822 `sources` text, in order."""
+    return [s for stanza in _parse_deb822(sources) for s in stanza.get("Suites", "").split()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +327,12 @@ def require_tools(tools: Iterable[str]) -> None:
         )
 
 
+def pinned_packages(spec: ImageSpec) -> list[str]:
+    """`spec.packages` for apt, with `SUITE_PINS` as `name/suite`."""
+    pins = SUITE_PINS.get(spec.release, {})
+    return [f"{p}/{pins[p]}" if p in pins else p for p in spec.packages]
+
+
 def mmdebstrap_command(
     spec: ImageSpec, tree: Path, sources_file: Path, hook_script: Path
 ) -> list[str]:
@@ -271,12 +341,13 @@ def mmdebstrap_command(
         "mmdebstrap",
         "--variant=apt",
         "--format=directory",
-        "--include=" + ",".join(spec.packages),
+        "--include=" + ",".join(pinned_packages(spec)),
     ]
     if spec.debs:
         # A local .deb is only reachable from inside the tree through this hook (facts §6).
         command += [f"--hook-dir={FILE_MIRROR_HOOKS}"]
         command += [f"--include={deb.resolve()}" for deb in spec.debs]
+    command += [f"--customize-hook=copy-in {path.resolve()} /root" for path in spec.carried]
     command += [
         f'--customize-hook=sh "{hook_script}" "$1"',
         spec.release,
@@ -315,11 +386,7 @@ def _run_streaming(command: Sequence[str], progress: Progress, what: str) -> Non
                 proc.wait()
             raise
     if proc.returncode != 0:
-        last = tail[-1] if tail else "no output"
-        raise ImageError(
-            f"{what} ({command[0]}) failed with exit status {proc.returncode}, last line: "
-            f"{last!r}; check the apt sources and package names above"
-        )
+        raise BuildStepFailed(what, command, proc.returncode, tail)
 
 
 def _copy_boot_files(tree: Path, out: GuestImage) -> str:
@@ -372,6 +439,20 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def detach_mounts_under(path: Path) -> None:
+    """Detach what a failed or interrupted mmdebstrap left mounted inside our build directory.
+
+    mmdebstrap bind-mounts the host's /dev, /proc and /sys, and local .debs, into its tree, and
+    does not always undo that when it fails. Each mount is first made private, so that detaching
+    it cannot propagate to the host's own mount of the same file system, then detached lazily,
+    deepest first. Only mount points inside `path` are touched.
+    """
+    points = sorted(mounts_under(path), key=len, reverse=True)
+    for command in (["mount", "--make-private"], ["umount", "--lazy"]):
+        for point in points:
+            subprocess.run([*command, point], check=False, capture_output=True, timeout=60)
+
+
 def build_image(
     spec: ImageSpec,
     progress: Progress = print,
@@ -379,10 +460,10 @@ def build_image(
     rebuild: bool = False,
 ) -> GuestImage:
     """Return the cached image for `spec`, building it first if it is not there yet."""
-    for deb in spec.debs:
+    for deb in (*spec.debs, *spec.carried):
         if not deb.is_file():
             raise ImageError(
-                f"looked for the package {deb} to install in the image and found nothing; "
+                f"looked for the package {deb} to put in the image and found nothing; "
                 "run `make deb` or pass an existing --deb"
             )
     images = (cache or cache_root()) / "images"
@@ -413,9 +494,12 @@ def build_image(
         staged = GuestImage(work / "image")
         staged.directory.mkdir()
         try:
-            progress("image: mmdebstrap (packages from the host's apt sources)")
+            suites = " ".join(source_suites(sources))
+            progress(f"image: mmdebstrap ({suites} from the host's apt sources)")
             _run_streaming(
-                mmdebstrap_command(spec, tree, sources_file, hook), progress, "mmdebstrap"
+                mmdebstrap_command(spec, tree, sources_file, hook),
+                progress,
+                f"mmdebstrap of Debian {spec.release} (suites {suites} of the host's mirror)",
             )
             kernel_version = _copy_boot_files(tree, staged)
             progress(f"image: mke2fs -d (kernel {kernel_version})")
@@ -437,12 +521,14 @@ def build_image(
             )
         finally:
             # The tree is large; drop it before the disk is published.
+            detach_mounts_under(work)
             remove_tree(tree)
         manifest = {
             "key": key,
             "release": spec.release,
             "packages": list(spec.packages),
             "debs": {d.name: file_sha256(d) for d in spec.debs},
+            "carried": {p.name: file_sha256(p) for p in spec.carried},
             "kernel": kernel_version,
             "build_seconds": round(time.monotonic() - started, 1),
         }

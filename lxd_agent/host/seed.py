@@ -20,6 +20,7 @@ from pathlib import Path
 import pycdlib
 
 from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.package import DEB_PACKAGE
 
 SEED_LABEL = "cidata"
 SEED_DIR = "/var/lib/lxd-agent-seed"
@@ -46,7 +47,7 @@ def user_data(deb: Path) -> str:
     # fetches what is missing otherwise (a stock cloud image may lack python3-systemd).
     install = (
         f"dpkg -i {target} || {{ apt-get update && apt-get install -y -f; }} "
-        f"&& dpkg-query -W -f='${{Status}}' lxd-agent | grep -q 'ok installed' "
+        f"&& dpkg-query -W -f='${{Status}}' {DEB_PACKAGE} | grep -q 'ok installed' "
         f"&& echo '{INSTALLED_MARKER}' > /dev/console "
         f"|| {{ echo '{FAILED_MARKER}' > /dev/console; exit 1; }}"
     )

@@ -15,6 +15,7 @@ from lxd_agent.host.accel import Accel
 from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
 from lxd_agent.host.vm import DirectBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
@@ -22,7 +23,7 @@ from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 
 @pytest.fixture
 def fake_deb(tmp_path: Path) -> Path:
-    deb = tmp_path / "lxd-agent_0.1.0_all.deb"
+    deb = tmp_path / "lxd-status-agent_0.2.0_all.deb"
     deb.write_bytes(b"!<arch>\n not really a package")
     return deb
 
@@ -54,26 +55,28 @@ def test_a_missing_deb_says_to_run_make_deb(
     assert "make deb" in capsys.readouterr().out
 
 
-def test_no_deb_anywhere_says_to_run_make_deb(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "a" / "b" / "cli.py"))
-    with pytest.raises(cli.UsageError, match="run `make deb`"):
-        cli.find_default_deb()
+def test_no_deb_anywhere_says_to_run_make_deb(tmp_path: Path) -> None:
+    with pytest.raises(PackageNotFound, match="run `make deb`") as caught:
+        find_deb(places=[tmp_path, tmp_path / "a"])
+    assert caught.value.looked_in == [tmp_path / "out", tmp_path / "a" / "out"]
 
 
-def test_the_default_deb_is_the_newest_in_out(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_default_deb_is_the_newest_of_ours_in_out(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    old, new = out / "lxd-agent_0.1_all.deb", out / "lxd-agent_0.2_all.deb"
-    old.write_bytes(b"old")
-    new.write_bytes(b"new")
+    old, new = out / f"{DEB_PACKAGE}_0.1_all.deb", out / f"{DEB_PACKAGE}_0.2_all.deb"
+    # The package's name before the rename: never picked up.
+    renamed = out / "lxd-agent_9.0_all.deb"
+    for deb in (old, new, renamed):
+        deb.write_bytes(deb.name.encode())
     os.utime(old, (1, 1))
-    monkeypatch.chdir(tmp_path)
-    assert cli.find_default_deb() == new
+    assert find_deb(places=[tmp_path]) == new
+
+
+def test_a_given_deb_is_used_as_it_is(tmp_path: Path) -> None:
+    given = tmp_path / "anything.deb"
+    given.write_bytes(b"x")
+    assert find_deb(given, places=[tmp_path / "nowhere"]) == given
 
 
 def test_the_agent_is_expected_on_the_first_lxd_name_with_a_ring() -> None:

@@ -9,7 +9,16 @@ import pytest
 
 from lxd_agent.host import image
 from lxd_agent.host.errors import HarnessError
-from lxd_agent.host.image import GuestImage, ImageError, ImageSpec, filter_apt_sources, prune_images
+from lxd_agent.host.image import (
+    BuildStepFailed,
+    GuestImage,
+    ImageError,
+    ImageSpec,
+    filter_apt_sources,
+    host_release,
+    prune_images,
+    source_suites,
+)
 
 
 def _deb(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -127,7 +136,9 @@ def _sources_dir(tmp_path: Path) -> Path:
 
 
 def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path: Path) -> None:
-    text = filter_apt_sources("bookworm", _sources_dir(tmp_path), tmp_path / "missing.list")
+    text = filter_apt_sources(
+        "bookworm", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
     stanzas = [s for s in text.split("\n\n") if s.strip()]
     assert "Suites: bookworm bookworm-updates\n" in stanzas[0]
     assert "Types: deb\n" in stanzas[0]
@@ -142,9 +153,53 @@ def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path:
     assert len(stanzas) == 3
 
 
-def test_sources_for_a_release_the_host_lacks_name_what_was_found(tmp_path: Path) -> None:
+def test_sources_for_another_release_swap_only_the_hosts_codename(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "trixie", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    stanzas = [s for s in text.split("\n\n") if s.strip()]
+    # The host's URIs, components and keys; its suites renamed, and its own `trixie` once.
+    assert "URIs: http://mirror.invalid/debian\n" in stanzas[0]
+    assert "Suites: trixie trixie-updates\n" in stanzas[0]
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in stanzas[0]
+    assert "Suites: trixie-security\n" in stanzas[1]
+    assert "Suites: trixie-backports\n" in stanzas[2] and "Signed-By: /k.gpg" in stanzas[2]
+    assert source_suites(text) == [
+        "trixie",
+        "trixie-updates",
+        "trixie-security",
+        "trixie-backports",
+    ]
+    assert "bookworm" not in text and "bullseye" not in text and "nodistro" not in text
+    assert len(stanzas) == 3
+
+
+def test_sources_for_bullseye_come_from_the_same_mirror(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "bullseye", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    # old.list's own bullseye line is kept too: it is a source for the release asked for.
+    assert source_suites(text) == [
+        "bullseye",
+        "bullseye-updates",
+        "bullseye-security",
+        "bullseye-backports",
+        "bullseye",
+    ]
+
+
+def test_sources_on_a_host_of_unknown_release_name_what_was_found(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"found suites: .*bookworm"):
-        filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list")
+        filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list", host="")
+
+
+def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:
+    os_release = tmp_path / "os-release"
+    os_release.write_text(
+        'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n'
+    )
+    assert host_release(os_release) == "bookworm"
+    assert host_release(tmp_path / "missing") == ""
 
 
 def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Path) -> None:
@@ -156,6 +211,26 @@ def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Pa
     assert f"--hook-dir={image.FILE_MIRROR_HOOKS}" in with_deb
     assert f"--include={deb}" in with_deb
     assert with_deb[-3:] == ["bookworm", str(tree), str(sources)]
+
+
+def test_carried_files_are_copied_into_root_and_change_the_key(tmp_path: Path) -> None:
+    carried = _deb(tmp_path, "x.deb", b"one")
+    tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
+    spec = ImageSpec(carried=(carried,))
+    command = image.mmdebstrap_command(spec, tree, sources, hook)
+    assert f"--customize-hook=copy-in {carried} /root" in command
+    assert not any(arg.startswith("--hook-dir") for arg in command)  # not installed
+    before = spec.key()
+    carried.write_bytes(b"two")
+    assert spec.key() != before != ImageSpec().key()
+
+
+def test_a_pinned_package_is_asked_for_from_the_releases_own_suite(tmp_path: Path) -> None:
+    tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
+    bullseye = image.mmdebstrap_command(ImageSpec(release="bullseye"), tree, sources, hook)
+    trixie = image.mmdebstrap_command(ImageSpec(release="trixie"), tree, sources, hook)
+    assert "linux-image-cloud-amd64/bullseye" in next(a for a in bullseye if "linux-" in a)
+    assert "linux-image-cloud-amd64," in next(a for a in trixie if "linux-" in a)
 
 
 def test_mounts_under_sees_the_root_mount_and_none_in_a_fresh_directory(tmp_path: Path) -> None:
@@ -190,6 +265,10 @@ mkdir -p "$tree/boot"
 echo kernel > "$tree/boot/vmlinuz-6.1.0-test"
 echo initrd > "$tree/boot/initrd.img-6.1.0-test"
 echo "I: fake mmdebstrap into $tree"
+if [ -n "${LEAVE_A_MOUNT:-}" ]; then
+  # What the real one leaves when its setup fails: a bind mount inside the tree.
+  mkdir -p "$tree/dev" && mount --bind "$LEAVE_A_MOUNT" "$tree/dev" || exit 99
+fi
 [ -z "${FAIL_MMDEBSTRAP:-}" ] || { echo "E: failed on purpose"; exit 1; }
 """
 
@@ -211,7 +290,7 @@ def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     count = tmp_path / "count"
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("COUNT_FILE", str(count))
-    monkeypatch.setattr(image, "filter_apt_sources", lambda release: "Types: deb\n")
+    monkeypatch.setattr(image, "filter_apt_sources", lambda release: "Types: deb\nSuites: x\n")
     return count
 
 
@@ -244,9 +323,28 @@ def test_a_failed_build_leaves_nothing_in_the_cache(
 ) -> None:
     monkeypatch.setenv("FAIL_MMDEBSTRAP", "1")
     cache = tmp_path / "cache"
-    with pytest.raises(ImageError, match="failed on purpose"):
+    with pytest.raises(BuildStepFailed) as failed:
         image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert failed.value.command[0] == "mmdebstrap" and failed.value.status != 0
+    assert "failed on purpose" in failed.value.tail[-1]
+    assert "Debian bookworm" in failed.value.step
     assert list((cache / "images").iterdir()) == []
+
+
+def test_a_failed_build_that_left_a_bind_mount_leaves_nothing_and_names_its_cause(
+    tmp_path: Path, fake_tools: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host_dir = tmp_path / "host-dev"
+    (host_dir / "keep").mkdir(parents=True)
+    monkeypatch.setenv("FAIL_MMDEBSTRAP", "1")
+    monkeypatch.setenv("LEAVE_A_MOUNT", str(host_dir))
+    cache = tmp_path / "cache"
+    with pytest.raises(BuildStepFailed) as failed:
+        image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
+    assert "failed on purpose" in failed.value.tail[-1]  # the cause, not the cleanup
+    assert list((cache / "images").iterdir()) == []
+    assert image.mounts_under(tmp_path) == []
+    assert (host_dir / "keep").is_dir()  # detached, never deleted through
 
 
 def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, fake_tools: Path) -> None:

@@ -26,6 +26,7 @@ from lxd_agent.host.image import BASE_PACKAGES, CLOUD_INIT_PACKAGES, GuestImage,
 from lxd_agent.host.image import build_image as build_guest_image
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.monitor import EntryKind
+from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_test_deb
 from lxd_agent.host.qemu import process_exists
 from lxd_agent.host.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
 from lxd_agent.host.vm import DirectBoot, Vm, VmConfig
@@ -35,8 +36,6 @@ from tests.host.helpers import run
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
-# Test a given package instead of the newest out/*.deb (e.g. one CI built elsewhere).
-DEB_VARIABLE = "LXD_AGENT_TEST_DEB"
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
 
 # Generous bounds: the point is catching a hang (90 s is systemd's stop timeout), not speed.
@@ -73,15 +72,10 @@ def deb() -> Path:
     for tool in TOOLS:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not on PATH: the VM tests need it; run `make setup`")
-    chosen = os.environ.get(DEB_VARIABLE)
-    if chosen:
-        if not Path(chosen).is_file():
-            pytest.fail(f"{DEB_VARIABLE}={chosen} is not a file; unset it or point it at a .deb")
-        return Path(chosen)
-    debs = sorted((REPO / "out").glob("lxd-agent_*_all.deb"), key=lambda p: p.stat().st_mtime)
-    if not debs:
-        pytest.fail(f"no {REPO}/out/lxd-agent_*_all.deb: the VM tests need it; run `make deb`")
-    return debs[-1]
+    try:
+        return find_test_deb()
+    except PackageNotFound as e:
+        pytest.fail(f"the VM tests need the package: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -325,11 +319,11 @@ def test_cloud_init_seed_installs_the_agent_which_reports_started_and_stopped(
             started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=SEED_BOOT_TIMEOUT)
             figures["cloud-init seed: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
             assert INSTALLED_MARKER in vm.console.tail(2000)
-            installed = await vm.run("dpkg-query -W -f '${Version}' lxd-agent")
+            installed = await vm.run(f"dpkg-query -W -f '${{Version}}' {DEB_PACKAGE}")
             assert installed.output.strip() == version, installed.output
             # Removing stops the agent (the host sees STOPPED); installing again in the same
             # boot starts it (the port already exists: no new device event would do it).
-            removed = await vm.run("dpkg -r lxd-agent", timeout=60)
+            removed = await vm.run(f"dpkg -r {DEB_PACKAGE}", timeout=60)
             assert removed.status == 0, removed.output
             await vm.wait_for_state(STOPPED, PORT_NAME, timeout=STOP_TIMEOUT)
             again = await vm.run(f"dpkg -i {SEED_DIR}/{deb.name}", timeout=120)

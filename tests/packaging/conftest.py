@@ -1,7 +1,8 @@
-"""The built lxd-agent .deb, as the packaging tests see it.
+"""The built .deb, as the packaging tests see it.
 
-The tests check the artefact that `make deb` (packaging/build-deb) leaves in out/; they never
-build it themselves. A missing .deb is a failure that says how to make one, never a skip.
+The tests check the artefact that `make deb` (packaging/build-deb) leaves in out/, found as
+the harness finds it (`lxd_agent.host.package`); they never build it themselves. A missing
+.deb is a failure that says how to make one, never a skip.
 """
 
 from __future__ import annotations
@@ -12,21 +13,16 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-OUT = REPO / "out"
+from lxd_agent.host.package import PackageNotFound, find_test_deb
 
 
 @pytest.fixture(scope="session")
 def deb() -> Path:
-    """The one lxd-agent .deb in out/."""
-    found = sorted(OUT.glob("lxd-agent_*_all.deb"))
-    if len(found) != 1:
-        pytest.fail(
-            f"expected exactly one lxd-agent_*_all.deb in {OUT}, found {len(found)}: "
-            "run `make deb` (packaging/build-deb) first",
-            pytrace=False,
-        )
-    return found[0]
+    """The package under test: the newest in out/, or `$LXD_AGENT_TEST_DEB`."""
+    try:
+        return find_test_deb()
+    except PackageNotFound as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 def deb_paths(deb: Path) -> dict[str, str]:
@@ -62,17 +58,6 @@ def control_file(deb: Path, name: str) -> str:
     return subprocess.run(
         ["dpkg-deb", "--info", str(deb), name], check=True, capture_output=True, text=True
     ).stdout
-
-
-def control_members(deb: Path) -> set[str]:
-    """The names in the control archive (control, md5sums, postinst...)."""
-    listing = subprocess.run(
-        ["dpkg-deb", "--ctrl-tarfile", str(deb)], check=True, capture_output=True
-    ).stdout
-    names = subprocess.run(
-        ["tar", "--list"], input=listing, check=True, capture_output=True
-    ).stdout.decode()
-    return {n[2:] if n.startswith("./") else n for n in names.split() if n not in ("./", ".")}
 
 
 def relation_names(field: str) -> dict[str, str]:

@@ -1,9 +1,11 @@
 """A throw-away Debian root for installing the .deb, built with mmdebstrap.
 
-The root comes from the machine's own apt configuration (its active sources.list entries), so no
-mirror is named anywhere in the project. Everything lives in a temporary directory that is
-removed on every exit path, after making sure nothing is still mounted below it: removing a
-tree with the host's /dev or /sys bind-mounted inside would delete the host's files.
+The root's apt sources are the harness's (`lxd_agent.host.image.filter_apt_sources`): the
+machine's own mirror, with the suites of the release asked for, so no mirror is named anywhere
+in the project and the root can run apt against the archive (its package lists are kept).
+Everything lives in a temporary directory that is removed on every exit path, after making sure
+nothing is still mounted below it: removing a tree with the host's /dev or /sys bind-mounted
+inside would delete the host's files.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-APT_SOURCES = Path("/etc/apt")
-# The release every supported image is built from here (the build machine is Debian 12).
-RELEASE = "bookworm"
+from lxd_agent.host.image import (
+    DEFAULT_RELEASE,
+    detach_mounts_under,
+    filter_apt_sources,
+    mounts_under,
+)
+
 MMDEBSTRAP_TIMEOUT = 300.0
 # What a chroot'ed command sees: dpkg's usual PATH, and no pyenv, venv or locale from the
 # test's environment.
@@ -27,6 +33,7 @@ CHROOT_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LC_ALL": "C.UTF-8",
     "HOME": "/root",
+    "DEBIAN_FRONTEND": "noninteractive",
 }
 
 
@@ -34,49 +41,10 @@ class RootfsError(Exception):
     """The throw-away root could not be built or cleaned up."""
 
 
-def active_apt_sources(etc_apt: Path = APT_SOURCES) -> list[Path]:
-    """The sources files apt itself would read, skipping disabled and empty ones.
-
-    apt reads only sources.list, sources.list.d/*.list and sources.list.d/*.sources: a file
-    renamed to disable it (``x.list.disabled``) is not read, and neither is it here.
-    """
-    candidates = [etc_apt / "sources.list"]
-    candidates += sorted((etc_apt / "sources.list.d").glob("*.list"))
-    candidates += sorted((etc_apt / "sources.list.d").glob("*.sources"))
-    active = []
-    for path in candidates:
-        if not path.is_file():
-            continue
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        lines = [line for line in lines if line and not line.startswith("#")]
-        if path.suffix == ".sources":
-            enabled = not any(line.lower().replace(" ", "") == "enabled:no" for line in lines)
-            has_entry = any(line.lower().startswith("types:") for line in lines)
-            if enabled and has_entry:
-                active.append(path)
-        elif any(line.startswith(("deb ", "deb\t", "deb[")) for line in lines):
-            active.append(path)
-    return active
-
-
-def mounts_below(root: Path) -> list[str]:
-    """Mount points at or below ``root``, deepest first."""
-    prefix = str(root.resolve())
-    points = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            # Field 5 is the mount point, with spaces and the like octal-escaped.
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == prefix or point.startswith(prefix + "/"):
-                points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
 def remove_tree(root: Path) -> None:
-    """Unmount whatever mmdebstrap may have left mounted below ``root``, then delete it."""
-    for point in mounts_below(root):
-        subprocess.run(["umount", "--lazy", point], check=False)
-    left = mounts_below(root)
+    """Detach whatever mmdebstrap may have left mounted below `root`, then delete it."""
+    detach_mounts_under(root)
+    left = mounts_under(root)
     if left:
         raise RootfsError(f"not removing {root}: still mounted below it: {left}")
     shutil.rmtree(root)
@@ -103,36 +71,45 @@ def run_mmdebstrap(args: Sequence[str], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def debian_root(include: Sequence[str]) -> Iterator[Path]:
-    """A minimal bookworm root (``--variant=apt``) with ``include`` installed, removed on exit."""
-    sources = active_apt_sources()
-    if not sources:
-        raise RootfsError(
-            f"no active apt sources under {APT_SOURCES}: mmdebstrap needs the machine's mirror"
-        )
+def debian_root(include: Sequence[str], release: str = DEFAULT_RELEASE) -> Iterator[Path]:
+    """A minimal root (`--variant=apt`) of `release` with `include` installed, removed on exit.
+
+    apt's package lists stay in the root, so `apt-get` in it sees the archive as it is now.
+    """
     with contextlib.ExitStack() as stack:
         work = Path(tempfile.mkdtemp(prefix="lxd-agent-rootfs-"))
         stack.callback(remove_tree, work)
+        sources = work / "host.sources"
+        sources.write_text(filter_apt_sources(release), encoding="utf-8")
         root = work / "root"
-        args = ["--variant=apt", "--include=" + ",".join(include), RELEASE, str(root)]
-        run_mmdebstrap([*args, *map(str, sources)], work / "mmdebstrap.log")
+        args = [
+            "--variant=apt",
+            "--skip=cleanup/apt/lists",
+            "--include=" + ",".join(include),
+            release,
+            str(root),
+            str(sources),
+        ]
+        run_mmdebstrap(args, work / "mmdebstrap.log")
         yield root
 
 
-def chroot(root: Path, *command: str, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` inside ``root`` with a clean environment; output is captured as text."""
+def chroot(
+    root: Path, *command: str, check: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `command` inside `root` with a clean environment; output is captured as text."""
     return subprocess.run(
         ["chroot", str(root), *command],
         env=CHROOT_ENV,
         capture_output=True,
         text=True,
         check=check,
-        timeout=120,
+        timeout=timeout,
     )
 
 
 def tree(root: Path) -> set[str]:
-    """Every path below ``root`` (files, directories, links), as absolute paths in the root."""
+    """Every path below `root` (files, directories, links), as absolute paths in the root."""
     paths = set()
     for directory, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:

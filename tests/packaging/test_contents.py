@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.packaging.conftest import REPO
+from lxd_agent.host.package import DEB_PACKAGE
+from lxd_agent.host.package import SOURCE_TREE as REPO
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 DIST_INFO = f"{DIST_PACKAGES}/lxd_agent-{{version}}.dist-info"
@@ -27,9 +28,9 @@ INTEGRATION_FILES = {
     "/lib/systemd/system/lxd-agent.service",
     "/lib/udev/rules.d/60-lxd-agent.rules",
     "/usr/share/man/man8/lxd-agent.8.gz",
-    "/usr/share/doc/lxd-agent/copyright",
-    "/usr/share/doc/lxd-agent/changelog.gz",
-    "/usr/share/lintian/overrides/lxd-agent",
+    f"/usr/share/doc/{DEB_PACKAGE}/copyright",
+    f"/usr/share/doc/{DEB_PACKAGE}/changelog.gz",
+    f"/usr/share/lintian/overrides/{DEB_PACKAGE}",
 }
 # RECORD is left out on purpose (debian/rules): it would list the harness.
 DIST_INFO_FILES = {"METADATA", "WHEEL", "entry_points.txt", "top_level.txt"}
@@ -141,7 +142,7 @@ def test_manual_page_is_lxd_agent_in_section_8(unpacked: Path) -> None:
 
 
 def test_copyright_is_machine_readable_apache_2(unpacked: Path) -> None:
-    text = (unpacked / "usr/share/doc/lxd-agent/copyright").read_text()
+    text = (unpacked / "usr/share/doc" / DEB_PACKAGE / "copyright").read_text()
     assert text.startswith(
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
     )

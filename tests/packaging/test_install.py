@@ -21,6 +21,7 @@ from subprocess import CompletedProcess
 import pytest
 
 from lxd_agent import __version__
+from lxd_agent.host.package import DEB_PACKAGE
 from tests.packaging.conftest import deb_field, deb_paths, relation_names
 from tests.packaging.rootfs import chroot, debian_root, tree
 
@@ -31,7 +32,7 @@ DPKG_INFO = "/var/lib/dpkg/info"
 BOOKKEEPING = ("/var/lib/dpkg/", "/var/log/", "/var/cache/debconf/", "/tmp/")
 # dpkg's own note on merged-/usr: /lib/udev/rules.d is /usr/lib/udev/rules.d, which holds
 # other packages' rules. It is not a maintainer script speaking.
-MERGED_USR_NOTE = "dpkg: warning: while removing lxd-agent, directory '/lib/"
+MERGED_USR_NOTE = f"dpkg: warning: while removing {DEB_PACKAGE}, directory '/lib/"
 
 
 @dataclass
@@ -55,7 +56,7 @@ def installed(deb: Path) -> Iterator[InstalledRoot]:
 
 
 def dpkg_status(root: Path) -> str:
-    return chroot(root, "dpkg-query", "--show", "--showformat=${Status}", "lxd-agent").stdout
+    return chroot(root, "dpkg-query", "--show", "--showformat=${Status}", DEB_PACKAGE).stdout
 
 
 def complaints(result: CompletedProcess[str]) -> list[str]:
@@ -131,8 +132,8 @@ def test_postinst_replays_port_events_only_on_a_running_system_outside_a_chroot(
     installed: InstalledRoot,
 ) -> None:
     root = installed.root
-    postinst = f"{DPKG_INFO}/lxd-agent.postinst"
-    with stand_ins(root, udevadm="exit 0") as log:
+    postinst = f"{DPKG_INFO}/{DEB_PACKAGE}.postinst"
+    with stand_ins(root, udevadm="exit 0", deb_systemd_invoke="exit 0") as log:
         # An image build: no systemd running.
         assert chroot(root, postinst, "configure", "").returncode == 0
         assert logged(log) == []
@@ -144,13 +145,15 @@ def test_postinst_replays_port_events_only_on_a_running_system_outside_a_chroot(
                 result = chroot(root, "env", "DPKG_ROOT=/", postinst, "configure", "")
                 assert result.returncode == 0
                 assert logged(log) == []
-                # A running VM: reload the rules and replay "add" for the virtio ports.
+                # A running VM: reload the rules, replay "add" for the virtio ports and start
+                # the agent (a replaced package's rule already made the ports want it).
                 result = chroot(root, postinst, "configure", "")
                 assert result.returncode == 0, result.stderr
                 assert logged(log) == [
                     "ischroot -t",
                     "udevadm control --reload-rules",
                     "udevadm trigger --action=add --subsystem-match=virtio-ports",
+                    "deb-systemd-invoke start lxd-agent.service",
                 ]
 
 
@@ -158,7 +161,7 @@ def test_prerm_stops_the_agent_only_on_removal_from_a_running_system(
     installed: InstalledRoot,
 ) -> None:
     root = installed.root
-    prerm = f"{DPKG_INFO}/lxd-agent.prerm"
+    prerm = f"{DPKG_INFO}/{DEB_PACKAGE}.prerm"
     with stand_ins(root, deb_systemd_invoke="exit 0") as log:
         assert chroot(root, prerm, "remove").returncode == 0
         assert logged(log) == []
@@ -173,7 +176,7 @@ def test_postrm_makes_the_ports_forget_the_agent_only_on_removal_from_a_running_
     installed: InstalledRoot,
 ) -> None:
     root = installed.root
-    postrm = f"{DPKG_INFO}/lxd-agent.postrm"
+    postrm = f"{DPKG_INFO}/{DEB_PACKAGE}.postrm"
     with stand_ins(root, udevadm="exit 0") as log:
         assert chroot(root, postrm, "remove").returncode == 0
         assert logged(log) == []
@@ -195,17 +198,17 @@ def test_postrm_makes_the_ports_forget_the_agent_only_on_removal_from_a_running_
 
 def test_remove_then_purge_leaves_none_of_its_files(installed: InstalledRoot) -> None:
     root = installed.root
-    remove = chroot(root, "dpkg", "--remove", "lxd-agent")
+    remove = chroot(root, "dpkg", "--remove", DEB_PACKAGE)
     assert remove.returncode == 0, remove.stdout + remove.stderr
     assert complaints(remove) == []
     left = [p for p, mode in installed.deb_paths.items() if not mode.startswith("d")]
     assert [p for p in left if (root / p.lstrip("/")).exists()] == []
 
-    purge = chroot(root, "dpkg", "--purge", "lxd-agent")
+    purge = chroot(root, "dpkg", "--purge", DEB_PACKAGE)
     assert purge.returncode == 0, purge.stdout + purge.stderr
     assert complaints(purge) == []
     assert dpkg_status(root) == ""
     # Nothing new anywhere: not its files, not its byte-code, not its directories.
     new = sorted(p for p in tree(root) - installed.before if not p.startswith(BOOKKEEPING))
     assert new == []
-    assert list((root / DPKG_INFO.lstrip("/")).glob("lxd-agent.*")) == []
+    assert list((root / DPKG_INFO.lstrip("/")).glob(f"{DEB_PACKAGE}.*")) == []

@@ -1,0 +1,67 @@
+"""The Debian package the harness installs into guests: its name, and where to find the built one.
+
+`make deb` (packaging/build-deb) leaves `out/<name>_<version>_all.deb` in the source tree. The
+command line, the packaging tests and the VM tests all find it here, the same way.
+
+Host side only: the guest agent never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from lxd_agent.host.errors import HarnessError
+
+DEB_PACKAGE = "lxd-status-agent"
+"""The binary package. Not `lxd-agent`: Debian's archive has a package of that name (LXD's Go
+agent, from before the port rename) which apt would take for a newer version of ours."""
+
+DEB_GLOB = f"{DEB_PACKAGE}_*_all.deb"
+
+SOURCE_TREE = Path(__file__).resolve().parents[2]
+
+TEST_DEB_VARIABLE = "LXD_AGENT_TEST_DEB"
+"""Names a .deb for the tests to use instead of the newest in out/ (e.g. one CI built elsewhere)."""
+
+
+class PackageNotFound(HarnessError):
+    """No built package where one was looked for."""
+
+    def __init__(self, looked_in: Sequence[Path], given: Path | None = None) -> None:
+        self.looked_in = list(looked_in)
+        self.given = given
+        if given is not None:
+            message = f"looked for the package {given} and found nothing; run `make deb` first"
+        else:
+            places = " and ".join(str(p) for p in self.looked_in)
+            message = (
+                f"looked for out/{DEB_GLOB} in {places} and found none; "
+                "run `make deb` first or pass --deb PATH"
+            )
+        super().__init__(message)
+
+
+def find_deb(given: Path | None = None, places: Sequence[Path] | None = None) -> Path:
+    """`given` if it is a file; else the newest `out/<package>_*_all.deb` in `places`.
+
+    `places` defaults to the current directory and the source tree this module runs from.
+    """
+    if given is not None:
+        if not given.is_file():
+            raise PackageNotFound([], given)
+        return given
+    if places is None:
+        places = [Path.cwd(), SOURCE_TREE]
+    outs = list(dict.fromkeys(place / "out" for place in places))
+    debs = [deb for out in outs for deb in out.glob(DEB_GLOB)]
+    if not debs:
+        raise PackageNotFound(outs)
+    return max(debs, key=lambda deb: deb.stat().st_mtime)
+
+
+def find_test_deb() -> Path:
+    """The package the tests use: `$LXD_AGENT_TEST_DEB` if set, else the newest in out/."""
+    chosen = os.environ.get(TEST_DEB_VARIABLE)
+    return find_deb(Path(chosen) if chosen else None, places=[SOURCE_TREE])
