@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
 import tempfile
 import time
@@ -24,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
+from lxd_agent.host.disk import disk_format
+from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
@@ -40,13 +41,10 @@ from lxd_agent.host.package import find_deb
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.vm import (
     POWEROFF_TIMEOUT,
-    Accel,
     DirectBoot,
     FirmwareBoot,
     Vm,
     VmConfig,
-    choose_accel,
-    disk_format,
 )
 from lxd_agent.protocol import CANDIDATE_PORT_NAMES, DEFAULT_RING_SIZE, STARTED, STOPPED
 
@@ -69,19 +67,39 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def failure_lines(error: HarnessError) -> list[str]:
+    """The error's one line, then what it carries: QEMU's output, the console, the timeline."""
+    sections: list[tuple[str, list[str]]] = []
+    if isinstance(error, QemuError):
+        sections.append(("QEMU's output", error.output))
+    if isinstance(error, VmError):
+        sections += [
+            ("QEMU's output (last lines)", error.qemu_output),
+            ("console (last lines)", error.console_tail),
+            ("timeline (seconds since QEMU start)", error.timeline),
+        ]
+    if isinstance(error, MonitorError):
+        sections.append(("timeline (seconds since QEMU start)", error.timeline))
+    lines = [f"FAILED: {error}"]
+    for title, body in sections:
+        if body:
+            lines += [f"--- {title} ---", *body]
+    return lines
+
+
 async def check_agent_stood_aside(vm: Vm, timeout: float) -> None:
     """With no LXD ring (Incus), the agent must be skipped and the boot must complete."""
     state = await vm.run("systemctl is-system-running --wait", timeout=timeout)
     vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
     if state.output.strip() != "running":
-        raise HarnessError(
+        raise vm.error(
             f"the guest's boot did not complete cleanly: is-system-running says "
             f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
         )
     unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result")
     vm.note(f"guest: lxd-agent: {' '.join(unit.output.split())}")
     if "Result=exec-condition" not in unit.output:
-        raise HarnessError(
+        raise vm.error(
             "lxd-agent was not skipped although no LXD port has a ring behind it: "
             f"{' '.join(unit.output.split())}; see `journalctl -u lxd-agent` in the guest (--keep)"
         )
@@ -292,7 +310,7 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
                 await _keep_running(vm)
                 return EXIT_OK
             if port is not None and vm.monitor.state(port) != STARTED:
-                raise HarnessError(f"{port} went from STARTED to {vm.monitor.state(port)} early")
+                raise vm.error(f"{port} went from STARTED to {vm.monitor.state(port)} early")
             await vm.power_off()
             if port is not None:
                 seen.stopped = await vm.wait_for_state(STOPPED, port, timeout=plan.timeout)
@@ -301,10 +319,10 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
             off_bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
             await vm.wait_guest_off(timeout=min(plan.timeout, off_bound))
         except HarnessError as e:
-            # The monitor's messages end with the timeline, printed below with the console.
-            reason = re.sub(r";?\s*timeline:$", "", str(e).splitlines()[0])
-            say(f"FAILED: {reason}")
-            say(vm.report())
+            for line in failure_lines(e):
+                say(line)
+            if forget_verdict_after(e, accel.accel):
+                say("accel: KVM failed this boot; its cached verdict is forgotten")
             return EXIT_FAILED
         say("timeline:")
         for line in summary(vm, port, seen):
@@ -341,7 +359,8 @@ def boot_command(args: argparse.Namespace) -> int:
                 say(f"seed: NoCloud seed with {plan.deb.name} ({seed_iso.stat().st_size} bytes)")
             code = asyncio.run(run_boot(plan, image, seed_iso))
     except HarnessError as e:
-        say(f"FAILED: {e}")
+        for line in failure_lines(e):
+            say(line)
         return EXIT_FAILED
     except KeyboardInterrupt:
         say("interrupted; QEMU and temporary files cleaned up")

@@ -2,10 +2,15 @@
 
 Every failure a user of the harness can hit is a `HarnessError`, so the command line can catch
 that one class, print the message and exit non-zero; anything else is a bug and keeps its
-traceback. Host side only: the guest agent never imports this module.
+traceback. `str(error)` is only the one line: what a reader of the failure also needs (QEMU's
+output, the console tail, the ring-buffer timeline) travels in fields, which the command line
+prints and the tests check. Nothing may parse a message to get at them.
+Host side only: the guest agent never imports this module.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 
 class HarnessError(Exception):
@@ -19,10 +24,58 @@ class LayoutError(HarnessError):
 class QemuError(HarnessError):
     """QEMU could not be found or started, died early, or its QMP socket did not answer."""
 
+    def __init__(self, message: str, *, output: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.output = list(output)
+        """QEMU's last lines of output (stdout and stderr), oldest first; empty if none."""
+
 
 class MonitorError(HarnessError):
     """The ring-buffer monitor could not read a ring (its QMP connection failed or was lost)."""
 
+    def __init__(self, message: str, *, timeline: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.timeline = list(timeline)
+        """The monitor's timeline when it gave up, rendered (`RingbufMonitor.render_timeline`)."""
+
 
 class MonitorTimeout(MonitorError):
-    """The monitor did not see the awaited state in time; the message holds the timeline."""
+    """The monitor did not see the awaited state in time."""
+
+
+class VmError(HarnessError):
+    """The guest did not do what the harness waited for, or QEMU stopped under it.
+
+    Raised by a running `Vm`, the fields hold what it had seen by then; empty when there was
+    nothing yet (the VM never started) or the raiser cannot see it (the console alone).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        console_tail: Sequence[str] = (),
+        qemu_output: Sequence[str] = (),
+        timeline: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.console_tail = list(console_tail)
+        """The last lines of the guest's serial console, escape sequences removed."""
+        self.qemu_output = list(qemu_output)
+        """QEMU's last lines of output, as `QemuError.output`."""
+        self.timeline = list(timeline)
+        """The ring-buffer monitor's timeline, rendered."""
+
+
+class GuestStopped(VmError):
+    """The guest stopped for good (powered off, or QEMU halted it) while the harness waited."""
+
+    def __init__(self, message: str, *, run_state: str, **fields: Sequence[str]) -> None:
+        super().__init__(message, **fields)
+        self.run_state = run_state
+        """QEMU's run state: `shutdown`, `internal-error`, `guest-panicked` or `io-error`."""
+
+    @property
+    def hypervisor_failed(self) -> bool:
+        """The accelerator (KVM, TCG) failed to run the guest, not the guest itself."""
+        return self.run_state == "internal-error"

@@ -2,10 +2,11 @@
 
 Two layers. `interpret_ring_read` is the pure rule LXD's host applies to what a `ringbuf-read`
 returns (split on newline, take the last complete line, `STARTED` means up, `STOPPED` means down,
-anything else changes nothing). `RingbufMonitor` does the reading: once at start, after every QMP
-event (so a guest's open-write-close, which QEMU reports as `VSERPORT_CHANGE`, is read within
-milliseconds) and on a timer, and keeps a bounded, timestamped timeline of events, reads and state
-changes that callers can await and print.
+anything else changes nothing). `RingbufMonitor` does the reading as LXD's host does: once at start,
+after every QMP event of any type (so a guest's open-write-close, which QEMU reports as
+`VSERPORT_CHANGE`, is read within milliseconds) and after 10 s without an event, and keeps a
+bounded, timestamped timeline of events, reads (each naming what set it off) and state changes
+that callers can await and print.
 
 What the ring holds comes from an untrusted guest: binary junk, lines longer than the ring, and
 floods of events must never crash or stall the monitor, nor grow its memory without bound.
@@ -36,7 +37,10 @@ from lxd_agent.host.qemu import BoundedEventListener
 from lxd_agent.protocol import DEFAULT_RING_SIZE, STARTED, STOPPED
 
 DEFAULT_POLL_SECONDS = 10.0
-"""LXD's host reads every ring this often even without a QMP event."""
+"""LXD's host reads every ring after this long without a QMP event."""
+
+START_TRIGGER = "start"
+"""What set off the read `start()` makes, in the timeline."""
 
 DEFAULT_TIMELINE_LENGTH = 2000
 """Entries kept: the first half and the most recent half; those in between are counted."""
@@ -93,10 +97,13 @@ class TimelineEntry:
     kind: EntryKind
     text: str
     port: str | None = None
+    trigger: str | None = None
+    """For a read: what set it off (a QMP event's name, `start`, `idle 10 s`, a caller's reason)."""
 
     def render(self) -> str:
         where = f"{self.port}: " if self.port else ""
-        return f"{self.seconds:9.3f}s  {self.kind.value:<5}  {where}{self.text}"
+        why = f" [{self.trigger}]" if self.trigger else ""
+        return f"{self.seconds:9.3f}s  {self.kind.value:<5}  {where}{self.text}{why}"
 
 
 class Timeline:
@@ -117,8 +124,10 @@ class Timeline:
         )
         self.dropped = 0
 
-    def add(self, kind: EntryKind, text: str, port: str | None = None) -> TimelineEntry:
-        entry = TimelineEntry(time.monotonic() - self.t0, kind, text, port)
+    def add(
+        self, kind: EntryKind, text: str, port: str | None = None, trigger: str | None = None
+    ) -> TimelineEntry:
+        entry = TimelineEntry(time.monotonic() - self.t0, kind, text, port, trigger)
         if len(self._head) < self._head_size:
             self._head.append(entry)
         else:
@@ -205,6 +214,10 @@ class RingbufMonitor:
         self._states: dict[str, str | None] = {ring.port_name: None for ring in self.rings}
         self._listener = BoundedEventListener()
         self._read_requested = asyncio.Event()
+        # The first QMP event since the last read started, and how many came: they name what
+        # sets off the next read (a count, not a list: a guest can flood events).
+        self._first_unread: str | None = None
+        self._unread = 0
         self._state_changed = asyncio.Event()
         self._read_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -249,7 +262,7 @@ class RingbufMonitor:
     ) -> TimelineEntry:
         """Wait until `port`'s ring (any ring when None) is in `status`; the entry that said so.
 
-        Returns at once if it already is. A `MonitorTimeout` (with the timeline) after
+        Returns at once if it already is. A `MonitorTimeout` (its `timeline` field set) after
         `timeout` s; a `MonitorError` as soon as the monitor can no longer read the rings.
         """
         if status not in (STARTED, STOPPED):
@@ -267,13 +280,15 @@ class RingbufMonitor:
             if self._failure is not None:
                 raise MonitorError(
                     f"stopped reading the rings while waiting for {status} on {where}: "
-                    f"{self._failure}; timeline:\n" + "\n".join(self.render_timeline())
+                    f"{self._failure}",
+                    timeline=self.render_timeline(),
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise MonitorTimeout(
                     f"no {status} on {where} within {timeout:g} s (state: {self._states}); "
-                    "check the guest console; timeline:\n" + "\n".join(self.render_timeline())
+                    "check the guest console and the timeline",
+                    timeline=self.render_timeline(),
                 )
             self._state_changed.clear()
             await wait_event(self._state_changed, remaining)
@@ -281,7 +296,7 @@ class RingbufMonitor:
     async def read_rings(self, trigger: str = "request") -> dict[str, bytes]:
         """Read every ring once now and apply what they hold; the bytes read, by port name.
 
-        `trigger` says in the timeline why this read happened.
+        `trigger` says in the timeline why this read happened (the caller's reason).
         """
         read: dict[str, bytes] = {}
         async with self._read_lock:
@@ -311,7 +326,7 @@ class RingbufMonitor:
         """Listen for QMP events, read once, then keep reading. Prefer `async with`."""
         self.qmp.register_listener(self._listener)
         try:
-            await self.read_rings("start")
+            await self.read_rings(START_TRIGGER)
         except BaseException:
             self.qmp.remove_listener(self._listener)
             raise
@@ -385,7 +400,7 @@ class RingbufMonitor:
         reading = interpret_ring_read(data)
         shown = _clip(repr(data.decode("utf-8", errors="replace")), self.text_limit)
         meaning = f" -> {reading.status}" if reading.status else " (no change)"
-        self.timeline.add(EntryKind.READ, f"{shown}{meaning} [{trigger}]", ring.port_name)
+        self.timeline.add(EntryKind.READ, f"{shown}{meaning}", ring.port_name, trigger)
         if reading.status is None:
             return
         before = self._states[ring.port_name]
@@ -399,21 +414,34 @@ class RingbufMonitor:
 
     async def _follow_events(self) -> None:
         seen_dropped = 0
+        # Every event, whatever its type and id: LXD's host reads after each one.
         async for event in self._listener:
             self.timeline.add(EntryKind.EVENT, _describe_event(event, self.text_limit))
             if self._listener.dropped != seen_dropped:
                 self.note(f"{self._listener.dropped - seen_dropped} QMP events dropped (flood)")
                 seen_dropped = self._listener.dropped
+            if self._first_unread is None:
+                self._first_unread = str(event.get("event"))
+            self._unread += 1
             self._read_requested.set()
+
+    def _take_event_trigger(self) -> str:
+        """What set off an event-driven read: the first event's name, and how many came after."""
+        name, more = self._first_unread or "QMP event", self._unread - 1
+        self._first_unread, self._unread = None, 0
+        return f"{name} +{more} more" if more > 0 else name
 
     async def _keep_reading(self) -> None:
         try:
             while True:
                 requested = await wait_event(self._read_requested, self.poll_interval)
-                trigger = "event" if requested else "timer"
                 # Events that arrive while reading ask for one more read, not one each:
                 # a flood of events costs back-to-back reads, never a backlog.
                 self._read_requested.clear()
+                if requested:
+                    trigger = self._take_event_trigger()
+                else:
+                    trigger = f"idle {self.poll_interval:g} s"
                 await self.read_rings(trigger)
         except asyncio.CancelledError:
             raise

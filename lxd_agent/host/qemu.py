@@ -39,6 +39,9 @@ DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
 # keep only this many pending/past events per listener.
 DEFAULT_EVENT_BACKLOG = 1000
 
+# QEMU's last output lines a `QemuError` carries: its own error and what led to it.
+OUTPUT_LINES = 10
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -129,7 +132,7 @@ class QemuProcess:
     Attributes, valid inside the ``async with``: `qmp` (connected `QMPClient`), `workdir` (the
     private temporary directory, removed afterwards: put sockets, overlays, logs there),
     `qmp_path`, `pid`, `argv`. QEMU's stdout and stderr go to `workdir`/qemu.log;
-    `log_tail()` reads it (errors and `char device redirected to ...` lines land there).
+    `output_tail()` reads it (errors and `char device redirected to ...` lines land there).
     `qmp.events` (the client's default listener) keeps only the last `event_backlog` events;
     register your own listener (a `BoundedEventListener` if a guest can flood it) to wait for one.
     """
@@ -193,13 +196,13 @@ class QemuProcess:
         """QEMU's exit status, or None while it runs (or before it started)."""
         return None if self._proc is None else self._proc.poll()
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last `lines` lines QEMU printed (stdout and stderr), for error messages."""
+    def output_tail(self, lines: int = 20) -> list[str]:
+        """The last `lines` lines QEMU printed (stdout and stderr), oldest first."""
         try:
             text = self.log_path.read_bytes().decode("utf-8", errors="replace")
         except (OSError, QemuError):
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+            return []
+        return text.splitlines()[-lines:]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -256,19 +259,23 @@ class QemuProcess:
             # QEMU connects to QMP before it checks its -device options, so a refused option
             # shows up as a dropped connection: give it a moment to exit with its message.
             await self._wait_exit(timeout=1.0)
+        output = self.output_tail(OUTPUT_LINES)
         if self.returncode is not None:
             raise QemuError(
                 f"{self.name}: {self.binary} exited with status {self.returncode} before "
-                f"QMP was ready; its output: {self._one_line_log()}"
+                "QMP was ready; its output says why",
+                output=output,
             )
         if accept in done:
             raise QemuError(
                 f"{self.name}: QMP connection to {self.binary} failed ({accept.exception()}); "
-                f"its output: {self._one_line_log()}"
+                "see its output",
+                output=output,
             )
         raise QemuError(
             f"{self.name}: {self.binary} did not connect to QMP within {self.start_timeout} s; "
-            f"its output: {self._one_line_log()}; is the machine overloaded?"
+            "is the machine overloaded? See its output",
+            output=output,
         )
 
     async def wait(self, timeout: float | None = None) -> int:
@@ -319,10 +326,6 @@ class QemuProcess:
             if code is not None or (deadline is not None and loop.time() >= deadline):
                 return code
             await asyncio.sleep(0.02)
-
-    def _one_line_log(self) -> str:
-        tail = self.log_tail(5).strip()
-        return " | ".join(tail.splitlines()) if tail else "(nothing)"
 
 
 def process_exists(pid: int) -> bool:

@@ -2,13 +2,11 @@
 
 `qemu_args` builds the whole QEMU command line in one place, top to bottom. `Vm` is an async
 context manager around one running guest: it starts QEMU paused (so no console byte is lost),
-reads the serial console with pyserial into a log file, starts the ring-buffer monitor, lets the
+opens the serial console (`lxd_agent.host.console`), starts the ring-buffer monitor, lets the
 guest run, and offers what the harness and the tests need: wait for a ring state, power the guest
 off, wait for it to be off, run a command through the console, and the timeline. Everything it
 makes (QEMU, sockets, the disk overlay, the console reader) is released on every exit path.
-
-`choose_accel` decides between KVM and TCG and says why: KVM only after a probe boot proved that
-it really runs a guest here.
+Which accelerator to run with is decided before, by `lxd_agent.host.accel`.
 
 Host side only. It must never write the base image (boots use a qcow2 overlay in a temporary
 directory), and it runs one guest at a time on a machine: every `Vm` holds a lock in the cache
@@ -19,29 +17,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import fcntl
-import json
-import os
-import re
-import secrets
-import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Union
+from typing import Iterator, Union
 
-import serial
 from qemu.qmp import QMPError
 
-from lxd_agent.host.errors import HarnessError, QemuError
-from lxd_agent.host.image import GuestImage, Progress, cache_root
-from lxd_agent.host.layouts import Layout, get_layout
+from lxd_agent.host.accel import Accel
+from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
+from lxd_agent.host.disk import make_overlay
+from lxd_agent.host.errors import GuestStopped, HarnessError, VmError
+from lxd_agent.host.image import GuestImage, Progress
+from lxd_agent.host.layouts import Layout
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
-from lxd_agent.host.qemu import DEFAULT_QEMU_BINARY, QemuProcess
+from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.host.vmlock import take_vm_lock
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 CONSOLE_ID = "console"
@@ -55,38 +48,10 @@ BOOT_TIMEOUT = 120.0
 POWEROFF_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 60.0
 QMP_TIMEOUT = 10.0
-# Another harness VM (a test run, a demo) may hold the machine's cores for a few minutes.
-VM_LOCK_TIMEOUT = 900.0
 
-# What the console shows at each step of a boot, for the timeline.
-CONSOLE_MILESTONES = (
-    ("kernel up", re.compile(rb"Linux version \d")),
-    ("systemd up", re.compile(rb"Welcome to ")),
-    ("login prompt", re.compile(rb"login: ")),
-)
-SHELL_PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n]*# ")
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
-
-# A guest can print without end: keep this much of the console in memory (the log has it all).
-CONSOLE_MEMORY_BYTES = 4 << 20
-
-
-class VmError(HarnessError):
-    """The guest did not do what the harness waited for, or QEMU stopped under it."""
-
-
-class Accel(str, enum.Enum):
-    """Which accelerator to use: `auto` probes KVM first and falls back to TCG."""
-
-    AUTO = "auto"
-    KVM = "kvm"
-    TCG = "tcg"
-
-
-@dataclass(frozen=True)
-class AccelChoice:
-    accel: Accel
-    reason: str
+# How much of the console and of QEMU's output a `VmError` carries.
+ERROR_CONSOLE_LINES = 30
+ERROR_QEMU_LINES = 5
 
 
 @dataclass(frozen=True)
@@ -187,189 +152,8 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     return args
 
 
-def make_overlay(base: Path, base_format: str, overlay: Path) -> None:
-    """A qcow2 overlay over `base`, so a boot never writes the base image."""
-    command = [
-        "qemu-img", "create", "-q", "-f", "qcow2",
-        "-b", str(base.resolve()), "-F", base_format, str(overlay),
-    ]  # fmt: skip
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise VmError(
-            "qemu-img not found on PATH; run `make setup` (Debian package qemu-utils)"
-        ) from None
-    except subprocess.CalledProcessError as e:
-        raise VmError(
-            f"qemu-img could not make an overlay over {base}: {e.stderr.strip()}; "
-            "is it a readable disk image?"
-        ) from None
-
-
-def disk_format(path: Path) -> str:
-    """`raw` or `qcow2` (as QEMU sees it) for a user's image; a clear error otherwise."""
-    if not path.is_file():
-        raise VmError(f"looked for the image {path} and found nothing; pass an existing --image")
-    try:
-        out = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)],
-            check=True, capture_output=True, text=True, timeout=60,
-        ).stdout  # fmt: skip
-    except FileNotFoundError:
-        raise VmError("qemu-img not found on PATH; run `make setup`") from None
-    except subprocess.CalledProcessError as e:
-        raise VmError(f"qemu-img info {path} failed: {e.stderr.strip()}") from None
-    fmt = str(json.loads(out).get("format", ""))
-    if fmt not in ("raw", "qcow2"):
-        raise VmError(
-            f"the image {path} is in format {fmt!r}; give a qcow2 or raw cloud image "
-            "(convert with `qemu-img convert -O qcow2`)"
-        )
-    return fmt
-
-
-# ---------------------------------------------------------------------------------------------
-# The serial console
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    command: str
-    status: int
-    output: str
-
-
-class SerialConsole:
-    """The guest's serial console on a pty, read by a thread into a log file and memory.
-
-    A context manager: the reader thread stops and the port closes on exit.
-    """
-
-    def __init__(
-        self, device: str, log_path: Path, on_milestone: Callable[[str], None] | None = None
-    ) -> None:
-        self.device = device
-        self.log_path = log_path
-        self._on_milestone = on_milestone
-        self._port: serial.Serial | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._data = bytearray()
-        self._base = 0  # offset of _data[0] in everything ever received
-        self._pending_milestones = list(CONSOLE_MILESTONES)
-        self.milestones: dict[str, float] = {}
-
-    def __enter__(self) -> SerialConsole:
-        try:
-            self._port = serial.Serial(self.device, baudrate=115200, timeout=0.1)
-        except serial.SerialException as e:
-            raise VmError(f"could not open the guest console {self.device}: {e}") from None
-        self._thread = threading.Thread(target=self._read_loop, name="console", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop reading and close the pty (a person can then attach to it). Idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._port is not None:
-            self._port.close()
-
-    @property
-    def received(self) -> int:
-        """Bytes received so far: an offset for `wait_for(..., start=)`."""
-        with self._lock:
-            return self._base + len(self._data)
-
-    def _read_loop(self) -> None:
-        assert self._port is not None
-        with self.log_path.open("ab") as log:
-            while not self._stop.is_set():
-                try:
-                    chunk = self._port.read(max(1, self._port.in_waiting))
-                except (serial.SerialException, OSError):
-                    return  # QEMU went away and closed the pty
-                if not chunk:
-                    continue
-                log.write(chunk)
-                log.flush()
-                with self._lock:
-                    self._data += chunk
-                    if len(self._data) > CONSOLE_MEMORY_BYTES:
-                        cut = len(self._data) - CONSOLE_MEMORY_BYTES // 2
-                        del self._data[:cut]
-                        self._base += cut
-                    self._check_milestones()
-
-    def _check_milestones(self) -> None:
-        # Milestones come in boot order; only the tail of the buffer needs looking at.
-        while self._pending_milestones:
-            name, pattern = self._pending_milestones[0]
-            if not pattern.search(self._data, max(0, len(self._data) - 64 * 1024)):
-                return
-            self._pending_milestones.pop(0)
-            self.milestones[name] = time.monotonic()
-            if self._on_milestone is not None:
-                self._on_milestone(name)
-
-    def search(self, pattern: re.Pattern[bytes], start: int) -> re.Match[bytes] | None:
-        with self._lock:
-            return pattern.search(self._data, max(0, start - self._base))
-
-    def text_between(self, start: int, end: int) -> str:
-        with self._lock:
-            raw = bytes(self._data[max(0, start - self._base) : max(0, end - self._base)])
-        return ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace"))
-
-    async def wait_for(
-        self, pattern: re.Pattern[bytes], timeout: float, start: int = 0, what: str = ""
-    ) -> tuple[int, int]:
-        """Wait until `pattern` shows after offset `start`; its (start, end) offsets."""
-        deadline = time.monotonic() + timeout
-        while True:
-            match = self.search(pattern, start)
-            if match is not None:
-                return self._base + match.start(), self._base + match.end()
-            if time.monotonic() > deadline:
-                raise VmError(
-                    f"waited {timeout:g} s for {what or pattern.pattern!r} on the guest console "
-                    "and did not see it; see the console tail below"
-                )
-            if self._thread is not None and not self._thread.is_alive():
-                raise VmError(
-                    f"the guest console closed while waiting for {what or pattern.pattern!r} "
-                    "(QEMU exited?)"
-                )
-            await asyncio.sleep(0.05)
-
-    def write(self, text: str) -> None:
-        assert self._port is not None
-        self._port.write(text.encode())
-
-    def tail(self, lines: int = 30) -> str:
-        with self._lock:
-            raw = bytes(self._data[-64 * 1024 :])
-        text = ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace"))
-        return "\n".join(text.splitlines()[-lines:])
-
-
 # ---------------------------------------------------------------------------------------------
 # One running guest
-
-
-def vm_lock_path() -> Path:
-    """Held by every running harness VM, so that VMs on this machine run one at a time."""
-    return cache_root() / "vm.lock"
 
 
 class Vm:
@@ -389,7 +173,7 @@ class Vm:
         self._qemu: QemuProcess | None = None
         self._monitor: RingbufMonitor | None = None
         self._console: SerialConsole | None = None
-        self._logged_in = False
+        self._shell: ConsoleShell | None = None
         self.files: VmFiles | None = None
         self.console_device: str | None = None
         self.powerdown_at: float | None = None
@@ -410,13 +194,28 @@ class Vm:
         return self._console
 
     @property
+    def shell(self) -> ConsoleShell:
+        if self._shell is None:
+            raise VmError("the VM is not running; use `async with Vm(...)`")
+        return self._shell
+
+    @property
     def qemu(self) -> QemuProcess:
         if self._qemu is None:
             raise VmError("the VM is not running; use `async with Vm(...)`")
         return self._qemu
 
+    @property
+    def qemu_started(self) -> bool:
+        """Whether QEMU came up (with QMP) in this VM: a failure before says nothing of QEMU."""
+        return self._qemu is not None
+
     def seconds(self) -> float:
         return time.monotonic() - self.t0
+
+    def error(self, message: str) -> VmError:
+        """A `VmError` for `message` that carries what the VM has seen so far."""
+        return self._filled(VmError(message))
 
     def note(self, text: str) -> None:
         """A milestone in the timeline (and on the progress output)."""
@@ -428,6 +227,10 @@ class Vm:
         self, status: str, port: str | None = None, timeout: float = BOOT_TIMEOUT
     ) -> TimelineEntry:
         """Wait until the host sees `status` on `port` (any ring when None)."""
+        with self._failures_filled():
+            return await self._wait_for_state(status, port, timeout)
+
+    async def _wait_for_state(self, status: str, port: str | None, timeout: float) -> TimelineEntry:
         watch = asyncio.ensure_future(self._watch_qemu())
         wait = asyncio.ensure_future(self.monitor.wait_for(status, port=port, timeout=timeout))
         try:
@@ -459,12 +262,17 @@ class Vm:
 
     async def power_off(self) -> None:
         """Press the ACPI power button (`system_powerdown`), as LXD does for a clean stop."""
-        await self._execute("system_powerdown")
+        with self._failures_filled():
+            await self._execute("system_powerdown")
         self.powerdown_at = time.monotonic()
         self.note("system_powerdown sent")
 
     async def wait_guest_off(self, timeout: float = POWEROFF_TIMEOUT) -> float:
         """Wait until the guest has powered off (QEMU paused on shutdown); seconds since t0."""
+        with self._failures_filled():
+            return await self._wait_guest_off(timeout)
+
+    async def _wait_guest_off(self, timeout: float) -> float:
         deadline = time.monotonic() + timeout
         while True:
             status = await self._runstate()
@@ -475,7 +283,7 @@ class Vm:
                     after = f" ({self.guest_off_at - self.powerdown_at:.2f} s after power-off)"
                 self.note(f"guest powered off{after}")
                 return self.guest_off_at - self.t0
-            self._raise_if_broken(status)
+            self._raise_if_stopped(status)
             if time.monotonic() > deadline:
                 raise VmError(
                     f"the guest was still {status!r} {timeout:g} s after the power button; "
@@ -485,48 +293,49 @@ class Vm:
 
     async def login(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Wait for the autologin shell on the console and make it quiet and parseable."""
-        if self._logged_in:
-            return
-        await self.console.wait_for(SHELL_PROMPT, timeout, what="the root shell prompt")
-        self._logged_in = True
-        # No echo, no prompt, no colours, no pager, no kernel messages in the output.
-        await self.run(
-            "stty -echo; PS1=''; PS2=''; export TERM=dumb SYSTEMD_COLORS=0 SYSTEMD_PAGER='' "
-            "PAGER=cat; bind 'set enable-bracketed-paste off' 2>/dev/null; dmesg -n 1",
-            timeout=30,
-        )
-        self.note("logged in on the console")
+        with self._failures_filled():
+            await self.shell.login(timeout)
 
     async def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> CommandResult:
         """Run a shell command in the guest through the console; its status and output."""
         await self.login()
-        token = secrets.token_hex(6)
-        # The marker is assembled by the guest's shell, so the typed (echoed) line never
-        # matches it: only the command's end does.
-        marker = re.compile(rb"@@LXDH:(\d+):" + token.encode() + rb"@@")
-        start = self.console.received
-        self.console.write(f"{command}; printf '\\n%s:%s:%s@@\\n' '@@LXDH' \"$?\" {token}\n")
-        begin, _end = await self.console.wait_for(
-            marker, timeout, start=start, what=f"the end of `{command}`"
-        )
-        match = self.console.search(marker, begin)
-        assert match is not None
-        output = self.console.text_between(start, begin)
-        lines = output.split("\n")
-        if lines and f"{token}" in lines[0]:
-            lines = lines[1:]  # the echoed command line, before `stty -echo` took effect
-        return CommandResult(command, int(match.group(1)), "\n".join(lines).strip("\n"))
+        with self._failures_filled():
+            return await self.shell.run(command, timeout)
 
     def render_timeline(self) -> list[str]:
         return self.monitor.render_timeline() if self._monitor else []
 
-    def report(self, console_lines: int = 30) -> str:
-        """The console tail and the timeline: what a failure message needs."""
+    def report(self, console_lines: int = ERROR_CONSOLE_LINES) -> str:
+        """The console tail and the timeline, for a person reading a failed test."""
         parts = ["--- console (last lines) ---"]
-        parts.append(self._console.tail(console_lines) if self._console else "(no console)")
+        parts.extend(self._console.tail_lines(console_lines) if self._console else ["(no console)"])
         parts.append("--- timeline (seconds since QEMU start) ---")
         parts.extend(self.render_timeline() or ["(empty)"])
         return "\n".join(parts)
+
+    def _filled(self, error: VmError) -> VmError:
+        """`error` with what the VM has seen filled into the fields its raiser left empty."""
+        if not error.console_tail and self._console is not None:
+            error.console_tail = self._console.tail_lines(ERROR_CONSOLE_LINES)
+        if not error.qemu_output and self._qemu is not None:
+            error.qemu_output = self._qemu.output_tail(ERROR_QEMU_LINES)
+        if not error.timeline:
+            error.timeline = self.render_timeline()
+        return error
+
+    @contextlib.contextmanager
+    def _failures_filled(self) -> Iterator[None]:
+        """Errors leaving the VM's waits carry the console tail, QEMU's output and the timeline.
+
+        The monitor's own errors become `VmError`s: the VM has the console to add to them.
+        """
+        try:
+            yield
+        except VmError as e:
+            self._filled(e)
+            raise
+        except HarnessError as e:
+            raise self.error(str(e)) from e
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -548,7 +357,7 @@ class Vm:
 
     async def _start(self) -> None:
         stack = self._stack
-        await self._take_vm_lock()
+        await take_vm_lock(stack, self.progress)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot
@@ -577,6 +386,7 @@ class Vm:
         self._console = stack.enter_context(
             SerialConsole(self.console_device, files.console_log, on_milestone=milestone)
         )
+        self._shell = ConsoleShell(self._console, self.note)
         await self._execute("cont")
         self.note("guest running")
 
@@ -585,42 +395,18 @@ class Vm:
         # LXD reads 16 bytes from its 16-byte ring; a larger ring is read whole.
         return self.config.ring_size
 
-    async def _take_vm_lock(self) -> None:
-        """Wait (bounded) until no other harness VM runs here: a 2-core host runs one at a time."""
-        path = vm_lock_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self._stack.enter_context(path.open("a"))  # closing it releases the lock
-        deadline = time.monotonic() + VM_LOCK_TIMEOUT
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                pass
-            if time.monotonic() > deadline:
-                raise VmError(
-                    f"waited {VM_LOCK_TIMEOUT:g} s for another harness VM to finish (lock "
-                    f"{path} is held); stop it (see `pgrep -af lxd-agent-harness-`) and retry"
-                )
-            if not waiting:
-                self.progress(f"waiting for another harness VM to finish (lock {path})")
-                waiting = True
-            await asyncio.sleep(0.5)
-
     async def _execute(self, command: str) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""
         try:
             return await asyncio.wait_for(self.qemu.qmp.execute(command), QMP_TIMEOUT)
         except asyncio.TimeoutError:
-            raise VmError(
+            raise self.error(
                 f"QEMU did not answer the QMP command {command} within {QMP_TIMEOUT:g} s; "
-                f"its output: {self.qemu.log_tail(5)}"
+                "is it wedged? See its output"
             ) from None
         except (QMPError, OSError, EOFError) as e:
-            raise VmError(
-                f"QMP command {command} failed ({type(e).__name__}: {e}); "
-                f"QEMU's output: {self.qemu.log_tail(5)}"
+            raise self.error(
+                f"QMP command {command} failed ({type(e).__name__}: {e}); see QEMU's output"
             ) from None
 
     async def _console_pty(self) -> str:
@@ -636,138 +422,43 @@ class Vm:
 
     async def _runstate(self) -> str:
         if self.qemu.returncode is not None:
-            raise VmError(
-                f"QEMU exited with status {self.qemu.returncode}: {self.qemu.log_tail(5)}"
-            )
+            raise self.error(f"QEMU exited with status {self.qemu.returncode}; see its output")
         reply = await self._execute("query-status")
         if not isinstance(reply, dict):
             raise VmError(f"query-status answered {reply!r}, not an object; is this QEMU's QMP?")
         return str(reply.get("status"))
 
-    def _raise_if_broken(self, status: str) -> None:
+    def _raise_if_stopped(self, status: str, *, powered_off: str = "") -> None:
+        """A `GuestStopped` if QEMU's run state `status` means the guest will not go on.
+
+        `powered_off` is the message for a plain power-off; without one, a power-off is no error.
+        The error only says what happened: `hypervisor_failed` tells the caller (e.g. the
+        accelerator's verdict cache) that the accelerator broke, not the guest.
+        """
         if status == "internal-error":
-            forget_kvm_verdict()
-            raise VmError(
-                f"the guest stopped with a hypervisor error ({self.config.accel.value}): "
-                f"{self.qemu.log_tail(3)}; run again with --accel tcg"
+            message = (
+                f"the guest stopped with a hypervisor error under {self.config.accel.value} "
+                "(see QEMU's output); run again with --accel tcg"
             )
-        if status in ("guest-panicked", "io-error"):
-            raise VmError(f"the guest stopped: QEMU run state {status!r}")
+        elif status in ("guest-panicked", "io-error"):
+            message = f"the guest stopped: QEMU run state {status!r}"
+        elif status == "shutdown" and powered_off:
+            message = powered_off
+        else:
+            return
+        raise self._filled(GuestStopped(message, run_state=status))
 
     async def check_running(self) -> None:
         """A `VmError` saying why if QEMU exited or the guest stopped (hypervisor error, panic)."""
-        status = await self._runstate()
-        self._raise_if_broken(status)
-        if status == "shutdown":
-            raise VmError("the guest powered off")
+        with self._failures_filled():
+            status = await self._runstate()
+            self._raise_if_stopped(status, powered_off="the guest powered off")
 
     async def _watch_qemu(self) -> None:
         """Return only by raising: QEMU exited, or the guest stopped for good."""
         while True:
             status = await self._runstate()
-            if status in ("shutdown", "internal-error", "guest-panicked", "io-error"):
-                self._raise_if_broken(status)
-                raise VmError("the guest powered off before the awaited state was seen")
+            self._raise_if_stopped(
+                status, powered_off="the guest powered off before the awaited state was seen"
+            )
             await asyncio.sleep(0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing the accelerator
-
-
-KVM_PROBE_BOOT_TIMEOUT = 60.0
-# Broken KVM here kills stock Debian kernels 60-150 s into a boot (facts §6): a probe that only
-# boots would pass and the real run would die later, so the probe keeps the guest busy this long.
-KVM_PROBE_SOAK_SECONDS = 180.0
-
-
-def _kvm_verdict_path() -> Path:
-    return cache_root() / "kvm-verdict.json"
-
-
-def _host_identity() -> dict[str, str]:
-    """What the KVM verdict depends on: host kernel, QEMU build, CPU model."""
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    qemu = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        qemu = subprocess.run(
-            [DEFAULT_QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.splitlines()[0]
-    return {"kernel": os.uname().release, "qemu": qemu, "cpu": cpu}
-
-
-def forget_kvm_verdict() -> None:
-    with contextlib.suppress(OSError):
-        _kvm_verdict_path().unlink()
-
-
-async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
-    """Boot `image` under KVM and keep it busy; None if KVM held up, else what went wrong."""
-    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.KVM)
-    vm = Vm(config)
-    try:
-        async with vm:
-            await vm.console.wait_for(SHELL_PROMPT, KVM_PROBE_BOOT_TIMEOUT, what="a shell")
-            progress(f"accel: KVM booted the probe guest; soaking {KVM_PROBE_SOAK_SECONDS:.0f} s")
-            deadline = time.monotonic() + KVM_PROBE_SOAK_SECONDS
-            while time.monotonic() < deadline:
-                try:
-                    await vm.run("sha256sum /usr/bin/* >/dev/null 2>&1; uptime", timeout=60)
-                except VmError:
-                    await vm.check_running()  # the hypervisor's error says more than a timeout
-                    raise
-                await vm.check_running()
-            return None
-    except HarnessError as e:
-        # Keep what QEMU said (the reason), not the launcher's framing or its pty notice.
-        said = str(e).splitlines()[0].split("its output: ", 1)[-1].split(" | ")
-        reason = " | ".join(part for part in said if "redirected to" not in part)[:300]
-        if vm._qemu is None and not isinstance(e, QemuError):
-            # Failed before QEMU ran (the VM lock, the overlay): says nothing about KVM.
-            raise KvmProbeInconclusive(reason) from e
-        return reason
-
-
-class KvmProbeInconclusive(HarnessError):
-    """The KVM probe could not run its guest; no verdict on KVM, so none is cached."""
-
-
-async def choose_accel(
-    requested: Accel, image: GuestImage | None, progress: Progress = print
-) -> AccelChoice:
-    """The accelerator to use and why. `auto` picks KVM only if a probe boot held up here."""
-    if requested is Accel.TCG:
-        return AccelChoice(Accel.TCG, "TCG requested")
-    if requested is Accel.KVM:
-        return AccelChoice(Accel.KVM, "KVM requested (not probed)")
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return AccelChoice(Accel.TCG, "TCG: /dev/kvm is missing or not usable by this user")
-    identity = _host_identity()
-    path = _kvm_verdict_path()
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(path.read_text())
-        if cached.get("host") == identity:
-            return _choice_from(cached.get("error"), f"cached probe verdict in {path}")
-    if image is None:
-        return AccelChoice(Accel.TCG, "TCG: no guest image to probe KVM with")
-    progress("accel: /dev/kvm exists; probing whether KVM really runs a guest here")
-    try:
-        error = await probe_kvm(image, progress)
-    except KvmProbeInconclusive as e:
-        return AccelChoice(Accel.TCG, f"TCG: the KVM probe could not run ({e}); nothing cached")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps({"host": identity, "error": error}, indent=2) + "\n")
-    os.replace(partial, path)
-    return _choice_from(error, "probe boot just now")
-
-
-def _choice_from(error: object, source: str) -> AccelChoice:
-    if error is None:
-        return AccelChoice(Accel.KVM, f"KVM: a probe guest booted and held up ({source})")
-    return AccelChoice(Accel.TCG, f"TCG: KVM failed a probe boot here ({source}): {error}")

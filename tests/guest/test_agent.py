@@ -188,8 +188,43 @@ def test_a_lost_port_is_logged_once_and_found_again(
         code, err = stop(proc)
     assert code == 0
     assert err.count("could not write") == 1, err
-    # It looked again with back-off instead of spinning: a handful of log lines, not hundreds.
+    # Looking again is quiet: a handful of log lines, not one per look.
     assert len(err.splitlines()) < 10, err
+
+
+def test_a_lost_port_is_looked_for_with_back_off_up_to_the_max(
+    tree: PortTree, live_port: LivePort, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    tree.link(PORT_NAME, live_port.device)
+    agent_ = Agent(AgentConfig(refresh=1.0, roots=tree.roots), Notifier(None, "none"), _quiet())
+    delays: list[float | None] = []
+
+    def sleep(seconds: float | None) -> int | None:
+        """Instead of waiting: note the delay, and play the port's unplug and return."""
+        delays.append(seconds)
+        if len(delays) == 1:
+            (tree.dev_root / PORT_NAME).unlink()  # after the first STARTED: unplugged
+        if len(delays) == 8:
+            tree.link(PORT_NAME, live_port.device)  # plugged in again
+        return signal.SIGTERM if len(delays) == 10 else None
+
+    monkeypatch.setattr(agent_, "_sleep", sleep)
+    assert agent_._report_loop()
+    scan, most = agent_module._SCAN_INTERVAL, agent_module._MAX_SCAN_INTERVAL
+    # The refresh; then, port gone, each look waits twice as long as the last, up to the max;
+    # found again, the refresh.
+    looks = [min(scan * 2**n, most) for n in range(7)]
+    assert looks == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert delays == [1.0, *looks, 1.0, 1.0]
+    assert live_port.read_lines(timeout=1) == [STARTED] * 3
+
+
+def _quiet() -> logging.Logger:
+    log = logging.getLogger("test-agent-quiet")
+    log.addHandler(logging.NullHandler())
+    log.propagate = False
+    return log
 
 
 def test_sighup_looks_for_the_port_again(

@@ -11,11 +11,12 @@ import contextlib
 from pathlib import Path
 from typing import AsyncIterator, Dict
 
+from lxd_agent.host.accel import Accel
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
-from lxd_agent.host.vm import Accel, DirectBoot, Vm, VmConfig
+from lxd_agent.host.vm import DirectBoot, Vm, VmConfig
 from lxd_agent.protocol import STOPPED
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")

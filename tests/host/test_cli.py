@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host import cli, vm
+from lxd_agent.host import cli, vm, vmlock
+from lxd_agent.host.accel import Accel
+from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
-from lxd_agent.host.vm import Accel, DirectBoot, VmConfig, VmFiles, qemu_args
+from lxd_agent.host.vm import DirectBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 
 
@@ -108,70 +110,8 @@ def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> 
     config, files = _config(tmp_path, Accel.KVM)
     assert "-accel kvm -cpu host" in " ".join(qemu_args(config, files))
     undecided, _ = _config(tmp_path, Accel.AUTO)
-    with pytest.raises(vm.VmError, match="choose_accel"):
+    with pytest.raises(VmError, match="choose_accel"):
         qemu_args(undecided, files)
-
-
-def test_auto_without_usable_dev_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, None, print))
-    assert choice.accel is Accel.TCG and "/dev/kvm" in choice.reason
-
-
-@pytest.fixture
-def kvm_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where the KVM verdict is cached, in a cache of this test's own; /dev/kvm looks usable."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(os, "access", lambda path, mode: True)
-    verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
-    verdict.parent.mkdir()
-    return verdict
-
-
-def test_auto_uses_a_cached_kvm_verdict_for_this_host(
-    kvm_verdict: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    verdict = kvm_verdict
-
-    async def no_probe(*_: object) -> str | None:
-        raise AssertionError("probed although a verdict was cached")
-
-    monkeypatch.setattr(vm, "probe_kvm", no_probe)
-    host = vm._host_identity()
-    verdict.write_text(json.dumps({"host": host, "error": "KVM internal error"}))
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, None, print))
-    assert choice.accel is Accel.TCG and "KVM internal error" in choice.reason
-    verdict.write_text(json.dumps({"host": host, "error": None}))
-    assert asyncio.run(vm.choose_accel(Accel.AUTO, None, print)).accel is Accel.KVM
-
-
-def test_a_verdict_from_another_host_is_not_trusted(
-    tmp_path: Path, kvm_verdict: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    verdict = kvm_verdict
-    verdict.write_text(json.dumps({"host": {"kernel": "other"}, "error": None}))
-    probed: list[GuestImage] = []
-
-    async def failing_probe(image: GuestImage, progress: object) -> str | None:
-        probed.append(image)
-        return "emulation failure"
-
-    monkeypatch.setattr(vm, "probe_kvm", failing_probe)
-    image = GuestImage(tmp_path / "image")
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
-    assert probed == [image]
-    assert choice.accel is Accel.TCG
-    assert json.loads(verdict.read_text())["error"] == "emulation failure"
-
-
-def test_a_probe_that_could_not_run_its_guest_caches_no_verdict(
-    tmp_path: Path, kvm_verdict: Path
-) -> None:
-    # The real probe, failing before QEMU runs: the image it is given has no disk.
-    image = GuestImage(tmp_path / "no-image")
-    choice = asyncio.run(vm.choose_accel(Accel.AUTO, image, print))
-    assert choice.accel is Accel.TCG and "nothing cached" in choice.reason, choice.reason
-    assert not kvm_verdict.exists()
 
 
 def test_the_seed_carries_the_package_and_installs_it(fake_deb: Path, tmp_path: Path) -> None:
@@ -191,8 +131,8 @@ def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(vm, "VM_LOCK_TIMEOUT", 0.6)
-    lock_path = vm.vm_lock_path()
+    monkeypatch.setattr(vmlock, "VM_LOCK_TIMEOUT", 0.6)
+    lock_path = vmlock.vm_lock_path()
     lock_path.parent.mkdir(parents=True)
     config, _ = _config(tmp_path, Accel.TCG)
     messages: list[str] = []
@@ -203,7 +143,7 @@ def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
             async with vm.Vm(config, progress=messages.append):
                 raise AssertionError("started while another VM held the lock")
 
-        with pytest.raises(vm.VmError, match="another harness VM"):
+        with pytest.raises(VmError, match="another harness VM"):
             asyncio.run(second())
     assert any("waiting for another harness VM" in m for m in messages)
     assert not list(tmp_path.glob("lxd-agent-vm-*"))
@@ -219,7 +159,79 @@ def test_the_vm_lock_is_free_again_after_a_failed_start(
         async with vm.Vm(config):
             raise AssertionError("started without an image")
 
-    with pytest.raises(vm.VmError, match="overlay"):
+    with pytest.raises(VmError, match="overlay"):
         asyncio.run(start())
-    with vm.vm_lock_path().open("a") as lock:
+    with vmlock.vm_lock_path().open("a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
+
+
+def test_a_stopped_guest_is_a_typed_error_and_leaves_the_kvm_verdict_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
+    verdict.parent.mkdir()
+    verdict.write_text("{}")
+    config, _ = _config(tmp_path, Accel.KVM)
+    machine = vm.Vm(config)
+    with pytest.raises(GuestStopped, match="hypervisor error under kvm") as caught:
+        machine._raise_if_stopped("internal-error")
+    assert caught.value.run_state == "internal-error" and caught.value.hypervisor_failed
+    assert verdict.exists()  # forgetting it is the accelerator's decision, not the VM's
+    machine._raise_if_stopped("shutdown")  # a power-off is no error unless the caller says so
+    with pytest.raises(GuestStopped) as caught:
+        machine._raise_if_stopped("shutdown", powered_off="the guest powered off")
+    assert caught.value.run_state == "shutdown" and not caught.value.hypervisor_failed
+    assert not machine.qemu_started
+
+
+def test_a_failure_prints_its_line_then_what_the_error_carries() -> None:
+    error = VmError(
+        "no STARTED within 5 s",
+        console_tail=["login: root"],
+        qemu_output=["qemu: warning"],
+        timeline=["    0.000s  note   QEMU started"],
+    )
+    lines = cli.failure_lines(error)
+    assert lines[0] == "FAILED: no STARTED within 5 s"
+    for section, line in [
+        ("--- QEMU's output (last lines) ---", "qemu: warning"),
+        ("--- console (last lines) ---", "login: root"),
+        ("--- timeline (seconds since QEMU start) ---", "    0.000s  note   QEMU started"),
+    ]:
+        assert lines[lines.index(section) + 1] == line
+    assert cli.failure_lines(QemuError("exited", output=["bad option"]))[1:] == [
+        "--- QEMU's output ---",
+        "bad option",
+    ]
+    assert cli.failure_lines(MonitorTimeout("no STARTED", timeline=["t"]))[-1] == "t"
+    assert cli.failure_lines(HarnessError("plain")) == ["FAILED: plain"]
+
+
+def test_an_error_from_a_running_vm_carries_console_qemu_output_and_timeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Seen:
+        """Stands in for the console, QEMU and the monitor of a VM that ran for a while."""
+
+        def tail_lines(self, lines: int) -> list[str]:
+            return ["login: root"]
+
+        def output_tail(self, lines: int) -> list[str]:
+            return ["qemu: warning"]
+
+        def render_timeline(self) -> list[str]:
+            return ["    0.000s  note   QEMU started"]
+
+    config, _ = _config(tmp_path, Accel.TCG)
+    machine = vm.Vm(config)
+    for part in ("_console", "_qemu", "_monitor"):
+        monkeypatch.setattr(machine, part, Seen())
+    error = machine.error("no STARTED")
+    assert str(error) == "no STARTED"
+    assert error.console_tail == ["login: root"]
+    assert error.qemu_output == ["qemu: warning"]
+    assert error.timeline == ["    0.000s  note   QEMU started"]
+    # What the raiser already knew is kept.
+    own = machine._filled(VmError("console closed", console_tail=["its own"]))
+    assert own.console_tail == ["its own"] and own.qemu_output == ["qemu: warning"]

@@ -162,8 +162,9 @@ def test_qemu_refuses_the_sizes_the_layout_check_refuses(size: int) -> None:
         async with QemuProcess([*MACHINE_NONE, "-chardev", f"ringbuf,id=r,size={size}"]):
             pass
 
-    with pytest.raises(QemuError, match="must be power of two"):
+    with pytest.raises(QemuError, match="exited with status 1") as caught:
         run(start())
+    assert any("must be power of two" in line for line in caught.value.output)
     with pytest.raises(LayoutError):
         check_ring_size(size)
 
@@ -181,5 +182,6 @@ def test_qemu_refuses_a_second_port_on_one_chardev() -> None:
         async with QemuProcess(args):
             pass
 
-    with pytest.raises(QemuError, match="Device 'shared' is in use"):
+    with pytest.raises(QemuError) as caught:
         run(start())
+    assert any("Device 'shared' is in use" in line for line in caught.value.output)

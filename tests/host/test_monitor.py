@@ -129,8 +129,7 @@ def test_qmp_event_triggers_a_read_without_waiting_for_the_timer() -> None:
             kinds = [(e.kind, e.text.split()[0]) for e in mon.timeline.entries]
             assert (EntryKind.EVENT, "RESUME") in kinds
             assert any(
-                e.kind is EntryKind.READ and e.text.endswith("[event]")
-                for e in mon.timeline.entries
+                e.kind is EntryKind.READ and e.trigger == "RESUME" for e in mon.timeline.entries
             )
             return entry.seconds
 
@@ -143,10 +142,41 @@ def test_timer_reads_when_no_event_comes() -> None:
             await write_ring(qemu, "ring", b"STOPPED\n")
             entry = await mon.wait_for(STOPPED, timeout=5.0)
             read = [e for e in mon.timeline.entries if e.kind is EntryKind.READ]
-            assert read[-1].text.endswith("[timer]")
+            assert read[-1].trigger == "idle 0.1 s"
+            assert read[-1].render().endswith("[idle 0.1 s]")
             return entry.text
 
     assert run(scenario()) == f"unknown -> {STOPPED}"
+
+
+def test_every_qmp_event_whatever_its_type_sets_off_a_read_named_after_it() -> None:
+    """LXD's host reads after any QMP event, not only VSERPORT_CHANGE (facts §1)."""
+
+    async def scenario() -> list[tuple[str | None, str | None]]:
+        async with monitored_ring(poll_interval=600.0) as (qemu, mon):
+            await write_ring(qemu, "ring", b"STARTED\n")
+            await qemu.qmp.execute("stop")  # QEMU emits STOP
+            await mon.wait_for(STARTED, timeout=5.0)
+            await write_ring(qemu, "ring", b"STOPPED\n")
+            await qemu.qmp.execute("cont")  # QEMU emits RESUME
+            await mon.wait_for(STOPPED, timeout=5.0)
+            await write_ring(qemu, "ring", b"CONNECTED\n")
+            await mon.read_rings("guest off")  # a caller's own reason
+            return [(e.trigger, e.port) for e in mon.timeline.entries if e.kind is EntryKind.READ]
+
+    assert run(scenario()) == [("STOP", PORT_NAME), ("RESUME", PORT_NAME), ("guest off", PORT_NAME)]
+
+
+def test_the_first_read_is_at_start_and_the_idle_read_comes_after_lxds_10_s() -> None:
+    assert monitor_module.DEFAULT_POLL_SECONDS == 10.0
+
+    async def scenario() -> list[str | None]:
+        async with ring_qemu("ring") as qemu:
+            await write_ring(qemu, "ring", b"STARTED\n")
+            async with RingbufMonitor(qemu.qmp, [Ring(PORT_NAME, "ring")]) as mon:
+                return [e.trigger for e in mon.timeline.entries if e.kind is EntryKind.READ]
+
+    assert run(scenario()) == ["start"]
 
 
 def test_initial_read_sees_what_was_written_before_the_monitor_started() -> None:
@@ -173,8 +203,10 @@ def test_wait_for_timeout_says_what_and_shows_the_timeline() -> None:
         run(scenario())
     message = str(caught.value)
     assert f"no {STARTED} on {PORT_NAME} within 0.3 s" in message
-    assert "QEMU started" in message
-    assert "'CONNECTED\\n' (no change)" in message
+    assert "\n" not in message and "CONNECTED" not in message  # the timeline is a field
+    timeline = caught.value.timeline
+    assert any(line.endswith("note   QEMU started") for line in timeline), timeline
+    assert any("'CONNECTED\\n' (no change)" in line for line in timeline), timeline
 
 
 def test_wait_for_rejects_a_port_without_ring_and_an_unknown_state() -> None:
@@ -216,8 +248,9 @@ def test_monitor_fails_fast_when_qemu_goes_away() -> None:
             await qemu.qmp.execute("quit")
             loop = asyncio.get_running_loop()
             start = loop.time()
-            with pytest.raises(MonitorError, match="stopped reading the rings"):
+            with pytest.raises(MonitorError, match="stopped reading the rings") as caught:
                 await mon.wait_for(STARTED, timeout=20.0)
+            assert any("monitor stopped" in line for line in caught.value.timeline)
             return loop.time() - start
 
     assert run(scenario()) < 10.0

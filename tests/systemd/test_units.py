@@ -7,6 +7,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, List
+
+import pytest
 
 from lxd_agent.protocol import CANDIDATE_PORT_NAMES
 
@@ -50,22 +53,137 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+# -- what the unit file says ---------------------------------------------------------------------
+
+Unit = Dict[str, Dict[str, List[str]]]
+
+
+def parse_unit(text: str) -> Unit:
+    """A unit file as systemd reads it: sections of keys, each with every value it was given.
+
+    Comments and blank lines are skipped and continued lines joined; an empty assignment
+    resets the key, as in systemd (`CapabilityBoundingSet=` then holds `[""]`).
+    """
+    unit: Unit = {}
+    section: dict[str, list[str]] | None = None
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            assert line[1:-1] not in unit, f"section {line} twice"
+            section = unit[line[1:-1]] = {}
+            continue
+        assert section is not None and "=" in line, f"not a unit file line: {line!r}"
+        key, value = (part.strip() for part in line.split("=", 1))
+        section[key] = [value] if value == "" else [*section.get(key, []), value]
+    return unit
+
+
+@pytest.fixture(scope="module")
+def unit() -> Unit:
+    return parse_unit(UNIT.read_text())
+
+
+def words(unit: Unit, section: str, key: str) -> list[str]:
+    return " ".join(unit[section].get(key, [])).split()
+
+
+def test_unit_has_only_the_sections_it_needs(unit: Unit) -> None:
+    # No [Install]: udev starts the unit when a port appears; enabling it would start it on
+    # machines without a port and make dpkg wait for it.
+    assert list(unit) == ["Unit", "Service"]
+
+
+def test_unit_is_skipped_where_no_port_can_be_used(unit: Unit) -> None:
+    # No VM, or no virtio port at all: systemd skips the unit without running anything (sysfs,
+    # so a port udev did not link counts).
+    assert unit["Unit"]["ConditionVirtualization"] == ["vm"]
+    assert unit["Unit"]["ConditionPathExistsGlob"] == ["/sys/class/virtio-ports/vport*"]
+    # Ports, but none usable (Incus's stub): the probe skips it (exit 1) instead of a 30 s wait.
+    assert unit["Service"]["ExecCondition"] == ["/usr/bin/lxd-agent probe"]
+
+
+def test_unit_comes_up_before_cloud_init_and_goes_down_late_in_shutdown(unit: Unit) -> None:
+    section = unit["Unit"]
+    # Without default dependencies it can start before basic.target, so it needs its own
+    # ordering and its own stop at shutdown.
+    assert section["DefaultDependencies"] == ["no"]
+    assert {"local-fs.target", "systemd-journald.socket"} <= set(words(unit, "Unit", "After"))
+    before = set(words(unit, "Unit", "Before"))
+    assert {"multi-user.target", "cloud-init-local.service"} <= before
+    # Stopped (and STOPPED written) at shutdown, before the file systems go.
+    assert {"shutdown.target", "umount.target"} <= before
+    assert words(unit, "Unit", "Conflicts") == ["shutdown.target"]
+    # Restarts are bounded: a broken agent does not loop for ever.
+    assert section["StartLimitIntervalSec"] and section["StartLimitBurst"]
+
+
+def test_unit_tells_ready_only_when_started_is_written_and_writes_stopped_however_it_ends(
+    unit: Unit,
+) -> None:
+    service = unit["Service"]
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert service["ExecStart"] == ["/usr/bin/lxd-agent run"]
+    (post,) = service["ExecStopPost"]
+    # `-`: a failed last write must not fail the stop; bounded, so it never holds up shutdown.
+    assert post.startswith("-/usr/bin/lxd-agent status write STOPPED --timeout ")
+    assert service["Restart"] == ["on-failure"]
+    assert service["WatchdogSec"] and service["TimeoutStopSec"] and service["TimeoutStartSec"]
+
+
+def test_unit_may_write_only_virtio_ports_and_keeps_no_privilege(unit: Unit) -> None:
+    service = unit["Service"]
+    # Root only because the port is 0600 root:root; nothing else.
+    assert "User" not in service and "DynamicUser" not in service
+    assert service["CapabilityBoundingSet"] == [""] and service["AmbientCapabilities"] == [""]
+    assert service["NoNewPrivileges"] == ["yes"]
+    # The one device it may open: the virtio ports, write only.
+    assert service["DevicePolicy"] == ["closed"]
+    assert service["DeviceAllow"] == ["char-virtio-portsdev w"]
+    assert service["ProtectSystem"] == ["strict"] and service["ProtectHome"] == ["yes"]
+    # No network: journald and the notify socket only.
+    assert service["PrivateNetwork"] == ["yes"]
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert service["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+
+
+# -- the udev rule ------------------------------------------------------------------------------
+
+RULE_TOKEN = re.compile(r'\s*([A-Z_]+(?:\{[^}]*\})?)\s*(==|!=|\+=|-=|:=|=)\s*"([^"]*)"\s*(?:,|$)')
+
+
+def parse_rule(line: str) -> list[tuple[str, str, str]]:
+    """One udev rule as (key, operator, value) tokens; fails on anything else in the line."""
+    tokens: list[tuple[str, str, str]] = []
+    position = 0
+    while position < len(line):
+        match = RULE_TOKEN.match(line, position)
+        assert match, f"not a udev rule token at {line[position:]!r}"
+        tokens.append((match.group(1), match.group(2), match.group(3)))
+        position = match.end()
+    return tokens
+
+
 def test_udev_rule_starts_the_unit_for_both_port_names() -> None:
     rules = [line for line in RULE.read_text().splitlines() if line and not line.startswith("#")]
     assert len(rules) == 1
-    rule = rules[0]
-    assert 'SUBSYSTEM=="virtio-ports"' in rule
-    names = re.search(r'ATTR\{name\}=="([^"]+)"', rule)
-    assert names and tuple(names.group(1).split("|")) == CANDIDATE_PORT_NAMES
-    assert 'TAG+="systemd"' in rule
-    assert f'ENV{{SYSTEMD_WANTS}}+="{UNIT.name}"' in rule
-    # The node stays 0600 root:root: the rule must not loosen it.
-    assert not re.search(r"\b(MODE|OWNER|GROUP)\b", rule)
+    tokens = parse_rule(rules[0])
+    matches = [(key, value) for key, op, value in tokens if op in ("==", "!=")]
+    assigns = [(key, op, value) for key, op, value in tokens if op not in ("==", "!=")]
+    # Any virtio port named by one of LXD's names, on every event (add at coldplug or hotplug).
+    assert matches[0] == ("SUBSYSTEM", "virtio-ports")
+    assert [key for key, _ in matches] == ["SUBSYSTEM", "ATTR{name}"]
+    assert tuple(matches[1][1].split("|")) == CANDIDATE_PORT_NAMES
+    # systemd sees the device and wants the unit: exactly this unit, added to the list.
+    assert assigns == [
+        ("TAG", "+=", "systemd"),
+        ("ENV{SYSTEMD_WANTS}", "+=", UNIT.name),
+    ]
+    # Nothing else: no MODE, OWNER or GROUP, so the node stays 0600 root:root.
 
 
-def test_unit_is_skipped_where_no_port_can_be_used() -> None:
-    unit = UNIT.read_text()
-    # No virtio port at all: systemd skips the unit without running anything.
-    assert "\nConditionPathExistsGlob=/sys/class/virtio-ports/vport*\n" in unit
-    # Ports, but none usable (Incus's stub): the probe skips it (exit 1) instead of a 30 s wait.
-    assert "\nExecCondition=/usr/bin/lxd-agent probe\n" in unit
+def test_udev_rule_runs_after_the_port_is_named_and_before_systemds_rule() -> None:
+    # 50-udev-default.rules links /dev/virtio-ports/NAME; 99-systemd.rules acts on the tag.
+    number = int(RULE.name.split("-", 1)[0])
+    assert 50 < number < 99

@@ -1,0 +1,33 @@
+"""Tests for lxd_agent.host.console: the serial console on a pty, without a guest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import re
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host.console import SerialConsole
+from lxd_agent.host.errors import VmError
+
+
+def test_a_console_wait_that_times_out_carries_the_console_tail(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
+            os.write(master, b"Welcome to Debian\r\n\x1b[1mlast line\x1b[0m\r\n")
+
+            async def wait() -> None:
+                await console.wait_for(re.compile(rb"login: "), 0.5, what="a login prompt")
+
+            with pytest.raises(VmError, match=r"waited 0\.5 s for .a login prompt.") as caught:
+                asyncio.run(wait())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert caught.value.console_tail[-2:] == ["Welcome to Debian", "last line"]
+    assert "last line" not in str(caught.value)
+    assert (tmp_path / "console.log").read_bytes().startswith(b"Welcome to Debian")
