@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from lxd_agent.guest.agent import Agent, AgentConfig
 from lxd_agent.guest.notify import Notifier
 from lxd_agent.guest.ports import PortGone
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.guest.conftest import DeadPort, LivePort, PortTree
+from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli
 
 
 class NotifySocket:
@@ -72,7 +71,8 @@ def agent(
         environ["NOTIFY_SOCKET"] = str(notify.path)
     environ.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lxd_agent.guest", "run", *tree.cli_args(), *args],
+        [*CLI, "run", *tree.cli_args(), *args],
+        cwd=REPO,
         env=environ,
         stderr=subprocess.PIPE,
         text=True,
@@ -248,8 +248,7 @@ def test_stop_hook_writes_stopped_after_the_agent_was_killed(
         code, _ = stop(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert STOPPED not in live_port.read_lines(timeout=0.5)
-    hook = [sys.executable, "-m", "lxd_agent.guest", "status", "write", STOPPED]
-    result = subprocess.run(hook + tree.cli_args(), capture_output=True, text=True, timeout=10)
+    result = run_cli("status", "write", STOPPED, *tree.cli_args(), timeout=10)
     assert result.returncode == 0, result.stderr
     assert live_port.read_lines(timeout=2) == [STOPPED]
 

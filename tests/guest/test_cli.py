@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,16 +11,7 @@ import pytest
 from lxd_agent import __version__
 from lxd_agent.guest import cli
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STOPPED
-from tests.guest.conftest import DeadPort, LivePort, PortTree
-
-
-def lxd_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lxd_agent.guest", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+from tests.guest.conftest import DeadPort, LivePort, PortTree, run_cli
 
 
 @pytest.mark.parametrize(
@@ -43,7 +32,7 @@ def lxd_agent(*args: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_input_gets_one_line_and_exit_status_2(args: list[str], expected: str) -> None:
-    result = lxd_agent(*args)
+    result = run_cli(*args)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -52,9 +41,9 @@ def test_bad_input_gets_one_line_and_exit_status_2(args: list[str], expected: st
 
 
 def test_version_and_help() -> None:
-    assert lxd_agent("--version").stdout.strip() == f"lxd-agent {__version__}"
+    assert run_cli("--version").stdout.strip() == f"lxd-agent {__version__}"
     for args in (["--help"], ["run", "--help"], ["probe", "--help"], ["status", "write", "-h"]):
-        result = lxd_agent(*args)
+        result = run_cli(*args)
         assert result.returncode == 0 and "usage: lxd-agent" in result.stdout
 
 
@@ -63,7 +52,7 @@ def test_probe_shows_each_candidate_and_the_choice(
 ) -> None:
     tree.link(PORT_NAME, dead_port.device)
     tree.link(LEGACY_PORT_NAME, live_port.device)
-    result = lxd_agent("probe", *tree.cli_args())
+    result = run_cli("probe", *tree.cli_args())
     assert result.returncode == 0, result.stderr
     new, legacy, verdict = result.stdout.splitlines()
     assert new.startswith(PORT_NAME) and "char-device=yes  host-connected=no" in new
@@ -77,7 +66,7 @@ def test_probe_shows_each_candidate_and_the_choice(
 def test_probe_exits_1_when_nothing_is_usable(tree: PortTree, tmp_path: Path) -> None:
     (tmp_path / "plain").write_text("")
     tree.link(PORT_NAME, tmp_path / "plain")
-    result = lxd_agent("probe", *tree.cli_args())
+    result = run_cli("probe", *tree.cli_args())
     assert result.returncode == 1
     assert "is a regular file, not a character device" in result.stdout
     assert result.stdout.splitlines()[-1] == "would use: none (no usable port)"
@@ -85,14 +74,14 @@ def test_probe_exits_1_when_nothing_is_usable(tree: PortTree, tmp_path: Path) ->
 
 def test_status_write_writes_one_line(tree: PortTree, live_port: LivePort) -> None:
     tree.link(PORT_NAME, live_port.device)
-    result = lxd_agent("status", "write", STOPPED, *tree.cli_args())
+    result = run_cli("status", "write", STOPPED, *tree.cli_args())
     assert result.returncode == 0, result.stderr
     assert live_port.read_lines(timeout=2) == [STOPPED]
 
 
 def test_status_write_without_a_port_gives_up_quickly(tree: PortTree) -> None:
     began = time.monotonic()
-    result = lxd_agent("status", "write", STOPPED, *tree.cli_args())
+    result = run_cli("status", "write", STOPPED, *tree.cli_args())
     elapsed = time.monotonic() - began
     assert result.returncode == 1
     assert f"no usable port for {STOPPED}: {PORT_NAME}: no such port" in result.stderr
@@ -104,11 +93,11 @@ def test_stop_hook_after_an_execcondition_skip_writes_nothing(
     tree: PortTree, live_port: LivePort
 ) -> None:
     tree.link(PORT_NAME, live_port.device)
-    result = subprocess.run(
-        [sys.executable, "-m", "lxd_agent.guest", "status", "write", STOPPED, *tree.cli_args()],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    result = run_cli(
+        "status",
+        "write",
+        STOPPED,
+        *tree.cli_args(),
         env={**os.environ, "SERVICE_RESULT": "exec-condition"},
     )
     assert (result.returncode, result.stderr) == (0, "")
