@@ -34,6 +34,9 @@ _BUSY_ERRNOS = frozenset({errno.EBUSY})
 
 _MAX_BACKOFF = 0.2
 
+# A port name is short (ours are under 30 bytes); sysfs adds a newline.
+_MAX_NAME_BYTES = 256
+
 
 class PortError(Exception):
     """A status line could not be written; the message names the device and why."""
@@ -104,13 +107,38 @@ def find_device(name: str, roots: PortRoots = PortRoots()) -> str | None:
     except OSError:
         return None
     for entry in entries:
-        try:
-            with open(os.path.join(roots.sys_root, entry, "name"), encoding="utf-8") as f:
-                if f.read().strip() == name:
-                    return os.path.join(roots.dev_dir, entry)
-        except (OSError, UnicodeDecodeError):
-            continue
+        if read_port_name(os.path.join(roots.sys_root, entry, "name")) == name:
+            return os.path.join(roots.dev_dir, entry)
     return None
+
+
+def read_port_name(path: str) -> str | None:
+    """The port name in sysfs file ``path``, or None when it is not a short regular file.
+
+    Opened non-blocking and read with a bound: a FIFO must not hang the agent, and a link
+    to ``/dev/zero`` or a huge file must not eat its memory. Devices are not even opened.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        # Checked again on the open file: the path may have changed since the stat.
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _MAX_NAME_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_NAME_BYTES:
+        return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
 
 
 def _kind(mode: int) -> str:
