@@ -9,6 +9,7 @@ import argparse
 import logging
 import math
 import os
+import stat
 import sys
 import time
 from typing import NoReturn, Sequence
@@ -51,9 +52,14 @@ def _seconds(text: str) -> float:
 
 
 def _directory(text: str) -> str:
-    if not os.path.isdir(text):
-        what = "does not exist" if not os.path.lexists(text) else "is not a directory"
-        raise argparse.ArgumentTypeError(f"{text!r} {what}")
+    try:
+        is_directory = stat.S_ISDIR(os.stat(text).st_mode)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist") from None
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e.strerror}") from None
+    if not is_directory:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
     return text
 
 

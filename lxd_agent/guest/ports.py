@@ -98,18 +98,30 @@ def find_device(name: str, roots: PortRoots = PortRoots()) -> str | None:
 
     udev's symlink comes first; without it (early boot, images without udev rules) the
     port is found by the name the kernel exposes in sysfs, and its node in ``dev_dir``.
+    Raises PortUnusable when a directory cannot be searched: that is not "no such port".
     """
     link = os.path.join(roots.dev_root, name)
-    if os.path.lexists(link):
+    try:
+        os.lstat(link)
         return link
+    except PermissionError:
+        raise _cannot_look_in(roots.dev_root) from None
+    except OSError:
+        pass
     try:
         entries = sorted(os.listdir(roots.sys_root))
+    except PermissionError:
+        raise _cannot_look_in(roots.sys_root) from None
     except OSError:
         return None
     for entry in entries:
         if read_port_name(os.path.join(roots.sys_root, entry, "name")) == name:
             return os.path.join(roots.dev_dir, entry)
     return None
+
+
+def _cannot_look_in(directory: str) -> PortUnusable:
+    return PortUnusable(f"cannot look in {directory}: permission denied (run the agent as root)")
 
 
 def read_port_name(path: str) -> str | None:
@@ -190,7 +202,10 @@ def inspect(name: str, roots: PortRoots = PortRoots(), deadline: float | None = 
 
     A port busy with another opener is retried for up to 0.5 s, or until ``deadline``.
     """
-    device = find_device(name, roots)
+    try:
+        device = find_device(name, roots)
+    except PortUnusable as e:
+        return Candidate(name, None, problem=str(e))
     if device is None:
         return Candidate(
             name,
