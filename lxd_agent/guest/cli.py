@@ -12,7 +12,7 @@ import os
 import stat
 import sys
 import time
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from lxd_agent import __version__
 from lxd_agent.guest.agent import EXIT_NO_PORT, Agent, AgentConfig, describe_port
@@ -35,20 +35,37 @@ EXIT_PROBE_BROKEN = 255
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# Every duration option is bounded. Under 0.1 s the agent would spin (the host sees a line
+# at most once a second anyway); over a day is a typo, and near 1e10 s the kernel's timeouts
+# overflow (a crash after STARTED, and STOPPED never written).
+MIN_SECONDS = 0.1
+MAX_SECONDS = 86400.0
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+def _seconds(zero_means: str | None = None) -> Callable[[str], float]:
+    """An argparse type for a duration in [MIN_SECONDS, MAX_SECONDS], or 0 if ``zero_means``."""
+    allowed = f"{MIN_SECONDS:g} to {MAX_SECONDS:g} seconds"
+    if zero_means is not None:
+        allowed = f"0 ({zero_means}) or {allowed}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        # NaN fails every comparison, so it lands in the error with inf and the rest.
+        if zero_means is not None and value == 0:
+            return 0.0
+        if MIN_SECONDS <= value <= MAX_SECONDS:
+            return value
+        raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+
+    return parse
 
 
 def _directory(text: str) -> str:
@@ -93,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the agent (what the systemd unit starts)")
     run.add_argument(
         "--refresh",
-        type=_seconds,
+        type=_seconds(zero_means="write it once"),
         default=DEFAULT_REFRESH_SECONDS,
         metavar="SECONDS",
         help="rewrite STARTED this often, since the host's reads consume it; 0 writes it "
@@ -101,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--wait",
-        type=_seconds,
+        type=_seconds(zero_means="look once"),
         default=AgentConfig.wait,
         metavar="SECONDS",
         help="how long to wait at start for a usable port (default: %(default)g)",
@@ -122,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("state", choices=STATUS_LINES, metavar="{" + ",".join(STATUS_LINES) + "}")
     write.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_seconds(),
         default=2.0,
         metavar="SECONDS",
         help="give up after this long in all (default: %(default)g)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 
 from lxd_agent import __version__
 from lxd_agent.guest import cli
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STOPPED
-from tests.guest.conftest import DeadPort, LivePort, PortTree, run_cli
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli
 
 
 @pytest.mark.parametrize(
@@ -19,9 +20,9 @@ from tests.guest.conftest import DeadPort, LivePort, PortTree, run_cli
     [
         ([], "missing COMMAND"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
-        (["run", "--refresh", "soon"], "--refresh: expected a number of seconds >= 0, got 'soon'"),
+        (["run", "--refresh", "soon"], "--refresh: expected 0 (write it once) or 0.1 to 86400"),
         (["run", "--refresh", "-1"], "got '-1'"),
-        (["run", "--wait", "nan"], "--wait: expected a number of seconds >= 0, got 'nan'"),
+        (["run", "--wait", "nan"], "--wait: expected 0 (look once) or 0.1 to 86400 seconds"),
         (["run", "--log-level", "loud"], "invalid choice: 'loud'"),
         (["run", "--dev-root", "/nonexistent/x"], "'/nonexistent/x' does not exist"),
         (["probe", "--sys-root", "/etc/hostname"], "'/etc/hostname' is not a directory"),
@@ -38,6 +39,68 @@ def test_bad_input_gets_one_line_and_exit_status_2(args: list[str], expected: st
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("lxd-agent: error: "), result.stderr
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--refresh", "1e-9"),
+        ("--refresh", "0.09"),
+        ("--refresh", "86401"),
+        ("--refresh", "9.3e9"),
+        ("--refresh", "1e10"),
+        ("--refresh", "1e308"),
+        ("--refresh", "inf"),
+        ("--refresh", "nan"),
+        ("--wait", "1e-9"),
+        ("--wait", "1e10"),
+        ("--wait", "86401"),
+    ],
+)
+def test_run_durations_out_of_range_are_refused_before_anything_runs(
+    tree: PortTree, live_port: LivePort, option: str, value: str
+) -> None:
+    # A live port: a value that slipped through would write STARTED here.
+    tree.link(PORT_NAME, live_port.device)
+    result = run_cli("run", option, value, *tree.cli_args(), timeout=10)
+    assert (result.returncode, result.stdout) == (2, "")
+    zero_means = "write it once" if option == "--refresh" else "look once"
+    assert result.stderr.splitlines() == [
+        f"lxd-agent: error: argument {option}: expected 0 ({zero_means}) "
+        f"or 0.1 to 86400 seconds, got '{value}' (see 'lxd-agent run --help')"
+    ]
+    assert live_port.read_lines(timeout=0) == []
+
+
+@pytest.mark.parametrize("value", ["0", "1e-9", "2147484", "1e308", "inf", "nan"])
+def test_status_write_timeout_out_of_range_is_refused(
+    tree: PortTree, live_port: LivePort, value: str
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    result = run_cli("status", "write", STOPPED, "--timeout", value, *tree.cli_args())
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        f"lxd-agent: error: argument --timeout: expected 0.1 to 86400 seconds, got '{value}' "
+        "(see 'lxd-agent status write --help')"
+    ]
+    assert live_port.read_lines(timeout=0) == []
+
+
+@pytest.mark.parametrize("option", ["--refresh", "--wait"])
+def test_run_durations_at_the_bounds_are_accepted(
+    tree: PortTree, live_port: LivePort, option: str
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    for value in ("0.1", "86400"):
+        with subprocess.Popen(
+            [*CLI, "run", option, value, *tree.cli_args()], cwd=REPO, stderr=subprocess.PIPE
+        ) as proc:
+            try:
+                live_port.wait_for(STARTED, timeout=10)
+            finally:
+                proc.terminate()
+            assert proc.wait(timeout=10) == 0
+        assert STOPPED in live_port.wait_for(STOPPED, timeout=5)
 
 
 def test_version_and_help() -> None:
