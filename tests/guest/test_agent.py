@@ -175,6 +175,22 @@ def test_no_port_in_time_exits_1_naming_every_candidate(tree: PortTree, tmp_path
     assert time.monotonic() - began < 15
 
 
+def test_a_port_whose_writes_fail_is_given_up_on_with_the_reason(tree: PortTree) -> None:
+    # /dev/full opens and polls writable, and every write fails with ENOSPC.
+    tree.link(PORT_NAME, "/dev/full")
+    with agent(tree, "--wait", "2") as proc:
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "no usable port after 2 s: " in last
+    assert (
+        f"{PORT_NAME}: {tree.dev_root / PORT_NAME}: write failed: No space left on device" in last
+    )
+    # Retried every half second, but each thing is said once: not once per retry.
+    assert err.count("could not write") == 1, err
+    assert "reporting to" not in err, err
+
+
 def test_a_lost_port_is_logged_once_and_found_again(
     tree: PortTree, live_port: LivePort, live_port2: LivePort
 ) -> None:
