@@ -31,6 +31,9 @@ from lxd_agent.protocol import (
 
 EXIT_OK = 0
 EXIT_NO_PORT = 1
+# Stopped, but STOPPED could not be written: the host may still believe the agent is up.
+# Not 0, so that the stop shows as failed; the unit's ExecStopPost= tries once more.
+EXIT_STOPPED_UNREPORTED = 3
 
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
@@ -85,8 +88,7 @@ class Agent:
         self.log.debug("systemd notifications: %s", self.notifier.backend)
         if not self._report_loop():
             return EXIT_NO_PORT
-        self._stop()
-        return EXIT_OK
+        return EXIT_OK if self._stop() else EXIT_STOPPED_UNREPORTED
 
     def _report_loop(self) -> bool:
         """Report STARTED until a stop signal; False when no port showed up in time."""
@@ -166,13 +168,32 @@ class Agent:
         self.log.debug("wrote %s", line, extra={"LXD_AGENT_STATE": line})
         return True
 
-    def _stop(self) -> None:
+    def _stop(self) -> bool:
+        """Write STOPPED; when it cannot get out, say so and return False."""
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        if self.port is None:
+        port, problem = self.port, ""
+        if port is None:
             # Lost it (or never had one): one last look, so STOPPED still gets out.
-            self.port, _ = find_connected_port(self.config.names, self.config.roots)
-        if self.port is not None and self._write(STOPPED):
-            self.log.info("reported %s", STOPPED, extra={"LXD_AGENT_STATE": STOPPED})
+            port, seen = find_connected_port(self.config.names, self.config.roots)
+            problem = describe_all(seen)
+        if port is not None and port.device is not None:
+            try:
+                write_line(port.device, STOPPED, self.config.write_timeout)
+            except PortError as e:
+                problem = f"{port.name}: {e}"
+            else:
+                self.log.info("reported %s", STOPPED, extra={"LXD_AGENT_STATE": STOPPED})
+                return True
+        self.log.error(
+            "could not write %s: %s; exiting with status %d (the unit's ExecStopPost= "
+            "tries once more; check the port with 'lxd-agent probe')",
+            STOPPED,
+            problem,
+            EXIT_STOPPED_UNREPORTED,
+            extra={"LXD_AGENT_STATE": STOPPED},
+        )
+        self.notifier.notify(f"STATUS=stopped without writing {STOPPED}: {problem}")
+        return False
 
     def _sleep(self, seconds: float | None) -> int | None:
         """Wait ``seconds`` (None: until a signal), pinging the watchdog; return the signal."""

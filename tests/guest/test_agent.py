@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -114,6 +116,44 @@ def test_sigterm_reports_stopping_then_stopped_and_exits_0(
         notify.wait_for("STOPPING=1", timeout=5)
         assert code == 0
         assert live_port.read_lines(timeout=2) == [STOPPED]
+
+
+def _fill(device: str) -> None:
+    """Write to the port until it takes no more, as a host that never reads would leave it.
+
+    A pty moves what was written on to its master's side a moment later, making room again:
+    full means still unwritable after a while.
+    """
+    fd = os.open(device, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(fd, b"F\n" * 512)
+            if not poller.poll(300):
+                return
+        raise AssertionError(f"{device} never filled up")
+    finally:
+        os.close(fd)
+
+
+def test_a_stop_that_cannot_write_stopped_says_so_and_exits_3(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, "--refresh", "0", notify=notify) as proc:
+        notify.wait_for("READY=1")
+        _fill(live_port.device)
+        code, err = stop(proc)
+        assert code == 3, err
+        status = notify.wait_for("STATUS=stopped without writing STOPPED", timeout=5)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"lxd-agent: could not write {STOPPED}: {PORT_NAME}: "), err
+    assert "not writable within 2 s; exiting with status 3" in last
+    assert "not writable within 2 s" in status
+    assert STOPPED not in live_port.read_lines(timeout=0.5)
 
 
 def test_sigint_stops_like_sigterm(tree: PortTree, live_port: LivePort) -> None:
