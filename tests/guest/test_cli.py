@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from lxd_agent import __version__
-from lxd_agent.guest import cli
+from lxd_agent.guest import commands
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli
 
@@ -173,7 +176,129 @@ def test_a_broken_probe_fails_the_unit_instead_of_skipping_it(
     def broken(**_: object) -> list[object]:
         raise RuntimeError("surprise")
 
-    monkeypatch.setattr(cli, "survey", broken)
+    monkeypatch.setattr(commands, "survey", broken)
     # ExecCondition= skips on 1-254 and fails on 255.
-    assert cli.main(["probe", *tree.cli_args()]) == 255
+    assert commands.main(["probe", *tree.cli_args()]) == 255
     assert "probe failed: RuntimeError: surprise" in capsys.readouterr().err
+
+
+# Runs the CLI as `python -m lxd_agent.guest` does, but sends itself signal N (argv[1]) the
+# moment the commands start loading argparse: a signal in the entry point's first milliseconds,
+# at a known point instead of a lucky one.
+SIGNAL_DURING_START = """
+import os, runpy, sys
+
+signo = int(sys.argv.pop(1))
+
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "argparse":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signo)
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+runpy.run_module("lxd_agent.guest", run_name="__main__", alter_sys=True)
+"""
+
+
+ALL_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+def _start_with_signal(signo: int, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_DURING_START, str(int(signo)), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stop_signal_while_run_starts_is_held_until_started_then_stopped(
+    tree: PortTree, live_port: LivePort, signo: signal.Signals
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with _start_with_signal(signo, "run", "--refresh", "0", *tree.cli_args()) as proc:
+        try:
+            _, err = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert (proc.returncode, err) == (
+        0,
+        f"lxd-agent: reporting to {PORT_NAME} "
+        f"({tree.dev_root / PORT_NAME})\nlxd-agent: reported {STOPPED}\n",
+    )
+    assert live_port.read_lines(timeout=2) == [STARTED, STOPPED]
+
+
+def test_a_sighup_while_run_starts_is_a_look_again_not_a_death(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with _start_with_signal(signal.SIGHUP, "run", "--refresh", "0", *tree.cli_args()) as proc:
+        try:
+            live_port.wait_for(STARTED, timeout=10)
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGHUP: looking for the port again" in err
+    assert live_port.wait_for(STOPPED, timeout=2)[-1] == STOPPED
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_while_a_one_shot_command_starts_ends_it_quietly(
+    tree: PortTree, signo: signal.Signals
+) -> None:
+    with _start_with_signal(signo, "probe", *tree.cli_args()) as proc:
+        try:
+            out, err = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    # The default action, once the command is known: no traceback, no half-printed table.
+    assert (proc.returncode, out, err) == (-signo, "", "")
+
+
+@pytest.mark.parametrize("signo", ALL_SIGNALS, ids=lambda s: s.name)
+def test_signals_right_after_exec_never_give_a_traceback_or_a_started_without_stopped(
+    tree: PortTree, live_port: LivePort, signo: signal.Signals
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    run_args = ["--refresh", "0", *tree.cli_args()]
+    for delay in (0, 0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12):
+        # -S: without site, whose start here (this venv's editable installs) is not the
+        # guest's; the agent needs nothing from site-packages.
+        with subprocess.Popen(
+            [sys.executable, "-S", "-m", "lxd_agent.guest", "run", *run_args],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            lines: list[str] = []
+            try:
+                time.sleep(delay)
+                proc.send_signal(signo)
+                if signo == signal.SIGHUP:
+                    # A look again if it came in time, else the default death; then stop it.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=0.5)
+                    if proc.returncode is None:
+                        lines += live_port.wait_for(STARTED, timeout=10)
+                        proc.terminate()
+                _, err = proc.communicate(timeout=15)
+            finally:
+                proc.kill()
+        lines += live_port.read_lines(timeout=0.5)
+        what = f"after {delay * 1000:g} ms: exit {proc.returncode}, wrote {lines}, stderr {err!r}"
+        # Held from our first line on: then STARTED is followed by STOPPED and exit 0. Before
+        # it, in the interpreter's own start (runpy here, site and the console script's
+        # `import re` in a guest), a signal does what it does to any Python program, and
+        # nothing is written; a traceback through our code would mean the mask came late.
+        assert "lxd_agent" not in err, what
+        if proc.returncode == 0:
+            assert lines and lines[0] == STARTED and lines[-1] == STOPPED, what
+        else:
+            assert lines == [], what
