@@ -70,7 +70,7 @@ def _bare_interpreter() -> tuple[float, int]:
 
 def _imported_modules() -> int:
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, lxd_agent.guest.cli; print(len(sys.modules))"],
+        [sys.executable, "-c", "import sys, lxd_agent.guest.commands; print(len(sys.modules))"],
         capture_output=True,
         text=True,
         check=True,

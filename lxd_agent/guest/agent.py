@@ -31,6 +31,9 @@ from lxd_agent.protocol import (
 
 EXIT_OK = 0
 EXIT_NO_PORT = 1
+# Stopped, but STOPPED could not be written: the host may still believe the agent is up.
+# Not 0, so that the stop shows as failed; the unit's ExecStopPost= tries once more.
+EXIT_STOPPED_UNREPORTED = 3
 
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
@@ -73,9 +76,10 @@ class Agent:
         self.port: Candidate | None = None
         self._watchdog = watchdog_interval()
         self._last_ping = clock()
-        # Logged only when they change, so a port that keeps failing does not flood the journal.
-        self._reasons = ""
-        self._last_failure: str | None = None
+        # Why no port takes our lines now: logged only when it changes, so a port that keeps
+        # failing does not flood the journal, and kept for the error when we give up.
+        self._problem = ""
+        # The port last written to, so that "reporting to" is logged once, after it worked.
         self._reported: tuple[str, str | None] | None = None
 
     def run(self) -> int:
@@ -84,8 +88,7 @@ class Agent:
         self.log.debug("systemd notifications: %s", self.notifier.backend)
         if not self._report_loop():
             return EXIT_NO_PORT
-        self._stop()
-        return EXIT_OK
+        return EXIT_OK if self._stop() else EXIT_STOPPED_UNREPORTED
 
     def _report_loop(self) -> bool:
         """Report STARTED until a stop signal; False when no port showed up in time."""
@@ -109,9 +112,9 @@ class Agent:
                         "no usable port after %g s: %s; check the VM's virtio-serial "
                         "devices with 'lxd-agent probe'",
                         self.config.wait,
-                        self._reasons,
+                        self._problem,
                     )
-                    self.notifier.notify("STATUS=no usable port: " + self._reasons)
+                    self.notifier.notify("STATUS=no usable port: " + self._problem)
                     return False
                 delay = scan_interval
                 if ready:
@@ -128,13 +131,32 @@ class Agent:
     def _find(self) -> Candidate | None:
         port, seen = find_connected_port(self.config.names, self.config.roots)
         if port is None:
-            reasons = describe_all(seen)
-            if reasons != self._reasons:
-                self.log.info("waiting for a port: %s", reasons)
-                self.notifier.notify("STATUS=waiting for a port: " + reasons)
-            self._reasons = reasons
-            return None
-        self._reasons = ""
+            problem = describe_all(seen)
+            if problem != self._problem:
+                self.log.info("waiting for a port: %s", problem)
+                self.notifier.notify("STATUS=waiting for a port: " + problem)
+            self._problem = problem
+        return port
+
+    def _write(self, line: str) -> bool:
+        port = self.port
+        assert port is not None and port.device is not None
+        try:
+            write_line(port.device, line, self.config.write_timeout)
+        except PortError as e:
+            # A port can look usable and still refuse the write (ENOSPC, EIO): keep why.
+            problem = f"{port.name}: {e}"
+            if problem != self._problem:
+                self.log.warning(
+                    "could not write %s: %s; looking for a port again",
+                    line,
+                    e,
+                    extra={"LXD_AGENT_STATE": line, "LXD_AGENT_PORT": port.name},
+                )
+            self._problem = problem
+            self._reported = None
+            return False
+        self._problem = ""
         if (port.name, port.device) != self._reported:
             self._reported = (port.name, port.device)
             self.log.info(
@@ -143,34 +165,35 @@ class Agent:
                 extra={"LXD_AGENT_PORT": port.name, "LXD_AGENT_DEVICE": port.device},
             )
             self.notifier.notify("STATUS=reporting to " + describe_port(port))
-        return port
-
-    def _write(self, line: str) -> bool:
-        assert self.port is not None and self.port.device is not None
-        try:
-            write_line(self.port.device, line, self.config.write_timeout)
-        except PortError as e:
-            if str(e) != self._last_failure:
-                self.log.warning(
-                    "could not write %s: %s; looking for a port again",
-                    line,
-                    e,
-                    extra={"LXD_AGENT_STATE": line, "LXD_AGENT_PORT": self.port.name},
-                )
-            self._last_failure = str(e)
-            self._reported = None
-            return False
-        self._last_failure = None
         self.log.debug("wrote %s", line, extra={"LXD_AGENT_STATE": line})
         return True
 
-    def _stop(self) -> None:
+    def _stop(self) -> bool:
+        """Write STOPPED; when it cannot get out, say so and return False."""
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        if self.port is None:
+        port, problem = self.port, ""
+        if port is None:
             # Lost it (or never had one): one last look, so STOPPED still gets out.
-            self.port, _ = find_connected_port(self.config.names, self.config.roots)
-        if self.port is not None and self._write(STOPPED):
-            self.log.info("reported %s", STOPPED, extra={"LXD_AGENT_STATE": STOPPED})
+            port, seen = find_connected_port(self.config.names, self.config.roots)
+            problem = describe_all(seen)
+        if port is not None and port.device is not None:
+            try:
+                write_line(port.device, STOPPED, self.config.write_timeout)
+            except PortError as e:
+                problem = f"{port.name}: {e}"
+            else:
+                self.log.info("reported %s", STOPPED, extra={"LXD_AGENT_STATE": STOPPED})
+                return True
+        self.log.error(
+            "could not write %s: %s; exiting with status %d (the unit's ExecStopPost= "
+            "tries once more; check the port with 'lxd-agent probe')",
+            STOPPED,
+            problem,
+            EXIT_STOPPED_UNREPORTED,
+            extra={"LXD_AGENT_STATE": STOPPED},
+        )
+        self.notifier.notify(f"STATUS=stopped without writing {STOPPED}: {problem}")
+        return False
 
     def _sleep(self, seconds: float | None) -> int | None:
         """Wait ``seconds`` (None: until a signal), pinging the watchdog; return the signal."""

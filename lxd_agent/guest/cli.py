@@ -1,196 +1,28 @@
-"""The ``lxd-agent`` command: ``run`` (the daemon), ``probe`` and ``status write``.
+"""The ``lxd-agent`` command's entry point: block the stop signals, then load the commands.
 
-Runs in the guest. Bad options and values get one line on stderr and exit status 2.
+Runs in the guest, first thing in the process. A SIGTERM, SIGINT or SIGHUP that arrives
+while argparse, logging and the rest are loading would kill the agent without STOPPED or
+print a KeyboardInterrupt traceback, so the signals are blocked before anything else is
+imported: this module must import nothing that is not already loaded at start.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
-import math
-import os
+# The C half of ``signal``, loaded with the interpreter: ``import signal`` would first load
+# enum and functools, some 4 ms of a bare start with the signals still open.
+import _signal  # type: ignore[import-not-found]
 import sys
-import time
-from typing import NoReturn, Sequence
 
-from lxd_agent import __version__
-from lxd_agent.guest.agent import EXIT_NO_PORT, Agent, AgentConfig, describe_port
-from lxd_agent.guest.notify import make_notifier, setup_logging
-from lxd_agent.guest.ports import (
-    DEV_ROOT,
-    SYS_ROOT,
-    PortError,
-    PortRoots,
-    describe_all,
-    find_connected_port,
-    survey,
-    write_line,
-)
-from lxd_agent.protocol import DEFAULT_REFRESH_SECONDS, STATUS_LINES
-
-PROG = "lxd-agent"
-EXIT_USAGE = 2
-EXIT_PROBE_BROKEN = 255
-
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIGNALS = {_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+def main() -> int:
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGNALS)
+    # Only now: everything the commands import loads with the signals held back.
+    from lxd_agent.guest import commands
 
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
-
-
-def _directory(text: str) -> str:
-    if not os.path.isdir(text):
-        what = "does not exist" if not os.path.lexists(text) else "is not a directory"
-        raise argparse.ArgumentTypeError(f"{text!r} {what}")
-    return text
-
-
-def _add_roots(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dev-root",
-        type=_directory,
-        metavar="DIR",
-        help=f"where udev links ports by name (default: {DEV_ROOT})",
-    )
-    parser.add_argument(
-        "--sys-root",
-        type=_directory,
-        metavar="DIR",
-        help="sysfs class directory of the ports, used when a link is missing "
-        f"(default: {SYS_ROOT}); device nodes are looked for in the parent of "
-        "--dev-root",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG,
-        description="Report this VM's agent status (STARTED/STOPPED) to the LXD host "
-        "through the virtio-serial port com.canonical.lxd, or the legacy "
-        "org.linuxcontainers.lxd.",
-    )
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    run = commands.add_parser("run", help="run the agent (what the systemd unit starts)")
-    run.add_argument(
-        "--refresh",
-        type=_seconds,
-        default=DEFAULT_REFRESH_SECONDS,
-        metavar="SECONDS",
-        help="rewrite STARTED this often, since the host's reads consume it; 0 writes it "
-        "once (default: %(default)g)",
-    )
-    run.add_argument(
-        "--wait",
-        type=_seconds,
-        default=AgentConfig.wait,
-        metavar="SECONDS",
-        help="how long to wait at start for a usable port (default: %(default)g)",
-    )
-    run.add_argument(
-        "--log-level", choices=_LOG_LEVELS, default="info", help="(default: %(default)s)"
-    )
-    _add_roots(run)
-
-    probe = commands.add_parser("probe", help="show each candidate port and which one is usable")
-    _add_roots(probe)
-
-    status = commands.add_parser("status", help="write one status line and exit")
-    status_commands = status.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
-    write = status_commands.add_parser(
-        "write", help="write STARTED or STOPPED (the unit's stop hook writes STOPPED)"
-    )
-    write.add_argument("state", choices=STATUS_LINES, metavar="{" + ",".join(STATUS_LINES) + "}")
-    write.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=2.0,
-        metavar="SECONDS",
-        help="give up after this long in all (default: %(default)g)",
-    )
-    _add_roots(write)
-    return parser
-
-
-def _roots(args: argparse.Namespace) -> PortRoots:
-    # Checked only when given: the default directories may not exist until a port appears.
-    # Device nodes live beside the udev links' directory (/dev/virtio-ports -> /dev).
-    dev_root = os.path.normpath(args.dev_root or DEV_ROOT)
-    return PortRoots(dev_root, args.sys_root or SYS_ROOT, os.path.dirname(dev_root))
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    log = setup_logging(getattr(logging, args.log_level.upper()))
-    config = AgentConfig(refresh=args.refresh, wait=args.wait, roots=_roots(args))
-    return Agent(config, make_notifier(), log).run()
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    candidates = survey(roots=_roots(args))
-    name_width = max(len(c.name) for c in candidates)
-    device_width = max(len(c.device or "-") for c in candidates)
-    for c in candidates:
-        print(
-            "{:<{nw}}  {:<{dw}}  char-device={:<3}  host-connected={:<3}  {}".format(
-                c.name,
-                c.device or "-",
-                "yes" if c.is_char_device else "no",
-                "yes" if c.connected else "no",
-                "usable" if c.usable else c.problem,
-                nw=name_width,
-                dw=device_width,
-            )
-        )
-    chosen = next((c for c in candidates if c.usable), None)
-    if chosen is None:
-        print("would use: none (no usable port)")
-        return EXIT_NO_PORT
-    print("would use: " + describe_port(chosen))
-    return 0
-
-
-def cmd_status_write(args: argparse.Namespace) -> int:
-    # As the unit's ExecStopPost=: an agent skipped by ExecCondition= never said STARTED.
-    if os.environ.get("SERVICE_RESULT") == "exec-condition":
-        return 0
-    deadline = time.monotonic() + args.timeout
-    port, seen = find_connected_port(roots=_roots(args), deadline=deadline)
-    if port is None or port.device is None:
-        print(f"{PROG}: no usable port for {args.state}: {describe_all(seen)}", file=sys.stderr)
-        return EXIT_NO_PORT
-    try:
-        write_line(port.device, args.state, max(deadline - time.monotonic(), 0.0))
-    except PortError as e:
-        print(f"{PROG}: could not write {args.state}: {e}", file=sys.stderr)
-        return EXIT_NO_PORT
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "probe":
-        try:
-            return cmd_probe(args)
-        except Exception as e:
-            # probe is the unit's ExecCondition=, where 1 means "skip": a bug must fail it (255).
-            print(f"{PROG}: probe failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return EXIT_PROBE_BROKEN
-    if args.command == "status" and args.action == "write":
-        return cmd_status_write(args)
-    parser.error("missing " + ("COMMAND" if args.command is None else "ACTION"))
+    args = commands.parse_args(sys.argv[1:])
+    if args.command != "run":
+        # run takes its signals synchronously (sigtimedwait) and writes STOPPED; the
+        # one-shot commands keep the default actions, so a signal ends them quietly at once.
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, _SIGNALS)
+    return commands.run_command(args)

@@ -34,6 +34,9 @@ _BUSY_ERRNOS = frozenset({errno.EBUSY})
 
 _MAX_BACKOFF = 0.2
 
+# A port name is short (ours are under 30 bytes); sysfs adds a newline.
+_MAX_NAME_BYTES = 256
+
 
 class PortError(Exception):
     """A status line could not be written; the message names the device and why."""
@@ -95,22 +98,59 @@ def find_device(name: str, roots: PortRoots = PortRoots()) -> str | None:
 
     udev's symlink comes first; without it (early boot, images without udev rules) the
     port is found by the name the kernel exposes in sysfs, and its node in ``dev_dir``.
+    Raises PortUnusable when a directory cannot be searched: that is not "no such port".
     """
     link = os.path.join(roots.dev_root, name)
-    if os.path.lexists(link):
+    try:
+        os.lstat(link)
         return link
+    except PermissionError:
+        raise _cannot_look_in(roots.dev_root) from None
+    except OSError:
+        pass
     try:
         entries = sorted(os.listdir(roots.sys_root))
+    except PermissionError:
+        raise _cannot_look_in(roots.sys_root) from None
     except OSError:
         return None
     for entry in entries:
-        try:
-            with open(os.path.join(roots.sys_root, entry, "name"), encoding="utf-8") as f:
-                if f.read().strip() == name:
-                    return os.path.join(roots.dev_dir, entry)
-        except (OSError, UnicodeDecodeError):
-            continue
+        if read_port_name(os.path.join(roots.sys_root, entry, "name")) == name:
+            return os.path.join(roots.dev_dir, entry)
     return None
+
+
+def _cannot_look_in(directory: str) -> PortUnusable:
+    return PortUnusable(f"cannot look in {directory}: permission denied (run the agent as root)")
+
+
+def read_port_name(path: str) -> str | None:
+    """The port name in sysfs file ``path``, or None when it is not a short regular file.
+
+    Opened non-blocking and read with a bound: a FIFO must not hang the agent, and a link
+    to ``/dev/zero`` or a huge file must not eat its memory. Devices are not even opened.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        # Checked again on the open file: the path may have changed since the stat.
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _MAX_NAME_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_NAME_BYTES:
+        return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
 
 
 def _kind(mode: int) -> str:
@@ -162,7 +202,10 @@ def inspect(name: str, roots: PortRoots = PortRoots(), deadline: float | None = 
 
     A port busy with another opener is retried for up to 0.5 s, or until ``deadline``.
     """
-    device = find_device(name, roots)
+    try:
+        device = find_device(name, roots)
+    except PortUnusable as e:
+        return Candidate(name, None, problem=str(e))
     if device is None:
         return Candidate(
             name,

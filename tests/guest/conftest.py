@@ -11,14 +11,38 @@ import contextlib
 import os
 import pty
 import select
+import subprocess
+import sys
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lxd_agent.guest.ports import PortRoots
+
+# The checkout under test: `python -m` puts the working directory first on sys.path, so the
+# CLI runs this tree's code even where another checkout is installed in editable mode.
+REPO = Path(__file__).resolve().parents[2]
+CLI = (sys.executable, "-m", "lxd_agent.guest")
+# What an unprivileged user in the guest runs into (the tests themselves run as root).
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def run_cli(
+    *args: str, timeout: float = 30, wrapper: Sequence[str] = (), **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run ``lxd-agent ARGS`` from this checkout to the end; fails the test after ``timeout``."""
+    return subprocess.run(
+        [*wrapper, *CLI, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 class LivePort:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from lxd_agent.guest.agent import Agent, AgentConfig
 from lxd_agent.guest.notify import Notifier
 from lxd_agent.guest.ports import PortGone
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.guest.conftest import DeadPort, LivePort, PortTree
+from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli
 
 
 class NotifySocket:
@@ -72,7 +73,8 @@ def agent(
         environ["NOTIFY_SOCKET"] = str(notify.path)
     environ.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lxd_agent.guest", "run", *tree.cli_args(), *args],
+        [*CLI, "run", *tree.cli_args(), *args],
+        cwd=REPO,
         env=environ,
         stderr=subprocess.PIPE,
         text=True,
@@ -114,6 +116,44 @@ def test_sigterm_reports_stopping_then_stopped_and_exits_0(
         notify.wait_for("STOPPING=1", timeout=5)
         assert code == 0
         assert live_port.read_lines(timeout=2) == [STOPPED]
+
+
+def _fill(device: str) -> None:
+    """Write to the port until it takes no more, as a host that never reads would leave it.
+
+    A pty moves what was written on to its master's side a moment later, making room again:
+    full means still unwritable after a while.
+    """
+    fd = os.open(device, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(fd, b"F\n" * 512)
+            if not poller.poll(300):
+                return
+        raise AssertionError(f"{device} never filled up")
+    finally:
+        os.close(fd)
+
+
+def test_a_stop_that_cannot_write_stopped_says_so_and_exits_3(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, "--refresh", "0", notify=notify) as proc:
+        notify.wait_for("READY=1")
+        _fill(live_port.device)
+        code, err = stop(proc)
+        assert code == 3, err
+        status = notify.wait_for("STATUS=stopped without writing STOPPED", timeout=5)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"lxd-agent: could not write {STOPPED}: {PORT_NAME}: "), err
+    assert "not writable within 2 s; exiting with status 3" in last
+    assert "not writable within 2 s" in status
+    assert STOPPED not in live_port.read_lines(timeout=0.5)
 
 
 def test_sigint_stops_like_sigterm(tree: PortTree, live_port: LivePort) -> None:
@@ -175,13 +215,31 @@ def test_no_port_in_time_exits_1_naming_every_candidate(tree: PortTree, tmp_path
     assert time.monotonic() - began < 15
 
 
+def test_a_port_whose_writes_fail_is_given_up_on_with_the_reason(tree: PortTree) -> None:
+    # /dev/full opens and polls writable, and every write fails with ENOSPC.
+    tree.link(PORT_NAME, "/dev/full")
+    with agent(tree, "--wait", "2") as proc:
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "no usable port after 2 s: " in last
+    assert (
+        f"{PORT_NAME}: {tree.dev_root / PORT_NAME}: write failed: No space left on device" in last
+    )
+    # Retried every half second, but each thing is said once: not once per retry.
+    assert err.count("could not write") == 1, err
+    assert "reporting to" not in err, err
+
+
 def test_a_lost_port_is_logged_once_and_found_again(
     tree: PortTree, live_port: LivePort, live_port2: LivePort
 ) -> None:
     tree.link(PORT_NAME, live_port.device)
     with agent(tree, "--refresh", "0.2") as proc:
         live_port.wait_for(STARTED, timeout=10)
-        live_port.close()  # the pty node disappears: the link now dangles, like an unplug
+        # The node goes away and the link dangles, like an unplug. Not by closing the pty:
+        # the kernel hands its number to the next pty opened anywhere on the machine.
+        tree.link(PORT_NAME, tree.dev_dir / "vport0p1")
         time.sleep(2)
         tree.link(PORT_NAME, live_port2.device)
         live_port2.wait_for(STARTED, timeout=10)
@@ -283,8 +341,7 @@ def test_stop_hook_writes_stopped_after_the_agent_was_killed(
         code, _ = stop(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert STOPPED not in live_port.read_lines(timeout=0.5)
-    hook = [sys.executable, "-m", "lxd_agent.guest", "status", "write", STOPPED]
-    result = subprocess.run(hook + tree.cli_args(), capture_output=True, text=True, timeout=10)
+    result = run_cli("status", "write", STOPPED, *tree.cli_args(), timeout=10)
     assert result.returncode == 0, result.stderr
     assert live_port.read_lines(timeout=2) == [STOPPED]
 

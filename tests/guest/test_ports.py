@@ -5,10 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import pty
+import resource
+import shutil
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,8 @@ from lxd_agent.guest.ports import (
     survey,
     write_line,
 )
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED
-from tests.guest.conftest import DeadPort, LivePort, PortTree
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from tests.guest.conftest import AS_NOBODY, DeadPort, LivePort, PortTree, run_cli
 
 
 def test_new_name_is_chosen_before_the_legacy_one(
@@ -54,6 +57,46 @@ def test_sysfs_name_finds_a_port_that_udev_did_not_link(
     assert find_device(PORT_NAME, tree.roots) == str(node)
     assert find_device(LEGACY_PORT_NAME, tree.roots) is None
     assert inspect(PORT_NAME, tree.roots).usable
+
+
+SYSFS_COMMANDS = [["probe"], ["status", "write", STOPPED], ["run", "--wait", "0"]]
+
+
+def _in_sysfs(tree: PortTree, entry: str) -> Path:
+    (tree.sys_root / entry).mkdir()
+    return tree.sys_root / entry / "name"
+
+
+@pytest.mark.parametrize("command", SYSFS_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_fifo_as_a_sysfs_name_is_skipped_not_waited_on(
+    tree: PortTree, command: list[str]
+) -> None:
+    os.mkfifo(_in_sysfs(tree, "vport0p1"))
+    # A blocking open() of a FIFO without a writer never returns: run_cli's timeout fails it.
+    result = run_cli(*command, *tree.cli_args(), timeout=15)
+    assert result.returncode == 1, result.stderr
+    assert "no such port" in result.stdout + result.stderr
+
+
+def _limit_memory() -> None:
+    # Far more than the agent needs, far less than reading the files below whole.
+    resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+
+
+@pytest.mark.parametrize("command", SYSFS_COMMANDS, ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize("target", ["/dev/zero", "huge"])
+def test_a_sysfs_name_is_read_with_a_bound(
+    tree: PortTree, tmp_path: Path, command: list[str], target: str
+) -> None:
+    if target == "huge":
+        with open(tmp_path / "huge", "wb") as f:
+            f.truncate(2 << 30)  # sparse: 2 GiB that cost no disk
+        target = str(tmp_path / "huge")
+    _in_sysfs(tree, "vport0p1").symlink_to(target)
+    result = run_cli(*command, *tree.cli_args(), timeout=15, preexec_fn=_limit_memory)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "no such port" in result.stdout + result.stderr
 
 
 def test_udev_link_wins_over_sysfs(tree: PortTree, live_port: LivePort) -> None:
@@ -128,6 +171,42 @@ def test_permission_denied_is_reported_as_such(live_port: LivePort) -> None:
         os.chmod(live_port.device, 0o600)  # as a virtio port is in a Debian guest
         problem = _inspect_as_nobody(tree)
     assert "permission denied" in problem and "run the agent as root" in problem
+
+
+@pytest.fixture
+def reachable_tree() -> Iterator[PortTree]:
+    """A tree that nobody (uid 65534) can walk to; pytest's tmp_path is root-only."""
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        yield PortTree(Path(top))
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+
+
+@needs_root
+@pytest.mark.parametrize("command", SYSFS_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_an_unreadable_dev_root_is_permission_denied_not_no_such_port(
+    reachable_tree: PortTree, live_port: LivePort, command: list[str]
+) -> None:
+    tree = reachable_tree
+    tree.link(PORT_NAME, live_port.device)
+    os.chmod(tree.dev_root, 0o700)  # root's: nobody cannot search it
+    result = run_cli(*command, *tree.cli_args(), wrapper=AS_NOBODY)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"cannot look in {tree.dev_root}: permission denied" in output
+    assert "no such port" not in output
+
+
+@needs_root
+def test_an_unreachable_dev_root_option_is_permission_denied(reachable_tree: PortTree) -> None:
+    os.chmod(reachable_tree.dev_dir, 0o700)
+    result = run_cli("probe", *reachable_tree.cli_args(), wrapper=AS_NOBODY)
+    assert result.returncode == 2
+    assert f"'{reachable_tree.dev_root}': Permission denied" in result.stderr
 
 
 def _inspect_as_nobody(tree: PortTree) -> str:
