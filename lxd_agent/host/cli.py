@@ -36,17 +36,16 @@ from lxd_agent.host.image import (
     build_image,
 )
 from lxd_agent.host.layouts import LAYOUTS, Layout, check_ring_size, get_layout
-from lxd_agent.host.monitor import TimelineEntry
 from lxd_agent.host.package import find_deb
+from lxd_agent.host.scenario import BootVerdict, boot_and_check
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.vm import (
-    POWEROFF_TIMEOUT,
     DirectBoot,
     FirmwareBoot,
     Vm,
     VmConfig,
 )
-from lxd_agent.protocol import CANDIDATE_PORT_NAMES, DEFAULT_RING_SIZE, STARTED, STOPPED
+from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -54,7 +53,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 DEFAULT_TIMEOUT = 120.0
-STUB_POWEROFF_BOUND = 20.0
 # cloud-init runs late in the boot and installs the package first.
 DEFAULT_SEED_TIMEOUT = 600.0
 
@@ -85,30 +83,6 @@ def failure_lines(error: HarnessError) -> list[str]:
         if body:
             lines += [f"--- {title} ---", *body]
     return lines
-
-
-async def check_agent_stood_aside(vm: Vm, timeout: float) -> None:
-    """With no LXD ring (Incus), the agent must be skipped and the boot must complete."""
-    state = await vm.run("systemctl is-system-running --wait", timeout=timeout)
-    vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
-    if state.output.strip() != "running":
-        raise vm.error(
-            f"the guest's boot did not complete cleanly: is-system-running says "
-            f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
-        )
-    unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result")
-    vm.note(f"guest: lxd-agent: {' '.join(unit.output.split())}")
-    if "Result=exec-condition" not in unit.output:
-        raise vm.error(
-            "lxd-agent was not skipped although no LXD port has a ring behind it: "
-            f"{' '.join(unit.output.split())}; see `journalctl -u lxd-agent` in the guest (--keep)"
-        )
-
-
-def lxd_ring_port(layout: Layout) -> str | None:
-    """The port whose ring the agent should report on: the first LXD name with a ring."""
-    ringed = {ring.port_name for ring in layout.rings}
-    return next((name for name in CANDIDATE_PORT_NAMES if name in ringed), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,35 +201,28 @@ def image_spec(deb: Path, release: str, seed: bool) -> ImageSpec:
 # Booting
 
 
-@dataclass
-class Milestones:
-    started: TimelineEntry | None = None
-    stopped: TimelineEntry | None = None
-
-
-def summary(vm: Vm, port: str | None, seen: Milestones) -> list[str]:
+def summary(verdict: BootVerdict) -> list[str]:
     """The timeline in a few lines: what a person wants to see first."""
 
-    def at(monotonic: float | None) -> str:
-        return f"{monotonic - vm.t0:7.2f} s" if monotonic is not None else "      -  "
+    def at(seconds: float | None) -> str:
+        return f"{seconds:7.2f} s" if seconds is not None else "      -  "
 
-    kernel = vm.console.milestones.get("kernel up")
-    lines = [
-        f"  QEMU start        {0:7.2f} s",
-        f"  kernel up         {at(kernel)}",
-    ]
-    if seen.started is not None:
-        lines.append(f"  STARTED           {seen.started.seconds:7.2f} s   on {port}")
-    lines.append(f"  power-off         {at(vm.powerdown_at)}   (system_powerdown)")
-    if seen.stopped is not None and vm.powerdown_at is not None:
-        after = seen.stopped.seconds - (vm.powerdown_at - vm.t0)
+    lines = [f"  QEMU start        {0:7.2f} s", f"  kernel up         {at(verdict.kernel_up)}"]
+    if verdict.started is not None:
+        lines.append(f"  STARTED           {at(verdict.started.seconds)}   on {verdict.port}")
+    if verdict.unit_state:
+        lines.append(f"  agent unit        {verdict.unit_state}")
+    lines.append(f"  power-off         {at(verdict.powered_down)}   (system_powerdown)")
+    if verdict.stopped is not None and verdict.stopped_after_power_off is not None:
         lines.append(
-            f"  STOPPED           {seen.stopped.seconds:7.2f} s   on {port}, "
-            f"{after:.2f} s after power-off"
+            f"  STOPPED           {at(verdict.stopped.seconds)}   on {verdict.port}, "
+            f"{verdict.stopped_after_power_off:.2f} s after power-off"
         )
-    if vm.guest_off_at is not None and vm.powerdown_at is not None:
-        off = vm.guest_off_at - vm.powerdown_at
-        lines.append(f"  guest off         {at(vm.guest_off_at)}   {off:.2f} s after power-off")
+    if verdict.off_after_power_off is not None:
+        lines.append(
+            f"  guest off         {at(verdict.guest_off)}   "
+            f"{verdict.off_after_power_off:.2f} s after power-off"
+        )
     return lines
 
 
@@ -293,48 +260,29 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
         network=plan.user_image is not None,
         user_qmp=plan.keep,
     )
-    port = lxd_ring_port(plan.layout)
-    seen = Milestones()
     say(f"boot: layout {plan.layout.name}: {plan.layout.description}")
-    async with Vm(config, progress=say) as vm:
-        try:
-            if port is not None:
-                seen.started = await vm.wait_for_state(STARTED, port, timeout=plan.timeout)
-            else:
-                # No LXD-named ring (Incus): nothing to report on; the agent must not hang the
-                # boot, which the console shows.
-                say(f"boot: {plan.layout.name} has no ring on an LXD port; checking the boot")
-                await vm.login(timeout=plan.timeout)
-                await check_agent_stood_aside(vm, plan.timeout)
-            if plan.keep:
-                await _keep_running(vm)
-                return EXIT_OK
-            if port is not None and vm.monitor.state(port) != STARTED:
-                raise vm.error(f"{port} went from STARTED to {vm.monitor.state(port)} early")
-            await vm.power_off()
-            if port is not None:
-                seen.stopped = await vm.wait_for_state(STOPPED, port, timeout=plan.timeout)
-            # Without a ring, the power-off time is the proof: off in 1-3 s here, while an
-            # agent stuck on the dead stub would hold it for systemd's 90 s stop timeout.
-            off_bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
-            await vm.wait_guest_off(timeout=min(plan.timeout, off_bound))
-        except HarnessError as e:
-            for line in failure_lines(e):
-                say(line)
-            if forget_verdict_after(e, accel.accel):
-                say("accel: KVM failed this boot; its cached verdict is forgotten")
-            return EXIT_FAILED
-        say("timeline:")
-        for line in summary(vm, port, seen):
+    verdict = await boot_and_check(
+        config, plan.timeout, progress=say, hold=_keep_running if plan.keep else None
+    )
+    if verdict.error is not None:
+        for line in failure_lines(verdict.error):
             say(line)
-        if plan.verbose:
-            say("ring-buffer timeline (seconds since QEMU start):")
-            for line in vm.render_timeline():
-                say(line)
-    if port is None:
+        if forget_verdict_after(verdict.error, accel.accel):
+            say("accel: KVM failed this boot; its cached verdict is forgotten")
+        return EXIT_FAILED
+    if verdict.held:
+        return EXIT_OK
+    say("timeline:")
+    for line in summary(verdict):
+        say(line)
+    if plan.verbose:
+        say("ring-buffer timeline (seconds since QEMU start):")
+        for line in verdict.timeline:
+            say(line)
+    if verdict.port is None:
         say(f"OK: {plan.layout.name}: boot and power-off not held up by the agent")
     else:
-        say(f"OK: STARTED then STOPPED on {port}")
+        say(f"OK: STARTED then STOPPED on {verdict.port}")
     return EXIT_OK
 
 

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import AsyncIterator, Dict
 
 from lxd_agent.host.accel import Accel
+from lxd_agent.host.cli import failure_lines
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
+from lxd_agent.host.scenario import BootVerdict, WithVm, boot_and_check
 from lxd_agent.host.vm import DirectBoot, Vm, VmConfig
 from lxd_agent.protocol import STOPPED
+from tests.host.helpers import run
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
 
@@ -50,6 +53,43 @@ async def booted(image: GuestImage, layout: str, seed: Path | None = None) -> As
         print("\n".join(vm.render_timeline()))
     assert not process_exists(pid), f"QEMU {pid} outlived its VM"
     assert not workdir.exists(), f"{workdir} outlived its VM"
+
+
+def checked_boot(
+    image: GuestImage,
+    layout: str,
+    *,
+    seed: Path | None = None,
+    timeout: float = BOOT_TIMEOUT,
+    while_up: WithVm | None = None,
+) -> BootVerdict:
+    """The harness's boot-and-check scenario on `image`; fails the test unless it passed.
+
+    A failed assertion in `while_up` fails the verdict like the harness's own checks, so the
+    console tail and the timeline are printed with it.
+    """
+
+    async def checks(vm: Vm) -> None:
+        assert while_up is not None
+        try:
+            await while_up(vm)
+        except AssertionError as e:
+            raise vm.error(f"a check failed while the guest was up: {e}") from e
+
+    config = VmConfig(layout=get_layout(layout), boot=DirectBoot(image), accel=Accel.TCG, seed=seed)
+    deadline = TEST_DEADLINE + timeout
+    verdict = run(
+        boot_and_check(config, timeout, progress=print, while_up=checks if while_up else None),
+        deadline,
+    )
+    if verdict.error is not None:
+        print(f"=== {layout}: the failure, the console tail and the timeline ===")
+        print("\n".join(failure_lines(verdict.error)))
+    else:
+        print(f"=== {layout}: ring-buffer timeline ===")
+        print("\n".join(verdict.timeline))
+    assert verdict.passed, verdict.error
+    return verdict
 
 
 async def power_off_and_wait_stopped(vm: Vm, port: str) -> float:

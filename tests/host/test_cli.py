@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host import cli, vm, vmlock
+from lxd_agent.host import cli, scenario, vm, vmlock
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
 from lxd_agent.host.image import GuestImage
@@ -80,10 +80,10 @@ def test_a_given_deb_is_used_as_it_is(tmp_path: Path) -> None:
 
 
 def test_the_agent_is_expected_on_the_first_lxd_name_with_a_ring() -> None:
-    assert cli.lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
-    assert cli.lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
-    assert cli.lxd_ring_port(get_layout("bridged")) == PORT_NAME
-    assert cli.lxd_ring_port(get_layout("incus")) is None
+    assert scenario.lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
+    assert scenario.lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
+    assert scenario.lxd_ring_port(get_layout("bridged")) == PORT_NAME
+    assert scenario.lxd_ring_port(get_layout("incus")) is None
 
 
 def _config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:

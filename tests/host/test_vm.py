@@ -23,6 +23,7 @@ from lxd_agent.host.image import build_image as build_guest_image
 from lxd_agent.host.package import DEB_PACKAGE
 from lxd_agent.host.qemu import process_exists
 from lxd_agent.host.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
+from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.guests import (
     BOOT_TIMEOUT,
@@ -31,10 +32,9 @@ from tests.host.guests import (
     TEST_DEADLINE,
     Figures,
     booted,
+    checked_boot,
     multi_user_after,
     nonempty_reads,
-    power_off_and_wait_stopped,
-    state_changes,
 )
 from tests.host.helpers import run
 
@@ -68,40 +68,34 @@ def cloud_init_image(figures: Figures) -> GuestImage:
 # -- one test per layout ------------------------------------------------------------------------
 
 
-def _started_then_stopped(image: GuestImage, layout: str, port: str, figures: Figures) -> None:
-    async def scenario() -> None:
-        async with booted(image, layout) as vm:
-            started = await vm.wait_for_state(STARTED, port, timeout=BOOT_TIMEOUT)
-            figures[f"{layout}: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
-            probe = await vm.run("lxd-agent probe")
-            assert f"would use: {port}" in probe.output, probe.output
-            multi_user = await multi_user_after(vm)
-            figures[f"{layout}: userspace -> multi-user.target"] = f"{multi_user:.2f} s"
-            stopped_after = await power_off_and_wait_stopped(vm, port)
-            figures[f"{layout}: power-off -> STOPPED"] = f"{stopped_after:.2f} s"
-            assert state_changes(vm, port) == [f"unknown -> {STARTED}", f"{STARTED} -> {STOPPED}"]
-
-    run(scenario(), TEST_DEADLINE)
-
-
 def test_lxd_5_19_falls_back_to_the_legacy_port(guest_image: GuestImage, figures: Figures) -> None:
-    _started_then_stopped(guest_image, "lxd-5.19", LEGACY_PORT_NAME, figures)
+    async def checks(vm: Vm) -> None:
+        probe = await vm.run("lxd-agent probe")
+        assert f"would use: {LEGACY_PORT_NAME}" in probe.output, probe.output
+        multi_user = await multi_user_after(vm)
+        figures["lxd-5.19: userspace -> multi-user.target"] = f"{multi_user:.2f} s"
+
+    verdict = checked_boot(guest_image, "lxd-5.19", while_up=checks)
+    assert verdict.port == LEGACY_PORT_NAME and verdict.started and verdict.stopped
+    figures["lxd-5.19: QEMU start -> STARTED"] = f"{verdict.started.seconds:.2f} s"
+    figures["lxd-5.19: power-off -> STOPPED"] = f"{verdict.stopped_after_power_off:.2f} s"
+    assert verdict.state_changes(LEGACY_PORT_NAME) == [
+        f"unknown -> {STARTED}",
+        f"{STARTED} -> {STOPPED}",
+    ]
 
 
 def test_bridged_reports_on_the_new_name_and_leaves_the_legacy_ring_empty(
     guest_image: GuestImage, figures: Figures
 ) -> None:
-    async def scenario() -> None:
-        async with booted(guest_image, "bridged") as vm:
-            started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
-            figures["bridged: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
-            stopped_after = await power_off_and_wait_stopped(vm, PORT_NAME)
-            figures["bridged: power-off -> STOPPED"] = f"{stopped_after:.2f} s"
-            await vm.monitor.read_rings("final")  # whatever is left in either ring
-            assert vm.monitor.state(LEGACY_PORT_NAME) is None
-            assert nonempty_reads(vm, LEGACY_PORT_NAME) == []
-
-    run(scenario(), TEST_DEADLINE)
+    verdict = checked_boot(guest_image, "bridged")
+    assert verdict.port == PORT_NAME and verdict.started and verdict.stopped
+    figures["bridged: QEMU start -> STARTED"] = f"{verdict.started.seconds:.2f} s"
+    figures["bridged: power-off -> STOPPED"] = f"{verdict.stopped_after_power_off:.2f} s"
+    assert verdict.state_changes(PORT_NAME) == [f"unknown -> {STARTED}", f"{STARTED} -> {STOPPED}"]
+    # The monitor read the legacy ring after every event, the power-off included: never a line.
+    assert verdict.state_changes(LEGACY_PORT_NAME) == []
+    assert verdict.reads(LEGACY_PORT_NAME) == []
 
 
 # -- the NoCloud install path ------------------------------------------------------------------
@@ -115,31 +109,35 @@ def test_cloud_init_seed_installs_the_agent_which_reports_started_and_stopped(
     ).stdout.strip()
     seed = make_seed_iso(deb, tmp_path / "seed.iso")
 
-    async def scenario() -> None:
-        async with booted(cloud_init_image, "lxd-5.20", seed=seed) as vm:
-            started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=SEED_BOOT_TIMEOUT)
-            figures["cloud-init seed: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
-            assert INSTALLED_MARKER in vm.console.tail(2000)
-            installed = await vm.run(f"dpkg-query -W -f '${{Version}}' {DEB_PACKAGE}")
-            assert installed.output.strip() == version, installed.output
-            # Removing stops the agent (the host sees STOPPED); installing again in the same
-            # boot starts it (the port already exists: no new device event would do it).
-            removed = await vm.run(f"dpkg -r {DEB_PACKAGE}", timeout=60)
-            assert removed.status == 0, removed.output
-            await vm.wait_for_state(STOPPED, PORT_NAME, timeout=STOP_TIMEOUT)
-            again = await vm.run(f"dpkg -i {SEED_DIR}/{deb.name}", timeout=120)
-            assert again.status == 0, again.output
-            await vm.wait_for_state(STARTED, PORT_NAME, timeout=STOP_TIMEOUT)
-            stopped_after = await power_off_and_wait_stopped(vm, PORT_NAME)
-            figures["cloud-init seed: power-off -> STOPPED"] = f"{stopped_after:.2f} s"
-            assert state_changes(vm, PORT_NAME) == [
-                f"unknown -> {STARTED}",
-                f"{STARTED} -> {STOPPED}",
-                f"{STOPPED} -> {STARTED}",
-                f"{STARTED} -> {STOPPED}",
-            ]
+    async def remove_and_reinstall(vm: Vm) -> None:
+        assert INSTALLED_MARKER in vm.console.tail(2000)
+        installed = await vm.run(f"dpkg-query -W -f '${{Version}}' {DEB_PACKAGE}")
+        assert installed.output.strip() == version, installed.output
+        # Removing stops the agent (the host sees STOPPED); installing again in the same
+        # boot starts it (the port already exists: no new device event would do it).
+        removed = await vm.run(f"dpkg -r {DEB_PACKAGE}", timeout=60)
+        assert removed.status == 0, removed.output
+        await vm.wait_for_state(STOPPED, PORT_NAME, timeout=STOP_TIMEOUT)
+        again = await vm.run(f"dpkg -i {SEED_DIR}/{deb.name}", timeout=120)
+        assert again.status == 0, again.output
+        await vm.wait_for_state(STARTED, PORT_NAME, timeout=STOP_TIMEOUT)
 
-    run(scenario(), SEED_BOOT_TIMEOUT + 120)
+    verdict = checked_boot(
+        cloud_init_image,
+        "lxd-5.20",
+        seed=seed,
+        timeout=SEED_BOOT_TIMEOUT,
+        while_up=remove_and_reinstall,
+    )
+    assert verdict.started and verdict.stopped
+    figures["cloud-init seed: QEMU start -> STARTED"] = f"{verdict.started.seconds:.2f} s"
+    figures["cloud-init seed: power-off -> STOPPED"] = f"{verdict.stopped_after_power_off:.2f} s"
+    assert verdict.state_changes(PORT_NAME) == [
+        f"unknown -> {STARTED}",
+        f"{STARTED} -> {STOPPED}",
+        f"{STOPPED} -> {STARTED}",
+        f"{STARTED} -> {STOPPED}",
+    ]
 
 
 def test_a_guest_without_the_agent_never_reports_started(cloud_init_image: GuestImage) -> None:
