@@ -35,7 +35,13 @@ from lxd_agent.host.image import (
     ImageSpec,
     build_image,
 )
-from lxd_agent.host.layouts import LAYOUTS, Layout, check_ring_size, get_layout
+from lxd_agent.host.layouts import (
+    INCUS_RING_SIZE,
+    LAYOUTS,
+    Layout,
+    check_ring_size,
+    get_layout,
+)
 from lxd_agent.host.monitor import TimelineEntry
 from lxd_agent.host.package import find_deb
 from lxd_agent.host.seed import make_seed_iso
@@ -147,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--layout", default="lxd-5.20", help=f"one of: {layouts}")
     image_options(boot)
     boot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
-    boot.add_argument("--ring-size", default=str(DEFAULT_RING_SIZE), help="bytes, power of two")
+    boot.add_argument(
+        "--ring-size",
+        help=f"bytes, power of two (default: the layout's, {DEFAULT_RING_SIZE} for LXD, "
+        f"{INCUS_RING_SIZE} for Incus)",
+    )
     boot.add_argument("--image", type=Path, help="boot this qcow2/raw cloud image instead")
     boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
@@ -164,7 +174,7 @@ class BootPlan:
     deb: Path
     release: str
     accel: Accel
-    ring_size: int
+    ring_size: int | None
     user_image: Path | None
     seed: bool
     timeout: float
@@ -186,13 +196,15 @@ def _positive_number(text: str, what: str) -> float:
 def plan_boot(args: argparse.Namespace) -> BootPlan:
     """Check every input before anything is built or booted."""
     layout = get_layout(args.layout)
-    try:
-        ring_size = int(args.ring_size)
-    except ValueError:
-        raise UsageError(
-            f"--ring-size {args.ring_size!r} is not an integer; give a power of two such as 16"
-        ) from None
-    check_ring_size(ring_size)
+    ring_size = None
+    if args.ring_size is not None:
+        try:
+            ring_size = int(args.ring_size)
+        except ValueError:
+            raise UsageError(
+                f"--ring-size {args.ring_size!r} is not an integer; give a power of two such as 16"
+            ) from None
+        check_ring_size(ring_size)
     if args.image is not None and not args.image.is_file():
         raise UsageError(f"looked for --image {args.image} and found nothing; give a cloud image")
     seed = bool(args.seed or args.image is not None)

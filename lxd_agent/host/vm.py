@@ -35,7 +35,6 @@ from lxd_agent.host.layouts import Layout
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent.host.qemu import QemuProcess
 from lxd_agent.host.vmlock import take_vm_lock
-from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 CONSOLE_ID = "console"
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
@@ -78,7 +77,8 @@ class VmConfig:
     layout: Layout
     boot: Boot
     accel: Accel = Accel.TCG
-    ring_size: int = DEFAULT_RING_SIZE
+    ring_size: int | None = None
+    """The status rings' size; None: the layout's own (LXD's 16 B, Incus's 16 KiB)."""
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = DEFAULT_CPUS
     seed: Path | None = None
@@ -104,6 +104,10 @@ class VmFiles:
     @property
     def console_log(self) -> Path:
         return self.workdir / "console.log"
+
+    @property
+    def spice_socket(self) -> Path:
+        return self.workdir / "spice.sock"
 
 
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
@@ -142,7 +146,7 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
     if config.network:
         args += ["-nic", "user,model=virtio-net-pci"]
-    args += config.layout.qemu_args(config.ring_size)
+    args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
     if config.user_qmp:
         args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
     args += [
@@ -393,7 +397,7 @@ class Vm:
     @property
     def ring_read_size(self) -> int:
         # LXD reads 16 bytes from its 16-byte ring; a larger ring is read whole.
-        return self.config.ring_size
+        return self.config.ring_size or self.config.layout.ring_size
 
     async def _execute(self, command: str) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""

@@ -103,7 +103,24 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
     assert "disk.raw" not in joined  # the base image is only the overlay's backing file
     assert "-nodefaults" in args and "-display none" in joined
     assert "-chardev pty,id=console" in joined
-    assert " ".join(get_layout("lxd-5.20").qemu_args(16)) in joined
+    layout_args = get_layout("lxd-5.20").qemu_args(16, spice_socket=files.spice_socket)
+    assert " ".join(layout_args) in joined
+    # LXD serves SPICE on a unix socket; ours is in the VM's temporary directory.
+    assert f"-spice unix=on,addr={files.spice_socket},disable-ticketing=on" in joined
+    assert files.spice_socket.parent == files.workdir
+
+
+def test_each_layout_gets_its_own_ring_size_unless_the_boot_overrides_it(tmp_path: Path) -> None:
+    files = VmFiles(tmp_path / "run")
+    image = GuestImage(tmp_path / "image")
+
+    def ring_args(layout: str, ring_size: int | None) -> list[str]:
+        config = VmConfig(get_layout(layout), DirectBoot(image), Accel.TCG, ring_size=ring_size)
+        return [a for a in qemu_args(config, files) if a.startswith("ringbuf,")]
+
+    assert ring_args("lxd-5.20", None) == ["ringbuf,id=qemu_serial-chardev,size=16"]
+    assert ring_args("incus", None) == ["ringbuf,id=qemu_serial-chardev,size=16384"]
+    assert ring_args("incus", 64) == ["ringbuf,id=qemu_serial-chardev,size=64"]
 
 
 def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> None:
