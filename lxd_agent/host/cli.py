@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
+from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
 from lxd_agent.host.disk import disk_format
 from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
+from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
@@ -158,13 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bytes, power of two (default: the layout's, {DEFAULT_RING_SIZE} for LXD, "
         f"{INCUS_RING_SIZE} for Incus)",
     )
-    boot.add_argument("--image", type=Path, help="boot this qcow2/raw cloud image instead")
+    boot.add_argument(
+        "--image",
+        type=Path,
+        help="boot this qcow2/raw cloud image through its firmware instead "
+        "(e.g. the one `image --cloud` prints)",
+    )
+    boot.add_argument(
+        "--firmware",
+        choices=[f.value for f in Firmware],
+        help="firmware for --image: uefi (OVMF, LXD's; the default) or bios (SeaBIOS)",
+    )
+    boot.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="UEFI secure boot with Microsoft's keys, as LXD's default (--image, uefi only)",
+    )
     boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
 
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)
+    image.add_argument(
+        "--cloud",
+        action="store_true",
+        help="build a GPT cloud disk (BIOS and UEFI GRUB, cloud-init) like Debian's "
+        "genericcloud and print its qcow2 file",
+    )
     return parser
 
 
@@ -176,6 +199,8 @@ class BootPlan:
     accel: Accel
     ring_size: int | None
     user_image: Path | None
+    firmware: Firmware
+    secure_boot: bool
     seed: bool
     timeout: float
     keep: bool
@@ -207,6 +232,14 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
         check_ring_size(ring_size)
     if args.image is not None and not args.image.is_file():
         raise UsageError(f"looked for --image {args.image} and found nothing; give a cloud image")
+    if args.image is None and (args.firmware is not None or args.secure_boot):
+        raise UsageError(
+            "--firmware and --secure-boot choose how --image boots; the project's own image "
+            "boots its kernel directly: add --image FILE (e.g. from `image --cloud`)"
+        )
+    firmware = Firmware(args.firmware or Firmware.UEFI.value)
+    if args.secure_boot and firmware is not Firmware.UEFI:
+        raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
     seed = bool(args.seed or args.image is not None)
     timeout = (
         _positive_number(args.timeout, "--timeout")
@@ -220,6 +253,8 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
         accel=Accel(args.accel),
         ring_size=ring_size,
         user_image=args.image,
+        firmware=firmware,
+        secure_boot=args.secure_boot,
         seed=seed,
         timeout=timeout,
         keep=args.keep,
@@ -290,7 +325,7 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
     say(f"accel: {accel.reason}")
     if plan.user_image is not None:
         boot: DirectBoot | FirmwareBoot = FirmwareBoot(
-            plan.user_image, disk_format(plan.user_image)
+            plan.user_image, disk_format(plan.user_image), plan.firmware, plan.secure_boot
         )
     else:
         assert image is not None
@@ -382,6 +417,18 @@ def boot_command(args: argparse.Namespace) -> int:
 
 
 def image_command(args: argparse.Namespace) -> int:
+    if args.cloud:
+        # The cloud image never carries the package: a NoCloud seed installs it at boot.
+        try:
+            cloud = build_cloud_image(cloud_spec(args.release), say, rebuild=args.rebuild)
+        except HarnessError as e:
+            say(f"FAILED: {e}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            say("interrupted; the partial build was removed")
+            return EXIT_INTERRUPTED
+        print(cloud.disk)
+        return EXIT_OK
     try:
         spec = image_spec(find_deb(args.deb), args.release, args.seed)
     except HarnessError as e:
