@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import re
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,26 @@ def fresh_vars(secure_boot: bool, vars_copy: Path, ovmf_dir: Path = OVMF_DIR) ->
     shutil.copyfile(ovmf_files(secure_boot, ovmf_dir).vars_template, vars_copy)
 
 
+# SeaBIOS prints to the screen only, and the harness has none: this fw_cfg file (the port, as a
+# little-endian integer) makes it mirror its text, "No bootable device" included, on ttyS0.
+SERCON_PORT = struct.pack("<H", 0x3F8)
+
+
+def sercon_file(path: Path) -> None:
+    """Write the fw_cfg file that turns on SeaBIOS's serial console."""
+    path.write_bytes(SERCON_PORT)
+
+
 def firmware_args(
-    firmware: Firmware, secure_boot: bool, vars_copy: Path, ovmf_dir: Path = OVMF_DIR
+    firmware: Firmware,
+    secure_boot: bool,
+    vars_copy: Path,
+    sercon: Path,
+    ovmf_dir: Path = OVMF_DIR,
 ) -> list[str]:
-    """QEMU's firmware arguments; under UEFI, `vars_copy` is the store `fresh_vars` made."""
+    """QEMU's firmware arguments, for the files `fresh_vars` (UEFI) or `sercon_file` made."""
     if firmware is Firmware.BIOS:
-        return []  # QEMU's own SeaBIOS
+        return ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]  # QEMU's own SeaBIOS
     ovmf = ovmf_files(secure_boot, ovmf_dir)
     args = []
     if secure_boot:
@@ -97,6 +112,8 @@ DEAD_ENDS = (
     DeadEnd(
         re.compile(rb"No bootable option or device"), "the UEFI firmware found nothing to boot"
     ),
+    # OVMF tries the network only once every disk failed; the harness never netboots.
+    DeadEnd(re.compile(rb"Start PXE over IPv4"), "UEFI firmware found no boot loader on a disk"),
     DeadEnd(re.compile(rb"No bootable device"), "BIOS found no bootable device"),
     DeadEnd(
         re.compile(rb"Verification failed|Security Violation|Access Denied"),

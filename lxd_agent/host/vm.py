@@ -37,6 +37,7 @@ from lxd_agent.host.firmware import (
     firmware_args,
     fresh_vars,
     machine_arg,
+    sercon_file,
 )
 from lxd_agent.host.image import GuestImage, Progress
 from lxd_agent.host.layouts import Layout
@@ -123,6 +124,10 @@ class VmFiles:
     def uefi_vars(self) -> Path:
         return self.workdir / "OVMF_VARS.fd"
 
+    @property
+    def sercon(self) -> Path:
+        return self.workdir / "seabios-sercon-port"
+
 
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     """QEMU's whole command line after the binary, top to bottom.
@@ -159,7 +164,7 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
             "-append", boot.append,
         ]  # fmt: skip
     else:
-        args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars)
+        args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
     # The overlay takes every write; the base image under it is never opened for writing.
     args += ["-drive", f"file={files.overlay},format=qcow2,if=virtio,cache=unsafe,discard=unmap"]
     if config.seed is not None:
@@ -397,6 +402,8 @@ class Vm:
             make_overlay(boot.disk, boot.disk_format, files.overlay)
             if boot.firmware is Firmware.UEFI:
                 fresh_vars(boot.secure_boot, files.uefi_vars)
+            else:
+                sercon_file(files.sercon)
         self.t0 = time.monotonic()
         self._qemu = await stack.enter_async_context(
             QemuProcess(qemu_args(self.config, files), name=f"vm-{self.config.layout.name}")

@@ -14,6 +14,7 @@ from lxd_agent.host.firmware import (
     fresh_vars,
     machine_arg,
     ovmf_files,
+    sercon_file,
 )
 
 
@@ -24,7 +25,7 @@ def test_uefi_maps_ovmf_code_read_only_and_a_per_boot_vars_copy(tmp_path: Path) 
     assert copy.read_bytes() == template.read_bytes()
     copy.write_bytes(b"written by a guest")  # the template is never what the guest writes
     assert template.read_bytes() != copy.read_bytes()
-    args = firmware_args(Firmware.UEFI, False, copy)
+    args = firmware_args(Firmware.UEFI, False, copy, tmp_path / "unused")
     assert args == [
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
         "-drive", f"if=pflash,format=raw,unit=1,file={copy}",
@@ -36,14 +37,20 @@ def test_secure_boot_takes_the_secboot_build_with_microsofts_keys_on_smm(tmp_pat
     files = ovmf_files(True)
     assert files.code.name == "OVMF_CODE_4M.secboot.fd"
     assert files.vars_template.name == "OVMF_VARS_4M.ms.fd"
-    args = firmware_args(Firmware.UEFI, True, tmp_path / "vars.fd")
+    args = firmware_args(Firmware.UEFI, True, tmp_path / "vars.fd", tmp_path / "unused")
     assert args[:2] == ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     assert f"readonly=on,file={files.code}" in args[3]
     assert machine_arg(Firmware.UEFI, True) == "q35,smm=on"
 
 
-def test_bios_is_qemus_own_seabios_and_refuses_secure_boot(tmp_path: Path) -> None:
-    assert firmware_args(Firmware.BIOS, False, tmp_path / "unused") == []
+def test_bios_is_qemus_own_seabios_on_the_serial_console_and_refuses_secure_boot(
+    tmp_path: Path,
+) -> None:
+    sercon = tmp_path / "sercon"
+    sercon_file(sercon)
+    assert sercon.read_bytes() == b"\xf8\x03"  # COM1's port, as SeaBIOS reads an integer
+    args = firmware_args(Firmware.BIOS, False, tmp_path / "unused", sercon)
+    assert args == ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
     with pytest.raises(VmError, match="secure boot needs UEFI"):
         machine_arg(Firmware.BIOS, True)
 
@@ -59,6 +66,7 @@ def test_missing_ovmf_says_which_package_to_install(tmp_path: Path) -> None:
     [
         (b"Press ESC in 5 seconds to skip startup.nsh\r\nShell> ", "shell"),
         (b"BdsDxe: No bootable option or device was found.", "nothing to boot"),
+        (b'BdsDxe: failed to load Boot0001 "UEFI Misc Device"\r\n>>Start PXE over IPv4.', "disk"),
         (b"Booting from Hard Disk...\r\nNo bootable device.", "no bootable device"),
         (b"Verification failed: (0x1A) Security Violation", "secure boot refused"),
         (b"error: no such device: 1234.\r\ngrub rescue> ", "GRUB"),
