@@ -8,11 +8,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages: build tools for the .deb, QEMU and mmdebstrap for the harness,
 # python3-systemd so the venv (made with --system-site-packages) sees systemd-python.
+# The cloud image (image --cloud) needs fdisk, dosfstools, mtools and GRUB for BIOS and UEFI,
+# Debian's signed shim and GRUB for secure boot; its UEFI boots need OVMF.
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-systemd \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	dpkg-dev fakeroot lintian \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs \
+	fdisk dosfstools mtools grub-common grub-pc-bin grub-efi-amd64-bin \
+	grub-efi-amd64-signed shim-signed ovmf \
 	systemd
 
 .PHONY: all setup apt venv lint test unit vm deb demo clean

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
+from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
 from lxd_agent.host.disk import disk_format
 from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
+from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
@@ -35,7 +37,13 @@ from lxd_agent.host.image import (
     ImageSpec,
     build_image,
 )
-from lxd_agent.host.layouts import LAYOUTS, Layout, check_ring_size, get_layout
+from lxd_agent.host.layouts import (
+    INCUS_RING_SIZE,
+    LAYOUTS,
+    Layout,
+    check_ring_size,
+    get_layout,
+)
 from lxd_agent.host.package import find_deb
 from lxd_agent.host.scenario import BootVerdict, boot_and_check
 from lxd_agent.host.seed import make_seed_iso
@@ -121,14 +129,39 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--layout", default="lxd-5.20", help=f"one of: {layouts}")
     image_options(boot)
     boot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
-    boot.add_argument("--ring-size", default=str(DEFAULT_RING_SIZE), help="bytes, power of two")
-    boot.add_argument("--image", type=Path, help="boot this qcow2/raw cloud image instead")
+    boot.add_argument(
+        "--ring-size",
+        help=f"bytes, power of two (default: the layout's, {DEFAULT_RING_SIZE} for LXD, "
+        f"{INCUS_RING_SIZE} for Incus)",
+    )
+    boot.add_argument(
+        "--image",
+        type=Path,
+        help="boot this qcow2/raw cloud image through its firmware instead "
+        "(e.g. the one `image --cloud` prints)",
+    )
+    boot.add_argument(
+        "--firmware",
+        choices=[f.value for f in Firmware],
+        help="firmware for --image: uefi (OVMF, LXD's; the default) or bios (SeaBIOS)",
+    )
+    boot.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="UEFI secure boot with Microsoft's keys, as LXD's default (--image, uefi only)",
+    )
     boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
 
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)
+    image.add_argument(
+        "--cloud",
+        action="store_true",
+        help="build a GPT cloud disk (BIOS and UEFI GRUB, cloud-init) like Debian's "
+        "genericcloud and print its qcow2 file",
+    )
     return parser
 
 
@@ -138,8 +171,10 @@ class BootPlan:
     deb: Path
     release: str
     accel: Accel
-    ring_size: int
+    ring_size: int | None
     user_image: Path | None
+    firmware: Firmware
+    secure_boot: bool
     seed: bool
     timeout: float
     keep: bool
@@ -160,15 +195,25 @@ def _positive_number(text: str, what: str) -> float:
 def plan_boot(args: argparse.Namespace) -> BootPlan:
     """Check every input before anything is built or booted."""
     layout = get_layout(args.layout)
-    try:
-        ring_size = int(args.ring_size)
-    except ValueError:
-        raise UsageError(
-            f"--ring-size {args.ring_size!r} is not an integer; give a power of two such as 16"
-        ) from None
-    check_ring_size(ring_size)
+    ring_size = None
+    if args.ring_size is not None:
+        try:
+            ring_size = int(args.ring_size)
+        except ValueError:
+            raise UsageError(
+                f"--ring-size {args.ring_size!r} is not an integer; give a power of two such as 16"
+            ) from None
+        check_ring_size(ring_size)
     if args.image is not None and not args.image.is_file():
         raise UsageError(f"looked for --image {args.image} and found nothing; give a cloud image")
+    if args.image is None and (args.firmware is not None or args.secure_boot):
+        raise UsageError(
+            "--firmware and --secure-boot choose how --image boots; the project's own image "
+            "boots its kernel directly: add --image FILE (e.g. from `image --cloud`)"
+        )
+    firmware = Firmware(args.firmware or Firmware.UEFI.value)
+    if args.secure_boot and firmware is not Firmware.UEFI:
+        raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
     seed = bool(args.seed or args.image is not None)
     timeout = (
         _positive_number(args.timeout, "--timeout")
@@ -182,6 +227,8 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
         accel=Accel(args.accel),
         ring_size=ring_size,
         user_image=args.image,
+        firmware=firmware,
+        secure_boot=args.secure_boot,
         seed=seed,
         timeout=timeout,
         keep=args.keep,
@@ -245,7 +292,7 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
     say(f"accel: {accel.reason}")
     if plan.user_image is not None:
         boot: DirectBoot | FirmwareBoot = FirmwareBoot(
-            plan.user_image, disk_format(plan.user_image)
+            plan.user_image, disk_format(plan.user_image), plan.firmware, plan.secure_boot
         )
     else:
         assert image is not None
@@ -318,6 +365,18 @@ def boot_command(args: argparse.Namespace) -> int:
 
 
 def image_command(args: argparse.Namespace) -> int:
+    if args.cloud:
+        # The cloud image never carries the package: a NoCloud seed installs it at boot.
+        try:
+            cloud = build_cloud_image(cloud_spec(args.release), say, rebuild=args.rebuild)
+        except HarnessError as e:
+            say(f"FAILED: {e}")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            say("interrupted; the partial build was removed")
+            return EXIT_INTERRUPTED
+        print(cloud.disk)
+        return EXIT_OK
     try:
         spec = image_spec(find_deb(args.deb), args.release, args.seed)
     except HarnessError as e:

@@ -79,3 +79,12 @@ class GuestStopped(VmError):
     def hypervisor_failed(self) -> bool:
         """The accelerator (KVM, TCG) failed to run the guest, not the guest itself."""
         return self.run_state == "internal-error"
+
+
+class BootStuck(VmError):
+    """The boot cannot go on by itself: the firmware's shell, no bootable disk, a panic, or no
+    kernel in time. `dead_end` says which, in words (`firmware.DEAD_ENDS`)."""
+
+    def __init__(self, message: str, *, dead_end: str, **fields: Sequence[str]) -> None:
+        super().__init__(message, **fields)
+        self.dead_end = dead_end

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import IO, Callable, Iterable, Sequence
 
 from lxd_agent.host.errors import HarnessError
 
@@ -358,14 +358,16 @@ def mmdebstrap_command(
     return command
 
 
-def _run_streaming(command: Sequence[str], progress: Progress, what: str) -> None:
+def run_build_step(
+    command: Sequence[str], progress: Progress, what: str, stdin: IO[str] | None = None
+) -> None:
     """Run a build step, pass its output lines to `progress`, keep the tail for the error."""
     tail: list[str] = []
     with subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
         text=True,
         errors="replace",
     ) as proc:
@@ -497,14 +499,14 @@ def build_image(
         try:
             suites = " ".join(source_suites(sources))
             progress(f"image: mmdebstrap ({suites} from the host's apt sources)")
-            _run_streaming(
+            run_build_step(
                 mmdebstrap_command(spec, tree, sources_file, hook),
                 progress,
                 f"mmdebstrap of Debian {spec.release} (suites {suites} of the host's mirror)",
             )
             kernel_version = _copy_boot_files(tree, staged)
             progress(f"image: mke2fs -d (kernel {kernel_version})")
-            _run_streaming(
+            run_build_step(
                 [
                     "mke2fs",
                     "-q",
@@ -550,14 +552,16 @@ def build_image(
 KEEP_IMAGES = 4
 
 
-def prune_images(images: Path, keep: int) -> list[Path]:
+def prune_images(
+    images: Path, keep: int, is_image: Callable[[Path], bool] | None = None
+) -> list[Path]:
     """Remove all but the `keep` most recently used images in `images`; return what went.
 
-    Build directories in progress (`.build-*`) are not images and are left alone.
+    `is_image` tells a built image's directory (default: a complete `GuestImage`). Build
+    directories in progress (`.build-*`) are not images and are left alone.
     """
-    built = [
-        d for d in images.iterdir() if not d.name.startswith(".") and GuestImage(d).is_complete()
-    ]
+    complete = is_image or (lambda d: GuestImage(d).is_complete())
+    built = [d for d in images.iterdir() if not d.name.startswith(".") and complete(d)]
     built.sort(key=lambda d: d.stat().st_mtime, reverse=True)
     pruned = built[keep:]
     for directory in pruned:

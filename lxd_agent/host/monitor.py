@@ -1,12 +1,13 @@
 """Watch a VM's status ring buffers over QMP and tell, as LXD's host would, whether the agent is up.
 
-Two layers. `interpret_ring_read` is the pure rule LXD's host applies to what a `ringbuf-read`
-returns (split on newline, take the last complete line, `STARTED` means up, `STOPPED` means down,
-anything else changes nothing). `RingbufMonitor` does the reading as LXD's host does: once at start,
-after every QMP event of any type (so a guest's open-write-close, which QEMU reports as
-`VSERPORT_CHANGE`, is read within milliseconds) and after 10 s without an event, and keeps a
-bounded, timestamped timeline of events, reads (each naming what set it off) and state changes
-that callers can await and print.
+Two layers. `interpret_ring_read` is the pure rule a host applies to what a `ringbuf-read`
+returns (split on newline, take the last complete line, or for Incus the line before a trailing
+JSON line; `STARTED` means up, `STOPPED` means down, anything else changes nothing): LXD's
+rule and Incus's live there and nowhere else. `RingbufMonitor` does the reading as LXD's host
+does: once at start, after every QMP event of any type (so a guest's open-write-close, which
+QEMU reports as `VSERPORT_CHANGE`, is read within milliseconds) and after 10 s without an
+event, and keeps a bounded, timestamped timeline of events, reads (each naming what set it off)
+and state changes that callers can await and print.
 
 What the ring holds comes from an untrusted guest: binary junk, lines longer than the ring, and
 floods of events must never crash or stall the monitor, nor grow its memory without bound.
@@ -32,7 +33,7 @@ from qemu.qmp import QMPClient, QMPError
 from qemu.qmp.message import Message
 
 from lxd_agent.host.errors import MonitorError, MonitorTimeout
-from lxd_agent.host.layouts import Ring
+from lxd_agent.host.layouts import ReadingRule, Ring
 from lxd_agent.host.qemu import BoundedEventListener
 from lxd_agent.protocol import DEFAULT_RING_SIZE, STARTED, STOPPED
 
@@ -65,14 +66,21 @@ class RingRead:
     status: str | None
 
 
-def interpret_ring_read(data: bytes) -> RingRead:
-    """Apply LXD's host rule to the bytes of one ring-buffer read."""
+def interpret_ring_read(data: bytes, rule: ReadingRule = ReadingRule.LXD) -> RingRead:
+    """Apply a host's rule (LXD's by default) to the bytes of one ring-buffer read.
+
+    Both rules split on newline. LXD takes the last complete line (`entries[len-2]`). Incus,
+    whose agent may write `STARTED\n{JSON state}\n`, takes the line before a trailing JSON
+    line (`entries[len-3]`) and otherwise the last complete line, as LXD does.
+    """
     entries = data.decode("utf-8", errors="replace").split("\n")
     if len(entries) < 2:
-        # No newline at all: an empty read or a partial line. LXD leaves the state alone.
+        # No newline at all: an empty read or a partial line. Both hosts leave the state alone.
         return RingRead(line=None, status=None)
-    # Whatever follows the last newline is an unfinished write; LXD takes the line before it.
+    # Whatever follows the last newline is an unfinished write; the host takes a line before it.
     line = entries[-2]
+    if rule is ReadingRule.INCUS and len(entries) > 2 and line.startswith("{"):
+        line = entries[-3]
     return RingRead(line=line, status=line if line in (STARTED, STOPPED) else None)
 
 
@@ -397,7 +405,7 @@ class RingbufMonitor:
             raise MonitorError(f"ringbuf-read of {ring.chardev_id}: bad base64 ({err})") from None
 
     def _apply(self, ring: Ring, data: bytes, trigger: str) -> None:
-        reading = interpret_ring_read(data)
+        reading = interpret_ring_read(data, ring.rule)
         shown = _clip(repr(data.decode("utf-8", errors="replace")), self.text_limit)
         meaning = f" -> {reading.status}" if reading.status else " (no change)"
         self.timeline.add(EntryKind.READ, f"{shown}{meaning}", ring.port_name, trigger)

@@ -29,13 +29,22 @@ from qemu.qmp import QMPError
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent.host.disk import make_overlay
-from lxd_agent.host.errors import GuestStopped, HarnessError, VmError
+from lxd_agent.host.errors import BootStuck, GuestStopped, HarnessError, VmError
+from lxd_agent.host.firmware import (
+    DEAD_ENDS,
+    KERNEL_START_TIMEOUT,
+    NO_KERNEL_IN_TIME,
+    Firmware,
+    firmware_args,
+    fresh_vars,
+    machine_arg,
+    sercon_file,
+)
 from lxd_agent.host.image import GuestImage, Progress
 from lxd_agent.host.layouts import Layout
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent.host.qemu import QemuProcess
 from lxd_agent.host.vmlock import take_vm_lock
-from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 CONSOLE_ID = "console"
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
@@ -64,10 +73,12 @@ class DirectBoot:
 
 @dataclass(frozen=True)
 class FirmwareBoot:
-    """A user's own cloud image, booted through the firmware from its own boot loader."""
+    """A cloud image (ours or a user's), booted through the firmware from its own boot loader."""
 
     disk: Path
     disk_format: str
+    firmware: Firmware = Firmware.UEFI
+    secure_boot: bool = False
 
 
 Boot = Union[DirectBoot, FirmwareBoot]
@@ -78,7 +89,8 @@ class VmConfig:
     layout: Layout
     boot: Boot
     accel: Accel = Accel.TCG
-    ring_size: int = DEFAULT_RING_SIZE
+    ring_size: int | None = None
+    """The status rings' size; None: the layout's own (LXD's 16 B, Incus's 16 KiB)."""
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = DEFAULT_CPUS
     seed: Path | None = None
@@ -105,6 +117,18 @@ class VmFiles:
     def console_log(self) -> Path:
         return self.workdir / "console.log"
 
+    @property
+    def spice_socket(self) -> Path:
+        return self.workdir / "spice.sock"
+
+    @property
+    def uefi_vars(self) -> Path:
+        return self.workdir / "OVMF_VARS.fd"
+
+    @property
+    def sercon(self) -> Path:
+        return self.workdir / "seabios-sercon-port"
+
 
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     """QEMU's whole command line after the binary, top to bottom.
@@ -114,11 +138,15 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     if config.accel is Accel.AUTO:
         raise VmError("qemu_args needs a decided accelerator; call choose_accel() first")
     kvm = config.accel is Accel.KVM
+    boot = config.boot
+    machine = "q35"
+    if isinstance(boot, FirmwareBoot):
+        machine = machine_arg(boot.firmware, boot.secure_boot)
     args = [
         # Start paused: the console reader and the monitor attach before the first byte.
         "-S",
         "-name", f"lxd-agent-harness-{config.layout.name}",
-        "-machine", "q35",
+        "-machine", machine,
         "-accel", "kvm" if kvm else "tcg",
         # Under TCG the plain default model boots faster than `max` (fewer features to emulate).
         "-cpu", "host" if kvm else "qemu64",
@@ -130,19 +158,22 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         # counts as a power-off instead of booting again behind the harness's back.
         "-action", "shutdown=pause,reboot=shutdown",
     ]  # fmt: skip
-    if isinstance(config.boot, DirectBoot):
+    if isinstance(boot, DirectBoot):
         args += [
-            "-kernel", str(config.boot.image.kernel),
-            "-initrd", str(config.boot.image.initrd),
-            "-append", config.boot.append,
+            "-kernel", str(boot.image.kernel),
+            "-initrd", str(boot.image.initrd),
+            "-append", boot.append,
         ]  # fmt: skip
+    else:
+        args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
     # The overlay takes every write; the base image under it is never opened for writing.
     args += ["-drive", f"file={files.overlay},format=qcow2,if=virtio,cache=unsafe,discard=unmap"]
     if config.seed is not None:
         args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
     if config.network:
-        args += ["-nic", "user,model=virtio-net-pci"]
-    args += config.layout.qemu_args(config.ring_size)
+        # No option ROM: the BIOS must not try a network boot before it gives up on the disk.
+        args += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="]
+    args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
     if config.user_qmp:
         args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
     args += [
@@ -233,12 +264,17 @@ class Vm:
     async def _wait_for_state(self, status: str, port: str | None, timeout: float) -> TimelineEntry:
         watch = asyncio.ensure_future(self._watch_qemu())
         wait = asyncio.ensure_future(self.monitor.wait_for(status, port=port, timeout=timeout))
+        tasks = {watch, wait}
+        if isinstance(self.config.boot, FirmwareBoot):
+            tasks.add(asyncio.ensure_future(self._watch_boot()))
         try:
-            done, _ = await asyncio.wait({watch, wait}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            watch.cancel()
-            wait.cancel()
-            await asyncio.gather(watch, wait, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done - {watch, wait}:
+            task.result()  # the boot hit a dead end: raises why
         if wait in done:
             entry = wait.result()
         else:
@@ -365,6 +401,10 @@ class Vm:
             make_overlay(boot.image.disk, "raw", files.overlay)
         else:
             make_overlay(boot.disk, boot.disk_format, files.overlay)
+            if boot.firmware is Firmware.UEFI:
+                fresh_vars(boot.secure_boot, files.uefi_vars)
+            else:
+                sercon_file(files.sercon)
         self.t0 = time.monotonic()
         self._qemu = await stack.enter_async_context(
             QemuProcess(qemu_args(self.config, files), name=f"vm-{self.config.layout.name}")
@@ -393,7 +433,7 @@ class Vm:
     @property
     def ring_read_size(self) -> int:
         # LXD reads 16 bytes from its 16-byte ring; a larger ring is read whole.
-        return self.config.ring_size
+        return self.config.ring_size or self.config.layout.ring_size
 
     async def _execute(self, command: str) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""
@@ -453,6 +493,32 @@ class Vm:
         with self._failures_filled():
             status = await self._runstate()
             self._raise_if_stopped(status, powered_off="the guest powered off")
+
+    async def _watch_boot(self) -> None:
+        """Return only by raising: the console shows a dead end, or no kernel came in time."""
+        console = self.console
+        while True:
+            for dead_end in DEAD_ENDS:
+                if console.search(dead_end.pattern, 0) is not None:
+                    message = (
+                        f"{dead_end.meaning} ({self._firmware_name()}, {self.seconds():.0f} s "
+                        "after QEMU start); is the image a bootable cloud image for it? "
+                        "See the console tail"
+                    )
+                    raise self._filled(BootStuck(message, dead_end=dead_end.meaning))
+            if "kernel up" not in console.milestones and self.seconds() > KERNEL_START_TIMEOUT:
+                message = (
+                    f"no kernel started within {KERNEL_START_TIMEOUT:g} s of QEMU start "
+                    f"({self._firmware_name()}); the boot is stuck before Linux: see the console"
+                )
+                raise self._filled(BootStuck(message, dead_end=NO_KERNEL_IN_TIME))
+            await asyncio.sleep(0.2)
+
+    def _firmware_name(self) -> str:
+        boot = self.config.boot
+        if not isinstance(boot, FirmwareBoot):
+            return "direct kernel boot"
+        return f"{boot.firmware.value}{' with secure boot' if boot.secure_boot else ''}"
 
     async def _watch_qemu(self) -> None:
         """Return only by raising: QEMU exited, or the guest stopped for good."""

@@ -18,7 +18,7 @@ from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
 from lxd_agent.host.scenario import BootVerdict, WithVm, boot_and_check
-from lxd_agent.host.vm import DirectBoot, Vm, VmConfig
+from lxd_agent.host.vm import Boot, DirectBoot, Vm, VmConfig
 from lxd_agent.protocol import STOPPED
 from tests.host.helpers import run
 
@@ -56,14 +56,16 @@ async def booted(image: GuestImage, layout: str, seed: Path | None = None) -> As
 
 
 def checked_boot(
-    image: GuestImage,
+    image: GuestImage | Boot,
     layout: str,
     *,
     seed: Path | None = None,
     timeout: float = BOOT_TIMEOUT,
     while_up: WithVm | None = None,
 ) -> BootVerdict:
-    """The harness's boot-and-check scenario on `image`; fails the test unless it passed.
+    """The harness's boot-and-check scenario on `image` (direct boot) or through `boot`.
+
+    Fails the test unless the verdict passed.
 
     A failed assertion in `while_up` fails the verdict like the harness's own checks, so the
     console tail and the timeline are printed with it.
@@ -76,7 +78,8 @@ def checked_boot(
         except AssertionError as e:
             raise vm.error(f"a check failed while the guest was up: {e}") from e
 
-    config = VmConfig(layout=get_layout(layout), boot=DirectBoot(image), accel=Accel.TCG, seed=seed)
+    boot = DirectBoot(image) if isinstance(image, GuestImage) else image
+    config = VmConfig(layout=get_layout(layout), boot=boot, accel=Accel.TCG, seed=seed)
     deadline = TEST_DEADLINE + timeout
     verdict = run(
         boot_and_check(config, timeout, progress=print, while_up=checks if while_up else None),

@@ -11,7 +11,7 @@ import base64
 import contextlib
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
-from lxd_agent.host.layouts import Ring
+from lxd_agent.host.layouts import ReadingRule, Ring
 from lxd_agent.host.monitor import RingbufMonitor
 from lxd_agent.host.qemu import QemuProcess
 from lxd_agent.protocol import PORT_NAME
@@ -62,10 +62,14 @@ async def read_ring(qemu: QemuProcess, chardev_id: str, size: int = 16) -> bytes
 
 @contextlib.asynccontextmanager
 async def monitored_ring(
-    *, size: int = 16, paused: bool = False, **monitor_options: Any
+    *,
+    size: int = 16,
+    paused: bool = False,
+    rule: ReadingRule = ReadingRule.LXD,
+    **monitor_options: Any,
 ) -> AsyncIterator[tuple[QemuProcess, RingbufMonitor]]:
-    """A QEMU with one ring, chardev `ring`, monitored as port `PORT_NAME`."""
+    """A QEMU with one ring, chardev `ring`, monitored as port `PORT_NAME` by `rule`."""
     async with ring_qemu("ring", size=size, paused=paused) as qemu, RingbufMonitor(
-        qemu.qmp, [Ring(PORT_NAME, "ring")], **monitor_options
+        qemu.qmp, [Ring(PORT_NAME, "ring", rule)], **monitor_options
     ) as monitor:
         yield qemu, monitor

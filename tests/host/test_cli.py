@@ -13,11 +13,12 @@ import pytest
 from lxd_agent.host import cli, scenario, vm, vmlock
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
+from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
-from lxd_agent.host.vm import DirectBoot, VmConfig, VmFiles, qemu_args
+from lxd_agent.host.vm import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 
 
@@ -37,11 +38,15 @@ def fake_deb(tmp_path: Path) -> Path:
         (["--timeout", "0"], "must be more than 0 seconds"),
         (["--timeout", "soon"], "is not a number of seconds"),
         (["--image", "/nonexistent/cloud.qcow2"], "looked for --image"),
+        (["--firmware", "bios"], "add --image FILE"),
+        (["--secure-boot"], "add --image FILE"),
+        (["--image", "{deb}", "--firmware", "bios", "--secure-boot"], "needs UEFI firmware"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
     args: list[str], message: str, fake_deb: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    args = [arg.format(deb=fake_deb) for arg in args]
     assert cli.main(["boot", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
     out = capsys.readouterr().out
     assert message in out
@@ -103,7 +108,24 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
     assert "disk.raw" not in joined  # the base image is only the overlay's backing file
     assert "-nodefaults" in args and "-display none" in joined
     assert "-chardev pty,id=console" in joined
-    assert " ".join(get_layout("lxd-5.20").qemu_args(16)) in joined
+    layout_args = get_layout("lxd-5.20").qemu_args(16, spice_socket=files.spice_socket)
+    assert " ".join(layout_args) in joined
+    # LXD serves SPICE on a unix socket; ours is in the VM's temporary directory.
+    assert f"-spice unix=on,addr={files.spice_socket},disable-ticketing=on" in joined
+    assert files.spice_socket.parent == files.workdir
+
+
+def test_each_layout_gets_its_own_ring_size_unless_the_boot_overrides_it(tmp_path: Path) -> None:
+    files = VmFiles(tmp_path / "run")
+    image = GuestImage(tmp_path / "image")
+
+    def ring_args(layout: str, ring_size: int | None) -> list[str]:
+        config = VmConfig(get_layout(layout), DirectBoot(image), Accel.TCG, ring_size=ring_size)
+        return [a for a in qemu_args(config, files) if a.startswith("ringbuf,")]
+
+    assert ring_args("lxd-5.20", None) == ["ringbuf,id=qemu_serial-chardev,size=16"]
+    assert ring_args("incus", None) == ["ringbuf,id=qemu_serial-chardev,size=16384"]
+    assert ring_args("incus", 64) == ["ringbuf,id=qemu_serial-chardev,size=64"]
 
 
 def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> None:
@@ -235,3 +257,24 @@ def test_an_error_from_a_running_vm_carries_console_qemu_output_and_timeline(
     # What the raiser already knew is kept.
     own = machine._filled(VmError("console closed", console_tail=["its own"]))
     assert own.console_tail == ["its own"] and own.qemu_output == ["qemu: warning"]
+
+
+@pytest.mark.parametrize("secure_boot", [False, True], ids=["uefi", "uefi-secure-boot"])
+def test_a_firmware_boot_has_no_kernel_and_its_own_vars_in_the_vm_dir(
+    tmp_path: Path, secure_boot: bool
+) -> None:
+    files = VmFiles(tmp_path / "run")
+    boot = FirmwareBoot(tmp_path / "user.qcow2", "qcow2", Firmware.UEFI, secure_boot)
+    args = qemu_args(VmConfig(get_layout("lxd-5.20"), boot, Accel.TCG), files)
+    joined = " ".join(args)
+    assert "-kernel" not in args and "-append" not in args
+    assert f"if=pflash,format=raw,unit=1,file={files.uefi_vars}" in joined
+    assert files.uefi_vars.parent == files.workdir
+    assert "user.qcow2" not in joined  # only the overlay's backing file
+    assert args[args.index("-machine") + 1] == ("q35,smm=on" if secure_boot else "q35")
+
+
+def test_a_bios_boot_has_no_pflash(tmp_path: Path) -> None:
+    boot = FirmwareBoot(tmp_path / "user.qcow2", "qcow2", Firmware.BIOS)
+    args = qemu_args(VmConfig(get_layout("lxd-5.20"), boot, Accel.TCG), VmFiles(tmp_path))
+    assert not any("if=pflash" in arg for arg in args) and "-kernel" not in args

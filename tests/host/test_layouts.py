@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,17 +14,31 @@ from lxd_agent.host.layouts import (
     LAYOUTS,
     LXD_5_19,
     LXD_5_20,
+    SPICE_AGENT_PORT_NAME,
+    SPICE_WEBDAV_PORT_NAME,
     Layout,
+    ReadingRule,
     Ring,
     check_ring_size,
     describe_layouts,
     get_layout,
 )
 from lxd_agent.host.qemu import QemuProcess
-from lxd_agent.protocol import DEFAULT_RING_SIZE, INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
 from tests.host.helpers import MACHINE_NONE, MACHINE_PAUSED, run
 
 BUS = ["-device", "virtio-serial-pci,id=dev-qemu_serial"]
+SOCKET = Path("/tmp/vm/spice.sock")
+# LXD's template ends every bus with these, in this order (driver_qemu_templates.go, qemuSerial).
+SPICE = [
+    "-chardev", "spicevmc,id=qemu_spice-chardev,name=vdagent",
+    "-device", "virtserialport,id=qemu_spice,name=com.redhat.spice.0,"
+    "chardev=qemu_spice-chardev,bus=dev-qemu_serial.0",
+    "-chardev", "spiceport,id=qemu_spicedir-chardev,name=org.spice-space.webdav.0",
+    "-device", "virtserialport,id=qemu_spicedir,name=org.spice-space.webdav.0,"
+    "chardev=qemu_spicedir-chardev,bus=dev-qemu_serial.0",
+    "-spice", f"unix=on,addr={SOCKET},disable-ticketing=on",
+]  # fmt: skip
 
 
 def test_layout_names_are_the_four_known_ones() -> None:
@@ -33,51 +48,63 @@ def test_layout_names_are_the_four_known_ones() -> None:
     assert all(describe_layouts().values())
 
 
-def test_lxd_5_19_has_one_ring_on_the_legacy_name() -> None:
-    assert LXD_5_19.qemu_args() == [
+def test_lxd_5_19_has_one_ring_on_the_legacy_name_then_the_spice_ports() -> None:
+    assert LXD_5_19.qemu_args(spice_socket=SOCKET) == [
         *BUS,
         "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
         "-device", f"virtserialport,id=qemu_serial,name={LEGACY_PORT_NAME},"
         "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
+        *SPICE,
     ]  # fmt: skip
     assert LXD_5_19.rings == (Ring(LEGACY_PORT_NAME, "qemu_serial-chardev"),)
-    assert LXD_5_19.port_names == (LEGACY_PORT_NAME,)
+    # Three ports on an LXD 5.19 VM: the count a saved state must match (facts §5).
+    assert LXD_5_19.port_names == (LEGACY_PORT_NAME, SPICE_AGENT_PORT_NAME, SPICE_WEBDAV_PORT_NAME)
 
 
 def test_lxd_5_20_rings_the_new_name_and_leaves_the_legacy_port_without_chardev() -> None:
-    assert LXD_5_20.qemu_args() == [
+    assert LXD_5_20.qemu_args(spice_socket=SOCKET) == [
         *BUS,
         "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
         "-device", f"virtserialport,id=qemu_serial,name={PORT_NAME},"
         "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
         "-device", f"virtserialport,id=qemu_serial_legacy,name={LEGACY_PORT_NAME},"
         "bus=dev-qemu_serial.0",
+        *SPICE,
     ]  # fmt: skip
     assert LXD_5_20.rings == (Ring(PORT_NAME, "qemu_serial-chardev"),)
-    assert LXD_5_20.port_names == (PORT_NAME, LEGACY_PORT_NAME)
+    # Four ports on an LXD 5.20 VM.
+    assert LXD_5_20.port_names == (
+        PORT_NAME,
+        LEGACY_PORT_NAME,
+        SPICE_AGENT_PORT_NAME,
+        SPICE_WEBDAV_PORT_NAME,
+    )
 
 
-def test_incus_rings_its_own_name_and_leaves_the_legacy_port_without_chardev() -> None:
-    assert INCUS.qemu_args() == [
+def test_incus_rings_its_own_name_with_16_kib_and_reads_by_incus_rule() -> None:
+    assert INCUS.qemu_args(spice_socket=SOCKET) == [
         *BUS,
-        "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
+        "-chardev", "ringbuf,id=qemu_serial-chardev,size=16384",
         "-device", f"virtserialport,id=qemu_serial,name={INCUS_PORT_NAME},"
         "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
         "-device", f"virtserialport,id=qemu_serial_legacy,name={LEGACY_PORT_NAME},"
         "bus=dev-qemu_serial.0",
+        *SPICE,
     ]  # fmt: skip
-    assert INCUS.rings == (Ring(INCUS_PORT_NAME, "qemu_serial-chardev"),)
+    assert INCUS.rings == (Ring(INCUS_PORT_NAME, "qemu_serial-chardev", ReadingRule.INCUS),)
+    assert INCUS.ring_size == 16384
 
 
 def test_bridged_gives_each_lxd_name_its_own_ring() -> None:
-    assert BRIDGED.qemu_args() == [
+    assert BRIDGED.qemu_args(spice_socket=SOCKET) == [
         *BUS,
         "-chardev", "ringbuf,id=qemu_serial-chardev,size=16",
-        "-chardev", "ringbuf,id=qemu_serial_legacy-chardev,size=16",
         "-device", f"virtserialport,id=qemu_serial,name={PORT_NAME},"
         "chardev=qemu_serial-chardev,bus=dev-qemu_serial.0",
+        "-chardev", "ringbuf,id=qemu_serial_legacy-chardev,size=16",
         "-device", f"virtserialport,id=qemu_serial_legacy,name={LEGACY_PORT_NAME},"
         "chardev=qemu_serial_legacy-chardev,bus=dev-qemu_serial.0",
+        *SPICE,
     ]  # fmt: skip
     assert BRIDGED.rings == (
         Ring(PORT_NAME, "qemu_serial-chardev"),
@@ -85,19 +112,30 @@ def test_bridged_gives_each_lxd_name_its_own_ring() -> None:
     )
 
 
+@pytest.mark.parametrize("layout", [LXD_5_19, LXD_5_20, BRIDGED], ids=["5.19", "5.20", "bridged"])
+def test_lxd_layouts_read_by_lxd_rule(layout: Layout) -> None:
+    assert layout.rule is ReadingRule.LXD
+    assert all(ring.rule is ReadingRule.LXD for ring in layout.rings)
+
+
+def test_a_layout_with_spice_ports_refuses_to_build_without_a_socket() -> None:
+    with pytest.raises(LayoutError, match="SPICE socket"):
+        LXD_5_20.qemu_args()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
 def test_ring_size_reaches_every_ring_chardev(layout: Layout) -> None:
-    args = layout.qemu_args(ring_size=16384)
+    args = layout.qemu_args(ring_size=64, spice_socket=SOCKET)
     chardevs = [arg for arg in args if arg.startswith("ringbuf,")]
     assert len(chardevs) == len(layout.rings) >= 1
-    assert all(arg.endswith(",size=16384") for arg in chardevs)
-    assert f"size={DEFAULT_RING_SIZE}" in layout.qemu_args()[3]
+    assert all(arg.endswith(",size=64") for arg in chardevs)
+    assert f"size={layout.ring_size}" in layout.qemu_args(spice_socket=SOCKET)[3]
 
 
 @pytest.mark.parametrize("size", [0, -16, 3, 15, 24, 1000, True, 16.0, "16"])
 def test_ring_size_that_qemu_would_refuse_is_rejected_first(size: Any) -> None:
     with pytest.raises(LayoutError, match="power of two"):
-        LXD_5_20.qemu_args(ring_size=size)
+        LXD_5_20.qemu_args(ring_size=size, spice_socket=SOCKET)
 
 
 @pytest.mark.parametrize("size", [1, 2, 16, 4096, 16384])
@@ -123,13 +161,23 @@ def test_ring_for_finds_the_ring_behind_a_port_and_refuses_a_stub() -> None:
 # -- QEMU's verdict -----------------------------------------------------------------------------
 
 
-async def _devices_in_qemu(layout: Layout, ring_size: int) -> dict[str, tuple[str, str]]:
+async def _devices_in_qemu(
+    layout: Layout, ring_size: int, socket: Path
+) -> dict[str, tuple[str, str]]:
     """Start a paused q35 with the layout; each port's name and chardev, as QEMU reports them."""
-    async with QemuProcess([*MACHINE_PAUSED, *layout.qemu_args(ring_size)]) as qemu:
+    args = [*MACHINE_PAUSED, *layout.qemu_args(ring_size, spice_socket=socket)]
+    async with QemuProcess(args) as qemu:
         chardevs = await qemu.qmp.execute("query-chardev")
         assert isinstance(chardevs, list)
-        ring_labels = {c["label"] for c in chardevs if c["filename"] == "ringbuf"}
+        backends = {c["label"]: c["filename"] for c in chardevs}
+        ring_labels = {label for label, kind in backends.items() if kind == "ringbuf"}
         assert ring_labels == {ring.chardev_id for ring in layout.rings}
+        # Real SPICE chardevs, not stand-ins: QEMU names their backend.
+        assert backends["qemu_spice-chardev"] == "spicevmc"
+        assert backends["qemu_spicedir-chardev"] == "spiceport"
+        spice = await qemu.qmp.execute("query-spice")
+        assert isinstance(spice, dict) and spice["enabled"] is True
+        assert socket.is_socket()
 
         peripherals = await qemu.qmp.execute("qom-list", {"path": "/machine/peripheral"})
         assert isinstance(peripherals, list)
@@ -146,14 +194,29 @@ async def _devices_in_qemu(layout: Layout, ring_size: int) -> dict[str, tuple[st
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=list(LAYOUTS))
-def test_qemu_accepts_each_layout_and_wires_ports_as_declared(layout: Layout) -> None:
-    ports = run(_devices_in_qemu(layout, DEFAULT_RING_SIZE))
+def test_qemu_accepts_each_layout_and_wires_ports_as_declared(
+    layout: Layout, tmp_path: Path
+) -> None:
+    ports = run(_devices_in_qemu(layout, layout.ring_size, tmp_path / "spice.sock"))
     assert ports == {port.name: (port.device_id, port.chardev_id or "") for port in layout.ports}
 
 
-def test_qemu_accepts_incus_sized_ring() -> None:
-    ports = run(_devices_in_qemu(INCUS, 16384))
+def test_qemu_accepts_incus_sized_ring(tmp_path: Path) -> None:
+    ports = run(_devices_in_qemu(INCUS, 16384, tmp_path / "spice.sock"))
     assert ports[INCUS_PORT_NAME][1] == "qemu_serial-chardev"
+
+
+def test_qemu_refuses_a_spiceport_without_spice_so_the_layout_adds_it() -> None:
+    args = LXD_5_20.qemu_args(spice_socket=SOCKET)
+    without_spice = args[: args.index("-spice")]
+
+    async def start() -> None:
+        async with QemuProcess([*MACHINE_PAUSED, *without_spice]):
+            pass
+
+    with pytest.raises(QemuError) as caught:
+        run(start())
+    assert any("spice" in line.lower() for line in caught.value.output)
 
 
 @pytest.mark.parametrize("size", [15, 24])

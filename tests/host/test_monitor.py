@@ -11,7 +11,7 @@ import pytest
 
 from lxd_agent.host import monitor as monitor_module
 from lxd_agent.host.errors import MonitorError, MonitorTimeout
-from lxd_agent.host.layouts import BRIDGED, Ring
+from lxd_agent.host.layouts import BRIDGED, INCUS_RING_SIZE, ReadingRule, Ring
 from lxd_agent.host.monitor import (
     EntryKind,
     RingbufMonitor,
@@ -22,20 +22,27 @@ from lxd_agent.host.monitor import (
 from lxd_agent.protocol import CONNECTED, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.helpers import monitored_ring, ring_qemu, run, write_ring
 
-RING = 16  # LXD's ring size; the table's `written` bytes go into a ring this big
+# Each host's ring size: a case's `written` bytes go into a ring this big.
+INCUS = ReadingRule.INCUS
+RING_SIZES = {ReadingRule.LXD: 16, ReadingRule.INCUS: INCUS_RING_SIZE}
 
 
 @dataclass(frozen=True)
 class Case:
     id: str
     written: bytes  # what the guest wrote, in total, since the last read
-    line: str | None  # the last complete line LXD's host takes from the ring
+    line: str | None  # the line the host takes its status from
     status: str | None  # the state it sets; None: unchanged
+    rule: ReadingRule = ReadingRule.LXD
+
+    @property
+    def ring_size(self) -> int:
+        return RING_SIZES[self.rule]
 
     @property
     def ring(self) -> bytes:
-        """What a 16-byte ring holds after `written`: its last 16 bytes (oldest overwritten)."""
-        return self.written[-RING:]
+        """What the host's ring holds after `written`: its last bytes (oldest overwritten)."""
+        return self.written[-self.ring_size :]
 
 
 CASES = [
@@ -61,13 +68,35 @@ CASES = [
     Case("tail-of-long-write-glued", b"x" * 40 + b"STARTED\n", "x" * 8 + STARTED, None),
     Case("tail-of-long-write-newline", b"x" * 40 + b"\nSTARTED\n", STARTED, STARTED),
     Case("wrap-cuts-the-status-line", b"STOPPED\n" + b"x" * 10, "OPPED", None),
-    Case("incus-json-after-status", b'STARTED\n{"a":1}', STARTED, STARTED),
+    Case("incus-json-line-is-not-a-status-to-lxd", b'STARTED\n{"a":1}\n', '{"a":1}', None),
+    Case("incus-partial-json-after-status", b'STARTED\n{"a":1}', STARTED, STARTED),
+    # Incus's rule, on its 16 KiB ring: the status line may be followed by a JSON state line.
+    Case("i-started", b"STARTED\n", STARTED, STARTED, INCUS),
+    Case("i-stopped", b"STOPPED\n", STOPPED, STOPPED, INCUS),
+    Case("i-json-after-started", b'STARTED\n{"state":"up"}\n', STARTED, STARTED, INCUS),
+    Case("i-json-after-stopped", b"STOPPED\n{}\n", STOPPED, STOPPED, INCUS),
+    Case("i-started-then-stopped", b"STARTED\nSTOPPED\n", STOPPED, STOPPED, INCUS),
+    Case("i-json-then-started", b'STOPPED\n{"a":1}\nSTARTED\n', STARTED, STARTED, INCUS),
+    Case("i-json-alone", b'{"a":1}\n', '{"a":1}', None, INCUS),
+    Case("i-partial-json", b'STOPPED\n{"a":', STOPPED, STOPPED, INCUS),
+    Case("i-connected-then-json", b"CONNECTED\n{}\n", CONNECTED, None, INCUS),
+    Case("i-empty-read", b"", None, None, INCUS),
+    Case("i-no-newline", b"STARTED", None, None, INCUS),
+    Case("i-long-json", b"STARTED\n{" + b"x" * 9000 + b"}\n", STARTED, STARTED, INCUS),
+    # The JSON line overwrote the status line: the wrapped tail is no status.
+    Case(
+        "i-wrap-cuts-the-status-line",
+        b"STARTED\n{" + b"x" * 17000 + b"}\n",
+        "x" * (INCUS_RING_SIZE - 2) + "}",
+        None,
+        INCUS,
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_interpret_ring_read_follows_lxd_rule(case: Case) -> None:
-    assert interpret_ring_read(case.ring) == RingRead(line=case.line, status=case.status)
+def test_interpret_ring_read_follows_each_hosts_rule(case: Case) -> None:
+    assert interpret_ring_read(case.ring, case.rule) == RingRead(case.line, case.status)
 
 
 def test_interpret_ring_read_handles_any_byte_and_long_input() -> None:
@@ -85,7 +114,11 @@ def _prior(case: Case) -> str:
 
 
 async def _through_qemu(case: Case) -> tuple[bytes, str | None]:
-    async with monitored_ring(poll_interval=60.0) as (qemu, mon):
+    size = case.ring_size
+    async with monitored_ring(size=size, rule=case.rule, read_size=size, poll_interval=60.0) as (
+        qemu,
+        mon,
+    ):
         await write_ring(qemu, "ring", f"{_prior(case)}\n".encode())
         await mon.read_rings()
         assert mon.state() == _prior(case)
@@ -96,9 +129,9 @@ async def _through_qemu(case: Case) -> tuple[bytes, str | None]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_monitor_reads_qemu_ring_and_concludes_as_lxd(case: Case) -> None:
+def test_monitor_reads_qemu_ring_and_concludes_as_the_host(case: Case) -> None:
     read, state = run(_through_qemu(case))
-    assert read == case.ring  # QEMU keeps the last 16 bytes, as the table assumes
+    assert read == case.ring  # QEMU keeps the ring's last bytes, as the table assumes
     assert state == (case.status or _prior(case))
 
 

@@ -1,0 +1,90 @@
+"""Tests for lxd_agent.host.firmware: OVMF's files and arguments, and the boot's dead ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host.errors import VmError
+from lxd_agent.host.firmware import (
+    DEAD_ENDS,
+    Firmware,
+    firmware_args,
+    fresh_vars,
+    machine_arg,
+    ovmf_files,
+    sercon_file,
+)
+
+
+def test_uefi_maps_ovmf_code_read_only_and_a_per_boot_vars_copy(tmp_path: Path) -> None:
+    copy = tmp_path / "OVMF_VARS.fd"
+    fresh_vars(False, copy)
+    template = ovmf_files(False).vars_template
+    assert copy.read_bytes() == template.read_bytes()
+    copy.write_bytes(b"written by a guest")  # the template is never what the guest writes
+    assert template.read_bytes() != copy.read_bytes()
+    args = firmware_args(Firmware.UEFI, False, copy, tmp_path / "unused")
+    assert args == [
+        "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "-drive", f"if=pflash,format=raw,unit=1,file={copy}",
+    ]  # fmt: skip
+    assert machine_arg(Firmware.UEFI, False) == "q35"
+
+
+def test_secure_boot_takes_the_secboot_build_with_microsofts_keys_on_smm(tmp_path: Path) -> None:
+    files = ovmf_files(True)
+    assert files.code.name == "OVMF_CODE_4M.secboot.fd"
+    assert files.vars_template.name == "OVMF_VARS_4M.ms.fd"
+    args = firmware_args(Firmware.UEFI, True, tmp_path / "vars.fd", tmp_path / "unused")
+    assert args[:2] == ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    assert f"readonly=on,file={files.code}" in args[3]
+    assert machine_arg(Firmware.UEFI, True) == "q35,smm=on"
+
+
+def test_bios_is_qemus_own_seabios_on_the_serial_console_and_refuses_secure_boot(
+    tmp_path: Path,
+) -> None:
+    sercon = tmp_path / "sercon"
+    sercon_file(sercon)
+    assert sercon.read_bytes() == b"\xf8\x03"  # COM1's port, as SeaBIOS reads an integer
+    args = firmware_args(Firmware.BIOS, False, tmp_path / "unused", sercon)
+    assert args == ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
+    with pytest.raises(VmError, match="secure boot needs UEFI"):
+        machine_arg(Firmware.BIOS, True)
+
+
+def test_missing_ovmf_says_which_package_to_install(tmp_path: Path) -> None:
+    with pytest.raises(VmError, match="ovmf package") as caught:
+        ovmf_files(False, ovmf_dir=tmp_path)
+    assert str(tmp_path / "OVMF_CODE_4M.fd") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("console", "meaning"),
+    [
+        (b"Press ESC in 5 seconds to skip startup.nsh\r\nShell> ", "shell"),
+        (b"BdsDxe: No bootable option or device was found.", "nothing to boot"),
+        (b'BdsDxe: failed to load Boot0001 "UEFI Misc Device"\r\n>>Start PXE over IPv4.', "disk"),
+        (b"Booting from Hard Disk...\r\nNo bootable device.", "no bootable device"),
+        (b"Verification failed: (0x1A) Security Violation", "secure boot refused"),
+        (b"error: no such device: 1234.\r\ngrub rescue> ", "GRUB"),
+        (b"Gave up waiting for root file system device.\r\n(initramfs) ", "initramfs"),
+        (b"Kernel panic - not syncing: VFS: Unable to mount root fs", "panicked"),
+    ],
+)
+def test_each_dead_end_is_recognised_on_the_console(console: bytes, meaning: str) -> None:
+    found = [d.meaning for d in DEAD_ENDS if d.pattern.search(console)]
+    assert found and meaning in found[0]
+
+
+def test_a_normal_boot_hits_no_dead_end() -> None:
+    console = (
+        b'BdsDxe: loading Boot0001 "UEFI Misc Device"\r\n'
+        b"Welcome to GRUB!\r\n  Booting `Debian GNU/Linux'\r\n"
+        b"[    0.000000] Linux version 6.1.0-56-cloud-amd64\r\n"
+        b"Welcome to Debian GNU/Linux 12 (bookworm)!\r\n"
+        b"lxd-agent-guest login: root (automatic login)\r\nroot@lxd-agent-guest:~# "
+    )
+    assert [d.meaning for d in DEAD_ENDS if d.pattern.search(console)] == []
