@@ -56,13 +56,13 @@ deb: setup
 test: setup
 	$(MAKE) lint
 	$(MAKE) deb
-	$(VENV)/bin/pytest -ra
+	$(VENV)/bin/pytest -ra --durations=25
 
 unit: setup
 	$(VENV)/bin/pytest -ra -m 'not vm'
 
 vm: setup deb
-	$(VENV)/bin/pytest -ra -m vm
+	$(VENV)/bin/pytest -ra --durations=25 -m vm
 
 demo: setup deb
 	$(VENV)/bin/lxd-agent-harness boot --layout lxd-5.20

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
+from lxd_agent.host.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
 from lxd_agent.host.disk import disk_format
 from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
@@ -31,8 +32,6 @@ from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
-    DEFAULT_RELEASE,
-    RELEASES,
     GuestImage,
     ImageSpec,
     build_image,

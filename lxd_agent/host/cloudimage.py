@@ -32,23 +32,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources, source_suites
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
     CUSTOMIZE_SCRIPT,
-    DEFAULT_RELEASE,
     ImageError,
     ImageSpec,
     Progress,
     cache_root,
     detach_mounts_under,
     file_sha256,
-    filter_apt_sources,
     mmdebstrap_command,
     prune_images,
     remove_tree,
     run_build_step,
-    source_suites,
 )
 
 # Bump when the way a cloud image is made changes in a way the inputs below do not show.

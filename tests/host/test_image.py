@@ -8,17 +8,14 @@ from pathlib import Path
 import pytest
 
 from lxd_agent.host import image
-from lxd_agent.host.errors import HarnessError
-from lxd_agent.host.image import (
-    BuildStepFailed,
-    GuestImage,
-    ImageError,
-    ImageSpec,
+from lxd_agent.host.aptsources import (
+    AptSourcesError,
     filter_apt_sources,
     host_release,
-    prune_images,
     source_suites,
 )
+from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.image import BuildStepFailed, GuestImage, ImageError, ImageSpec, prune_images
 
 
 def _deb(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -189,8 +186,10 @@ def test_sources_for_bullseye_come_from_the_same_mirror(tmp_path: Path) -> None:
 
 
 def test_sources_on_a_host_of_unknown_release_name_what_was_found(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match=r"found suites: .*bookworm"):
+    with pytest.raises(AptSourcesError) as caught:
         filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list", host="")
+    assert caught.value.release == "sid"
+    assert "bookworm" in caught.value.found_suites and "nodistro" in caught.value.found_suites
 
 
 def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host.image import BASE_PACKAGES, RELEASES, GuestImage, ImageSpec, build_image
+from lxd_agent.host.aptsources import RELEASES
+from lxd_agent.host.image import BASE_PACKAGES, GuestImage, ImageSpec, build_image
 from lxd_agent.host.package import DEB_PACKAGE
 from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED

@@ -1,6 +1,6 @@
 """A throw-away Debian root for installing the .deb, built with mmdebstrap.
 
-The root's apt sources are the harness's (`lxd_agent.host.image.filter_apt_sources`): the
+The root's apt sources are the harness's (`lxd_agent.host.aptsources.filter_apt_sources`): the
 machine's own mirror, with the suites of the release asked for, so no mirror is named anywhere
 in the project and the root can run apt against the archive (its package lists are kept).
 Everything lives in a temporary directory that is removed on every exit path, after making sure
@@ -19,12 +19,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from lxd_agent.host.image import (
-    DEFAULT_RELEASE,
-    detach_mounts_under,
-    filter_apt_sources,
-    mounts_under,
-)
+from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources
+from lxd_agent.host.image import detach_mounts_under, mounts_under
 
 MMDEBSTRAP_TIMEOUT = 300.0
 # What a chroot'ed command sees: dpkg's usual PATH, and no pyenv, venv or locale from the

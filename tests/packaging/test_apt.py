@@ -23,7 +23,7 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from lxd_agent.host.image import RELEASES
+from lxd_agent.host.aptsources import RELEASES
 from lxd_agent.host.package import DEB_PACKAGE, SOURCE_TREE
 from tests.packaging.rootfs import chroot, debian_root
 
