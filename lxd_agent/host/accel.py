@@ -74,7 +74,8 @@ async def probe_kvm(image: GuestImage, progress: Progress) -> str | None:
     # Imported here: vm.py imports `Accel` from this module, and the probe is the one part of
     # choosing an accelerator that needs a VM.
     from lxd_agent.host.console import SHELL_PROMPT
-    from lxd_agent.host.vm import DirectBoot, Vm, VmConfig
+    from lxd_agent.host.machine import DirectBoot, VmConfig
+    from lxd_agent.host.vm import Vm
 
     config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.KVM)
     vm = Vm(config)

@@ -43,15 +43,11 @@ from lxd_agent.host.layouts import (
     check_ring_size,
     get_layout,
 )
+from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
 from lxd_agent.host.package import find_deb
 from lxd_agent.host.scenario import BootVerdict, boot_and_check
 from lxd_agent.host.seed import make_seed_iso
-from lxd_agent.host.vm import (
-    DirectBoot,
-    FirmwareBoot,
-    Vm,
-    VmConfig,
-)
+from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 EXIT_OK = 0

@@ -18,8 +18,9 @@ from typing import Awaitable, Callable
 from lxd_agent.host.errors import HarnessError, VmError
 from lxd_agent.host.image import Progress
 from lxd_agent.host.layouts import Layout
+from lxd_agent.host.machine import VmConfig
 from lxd_agent.host.monitor import EntryKind, TimelineEntry
-from lxd_agent.host.vm import POWEROFF_TIMEOUT, Vm, VmConfig
+from lxd_agent.host.vm import POWEROFF_TIMEOUT, Vm
 from lxd_agent.protocol import CANDIDATE_PORT_NAMES, STARTED, STOPPED
 
 # Without a ring (Incus) the power-off time is the proof: off in 1-3 s here, while an agent

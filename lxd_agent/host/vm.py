@@ -1,6 +1,7 @@
 """Boot a guest under QEMU with one of LXD's device layouts and drive it from the host.
 
-`qemu_args` builds the whole QEMU command line in one place, top to bottom. `Vm` is an async
+The guest's machine (`VmConfig`) and QEMU's command line (`qemu_args`) are in
+`lxd_agent.host.machine`. `Vm` is an async
 context manager around one running guest: it starts QEMU paused (so no console byte is lost),
 opens the serial console (`lxd_agent.host.console`), starts the ring-buffer monitor, lets the
 guest run, and offers what the harness and the tests need: wait for a ring state, power the guest
@@ -19,14 +20,12 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Union
+from typing import Iterator
 
 from qemu.qmp import QMPError
 
-from lxd_agent.host.accel import Accel
 from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent.host.disk import make_overlay
 from lxd_agent.host.errors import BootStuck, GuestStopped, HarnessError, VmError
@@ -35,22 +34,21 @@ from lxd_agent.host.firmware import (
     KERNEL_START_TIMEOUT,
     NO_KERNEL_IN_TIME,
     Firmware,
-    firmware_args,
     fresh_vars,
-    machine_arg,
     sercon_file,
 )
-from lxd_agent.host.image import GuestImage, Progress
-from lxd_agent.host.layouts import Layout
+from lxd_agent.host.image import Progress
+from lxd_agent.host.machine import (
+    CONSOLE_ID,
+    DirectBoot,
+    FirmwareBoot,
+    VmConfig,
+    VmFiles,
+    qemu_args,
+)
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent.host.qemu import QemuProcess
 from lxd_agent.host.vmlock import take_vm_lock
-
-CONSOLE_ID = "console"
-KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
-DEFAULT_MEMORY_MIB = 1024
-# Two vCPUs use both host cores under multi-threaded TCG: login in 11 s instead of 22 s.
-DEFAULT_CPUS = 2
 
 # Waits, in seconds. Under TCG on 2 cores a boot reaches STARTED in 10-13 s (facts §6).
 BOOT_TIMEOUT = 120.0
@@ -61,126 +59,6 @@ QMP_TIMEOUT = 10.0
 # How much of the console and of QEMU's output a `VmError` carries.
 ERROR_CONSOLE_LINES = 30
 ERROR_QEMU_LINES = 5
-
-
-@dataclass(frozen=True)
-class DirectBoot:
-    """The project's image: QEMU loads its kernel and initrd; the disk is a bare ext4 root."""
-
-    image: GuestImage
-    append: str = KERNEL_APPEND
-
-
-@dataclass(frozen=True)
-class FirmwareBoot:
-    """A cloud image (ours or a user's), booted through the firmware from its own boot loader."""
-
-    disk: Path
-    disk_format: str
-    firmware: Firmware = Firmware.UEFI
-    secure_boot: bool = False
-
-
-Boot = Union[DirectBoot, FirmwareBoot]
-
-
-@dataclass(frozen=True)
-class VmConfig:
-    layout: Layout
-    boot: Boot
-    accel: Accel = Accel.TCG
-    ring_size: int | None = None
-    """The status rings' size; None: the layout's own (LXD's 16 B, Incus's 16 KiB)."""
-    memory_mib: int = DEFAULT_MEMORY_MIB
-    cpus: int = DEFAULT_CPUS
-    seed: Path | None = None
-    network: bool = False
-    # A second QMP socket for a person (`--keep`): the harness's own is taken by the harness.
-    user_qmp: bool = False
-
-
-@dataclass(frozen=True)
-class VmFiles:
-    """Where one boot's files go, all inside its temporary directory."""
-
-    workdir: Path
-
-    @property
-    def overlay(self) -> Path:
-        return self.workdir / "overlay.qcow2"
-
-    @property
-    def user_qmp(self) -> Path:
-        return self.workdir / "qmp-user.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.workdir / "console.log"
-
-    @property
-    def spice_socket(self) -> Path:
-        return self.workdir / "spice.sock"
-
-    @property
-    def uefi_vars(self) -> Path:
-        return self.workdir / "OVMF_VARS.fd"
-
-    @property
-    def sercon(self) -> Path:
-        return self.workdir / "seabios-sercon-port"
-
-
-def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
-    """QEMU's whole command line after the binary, top to bottom.
-
-    The harness's own QMP socket is added by `QemuProcess` (it listens before QEMU starts).
-    """
-    if config.accel is Accel.AUTO:
-        raise VmError("qemu_args needs a decided accelerator; call choose_accel() first")
-    kvm = config.accel is Accel.KVM
-    boot = config.boot
-    machine = "q35"
-    if isinstance(boot, FirmwareBoot):
-        machine = machine_arg(boot.firmware, boot.secure_boot)
-    args = [
-        # Start paused: the console reader and the monitor attach before the first byte.
-        "-S",
-        "-name", f"lxd-agent-harness-{config.layout.name}",
-        "-machine", machine,
-        "-accel", "kvm" if kvm else "tcg",
-        # Under TCG the plain default model boots faster than `max` (fewer features to emulate).
-        "-cpu", "host" if kvm else "qemu64",
-        "-m", str(config.memory_mib),
-        "-smp", str(config.cpus),
-        "-nodefaults",
-        "-display", "none",
-        # A powered-off guest stays (paused) so the final ring can still be read; a reboot
-        # counts as a power-off instead of booting again behind the harness's back.
-        "-action", "shutdown=pause,reboot=shutdown",
-    ]  # fmt: skip
-    if isinstance(boot, DirectBoot):
-        args += [
-            "-kernel", str(boot.image.kernel),
-            "-initrd", str(boot.image.initrd),
-            "-append", boot.append,
-        ]  # fmt: skip
-    else:
-        args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
-    # The overlay takes every write; the base image under it is never opened for writing.
-    args += ["-drive", f"file={files.overlay},format=qcow2,if=virtio,cache=unsafe,discard=unmap"]
-    if config.seed is not None:
-        args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
-    if config.network:
-        # No option ROM: the BIOS must not try a network boot before it gives up on the disk.
-        args += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="]
-    args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
-    if config.user_qmp:
-        args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
-    args += [
-        "-chardev", f"pty,id={CONSOLE_ID}",
-        "-serial", f"chardev:{CONSOLE_ID}",
-    ]  # fmt: skip
-    return args
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ from lxd_agent.host.accel import Accel
 from lxd_agent.host.cli import failure_lines
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.machine import Boot, DirectBoot, VmConfig
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
 from lxd_agent.host.scenario import BootVerdict, WithVm, boot_and_check
-from lxd_agent.host.vm import Boot, DirectBoot, Vm, VmConfig
+from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import STOPPED
 from tests.host.helpers import run
 

@@ -16,9 +16,9 @@ from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, Qe
 from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
-from lxd_agent.host.vm import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 
 
