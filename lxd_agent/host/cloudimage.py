@@ -43,6 +43,7 @@ from lxd_agent.host.image import (
     cache_root,
     detach_mounts_under,
     file_sha256,
+    kernel_version,
     mmdebstrap_command,
     prune_images,
     remove_tree,
@@ -218,25 +219,9 @@ def fstab(root_uuid: str, esp_id: str) -> str:
     )
 
 
-def _kernel_version(tree: Path) -> str:
-    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
-    if not kernels:
-        raise ImageError(
-            f"looked for boot/vmlinuz-* in the built tree {tree} and found none; "
-            "is linux-image-cloud-amd64 in the package list?"
-        )
-    version = kernels[-1].name[len("vmlinuz-") :]
-    if not (tree / "boot" / f"initrd.img-{version}").is_file():
-        raise ImageError(
-            f"looked for boot/initrd.img-{version} next to the kernel in {tree} and found "
-            "none; initramfs-tools did not run in the tree"
-        )
-    return version
-
-
 def _prepare_tree(tree: Path, root_uuid: str, esp_id: str) -> str:
     """Write the files that name this disk into the tree; the kernel version."""
-    version = _kernel_version(tree)
+    version = kernel_version(tree)
     (tree / "etc" / "fstab").write_text(fstab(root_uuid, esp_id))
     (tree / "boot" / "efi").mkdir(parents=True, exist_ok=True)
     grub = tree / "boot" / "grub"

@@ -247,8 +247,8 @@ def run_build_step(
         raise BuildStepFailed(what, command, proc.returncode, tail)
 
 
-def _copy_boot_files(tree: Path, out: GuestImage) -> str:
-    """Copy the tree's kernel and initrd out; return the kernel version."""
+def kernel_version(tree: Path) -> str:
+    """The version of the newest kernel in the built tree's /boot, which must have its initrd."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise ImageError(
@@ -256,14 +256,19 @@ def _copy_boot_files(tree: Path, out: GuestImage) -> str:
             "is a linux-image package in the package list?"
         )
     version = kernels[-1].name[len("vmlinuz-") :]
-    initrd = tree / "boot" / f"initrd.img-{version}"
-    if not initrd.is_file():
+    if not (tree / "boot" / f"initrd.img-{version}").is_file():
         raise ImageError(
-            f"looked for {initrd} next to the kernel and found none; "
-            "initramfs-tools did not run in the tree"
+            f"looked for boot/initrd.img-{version} next to the kernel in {tree} and found "
+            "none; initramfs-tools did not run in the tree"
         )
-    shutil.copyfile(kernels[-1], out.kernel)
-    shutil.copyfile(initrd, out.initrd)
+    return version
+
+
+def _copy_boot_files(tree: Path, out: GuestImage) -> str:
+    """Copy the tree's kernel and initrd out; return the kernel version."""
+    version = kernel_version(tree)
+    shutil.copyfile(tree / "boot" / f"vmlinuz-{version}", out.kernel)
+    shutil.copyfile(tree / "boot" / f"initrd.img-{version}", out.initrd)
     return version
 
 
