@@ -86,6 +86,35 @@ def test_cloud_image_boots_through_firmware_and_reports_started_then_stopped(
         )
 
 
+# The UEFI global variable SecureBoot: 4 bytes of attributes, then 1 when secure boot is on.
+SECURE_BOOT_VARIABLE = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+
+
+def test_cloud_image_boots_with_secure_boot_on_through_debians_signed_shim(
+    cloud_image: CloudImage, deb: Path, figures: Figures, tmp_path: Path
+) -> None:
+    seed = make_seed_iso(deb, tmp_path / "seed.iso")
+    state: list[str] = []
+
+    async def secure_boot_state(vm: Vm) -> None:
+        value = await vm.run(f"od -An -tu1 {SECURE_BOOT_VARIABLE}")
+        state.extend(value.output.split())
+
+    verdict = checked_boot(
+        FirmwareBoot(cloud_image.disk, "qcow2", Firmware.UEFI, secure_boot=True),
+        "lxd-5.20",
+        seed=seed,
+        timeout=SEED_BOOT_TIMEOUT,
+        while_up=secure_boot_state,
+    )
+    assert verdict.started and verdict.stopped
+    figures["cloud image, uefi + secure boot: QEMU start -> STARTED"] = (
+        f"{verdict.started.seconds:.2f} s"
+    )
+    # The firmware enforced signatures all the way: shim, GRUB and the kernel were verified.
+    assert state[-1:] == ["1"], state
+
+
 @pytest.mark.parametrize("firmware", [Firmware.UEFI, Firmware.BIOS], ids=["uefi", "bios"])
 def test_a_disk_with_nothing_to_boot_fails_fast_with_the_firmwares_reason(
     firmware: Firmware,
