@@ -4,8 +4,10 @@
 agent's `STARTED` on the ring LXD would read, presses the power button, waits for `STOPPED` and
 for the guest to be off, and prints the timeline. It exits 0 only when both lines were seen, in
 that order; 1 when the guest did not do it (the reason, the console tail and the timeline are
-printed); 2 on bad input, before anything is built or booted. `image` only builds or reuses the
-image and prints its directory.
+printed); 2 on bad input, before anything is built or booted (a corrupt --deb, a ring size out
+of bounds, an --image without a partition table); 128+signum when interrupted (130 for Ctrl-C,
+143 for SIGTERM, 129 for SIGHUP), after QEMU, mounts, build and temporary directories are gone
+(`lxd_agent.host.interrupt`). `image` only builds or reuses the image and prints its directory.
 
 Host side only: this is the one place that prints to the user and turns errors into exit codes;
 it holds no QEMU or image logic of its own.
@@ -26,7 +28,7 @@ from typing import Sequence
 from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
-from lxd_agent.host.disk import disk_format
+from lxd_agent.host.disk import check_boot_sector, disk_format
 from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
 from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
@@ -36,6 +38,7 @@ from lxd_agent.host.image import (
     ImageSpec,
     build_image,
 )
+from lxd_agent.host.interrupt import Interrupted, run_interruptible, signals_interrupt
 from lxd_agent.host.layouts import (
     INCUS_RING_SIZE,
     LAYOUTS,
@@ -44,7 +47,7 @@ from lxd_agent.host.layouts import (
     get_layout,
 )
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
-from lxd_agent.host.package import find_deb
+from lxd_agent.host.package import check_deb, find_deb
 from lxd_agent.host.scenario import BootVerdict, boot_and_check
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.vm import Vm
@@ -53,7 +56,7 @@ from lxd_agent.protocol import DEFAULT_RING_SIZE
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+# An interrupted command exits 128 + the signal's number (`Interrupted.exit_status`).
 
 DEFAULT_TIMEOUT = 120.0
 # cloud-init runs late in the boot and installs the package first.
@@ -168,6 +171,7 @@ class BootPlan:
     accel: Accel
     ring_size: int | None
     user_image: Path | None
+    user_image_format: str | None
     firmware: Firmware
     secure_boot: bool
     seed: bool
@@ -209,19 +213,27 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
     firmware = Firmware(args.firmware or Firmware.UEFI.value)
     if args.secure_boot and firmware is not Firmware.UEFI:
         raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
+    user_image_format = None
+    if args.image is not None:
+        # Before anything boots: a file no firmware can boot would fail only at the timeout.
+        user_image_format = disk_format(args.image)
+        check_boot_sector(args.image, user_image_format)
     seed = bool(args.seed or args.image is not None)
     timeout = (
         _positive_number(args.timeout, "--timeout")
         if args.timeout is not None
         else (DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
     )
+    deb = find_deb(args.deb)
+    check_deb(deb)
     return BootPlan(
         layout=layout,
-        deb=find_deb(args.deb),
+        deb=deb,
         release=args.release,
         accel=Accel(args.accel),
         ring_size=ring_size,
         user_image=args.image,
+        user_image_format=user_image_format,
         firmware=firmware,
         secure_boot=args.secure_boot,
         seed=seed,
@@ -286,8 +298,9 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
     accel = await choose_accel(plan.accel, image, say)
     say(f"accel: {accel.reason}")
     if plan.user_image is not None:
+        assert plan.user_image_format is not None
         boot: DirectBoot | FirmwareBoot = FirmwareBoot(
-            plan.user_image, disk_format(plan.user_image), plan.firmware, plan.secure_boot
+            plan.user_image, plan.user_image_format, plan.firmware, plan.secure_boot
         )
     else:
         assert image is not None
@@ -344,19 +357,25 @@ def boot_command(args: argparse.Namespace) -> int:
                     image_spec(plan.deb, plan.release, plan.seed), say, rebuild=plan.rebuild
                 )
             if plan.seed:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-seed-")))
+                tmp = Path(
+                    stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-seed-"))
+                )
                 seed_iso = make_seed_iso(plan.deb, tmp / "seed.iso")
                 say(f"seed: NoCloud seed with {plan.deb.name} ({seed_iso.stat().st_size} bytes)")
-            code = asyncio.run(run_boot(plan, image, seed_iso))
+            code = run_interruptible(run_boot(plan, image, seed_iso))
     except HarnessError as e:
         for line in failure_lines(e):
             say(line)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        say("interrupted; QEMU and temporary files cleaned up")
-        return EXIT_INTERRUPTED
     say(f"total {time.monotonic() - started:.1f} s")
     return code
+
+
+def interrupted_line(interrupt: Interrupted) -> str:
+    return (
+        f"INTERRUPTED: {interrupt.signal_name}; QEMU, mounts, build and temporary directories "
+        f"cleaned up (exit status {interrupt.exit_status})"
+    )
 
 
 def image_command(args: argparse.Namespace) -> int:
@@ -367,13 +386,12 @@ def image_command(args: argparse.Namespace) -> int:
         except HarnessError as e:
             say(f"FAILED: {e}")
             return EXIT_FAILED
-        except KeyboardInterrupt:
-            say("interrupted; the partial build was removed")
-            return EXIT_INTERRUPTED
         print(cloud.disk)
         return EXIT_OK
     try:
-        spec = image_spec(find_deb(args.deb), args.release, args.seed)
+        deb = find_deb(args.deb)
+        check_deb(deb)
+        spec = image_spec(deb, args.release, args.seed)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
@@ -382,18 +400,21 @@ def image_command(args: argparse.Namespace) -> int:
     except HarnessError as e:
         say(f"FAILED: {e}")
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        say("interrupted; the partial build was removed")
-        return EXIT_INTERRUPTED
     print(image.directory)
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "image":
-        return image_command(args)
-    return boot_command(args)
+    # From here on a signal unwinds everything the command made, then ends it with 128+signum.
+    with signals_interrupt():
+        try:
+            if args.command == "image":
+                return image_command(args)
+            return boot_command(args)
+        except Interrupted as interrupt:
+            say(interrupted_line(interrupt))
+            return interrupt.exit_status
 
 
 if __name__ == "__main__":
