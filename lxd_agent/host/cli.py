@@ -48,8 +48,9 @@ from lxd_agent.host.layouts import (
 )
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
 from lxd_agent.host.package import check_deb, find_deb
-from lxd_agent.host.scenario import BootVerdict, boot_and_check
+from lxd_agent.host.scenario import BootVerdict, boot_and_check, lxd_ring_port
 from lxd_agent.host.seed import make_seed_iso
+from lxd_agent.host.soak import FAULTS, SoakVerdict, soak
 from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
@@ -151,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
+
+    soak = sub.add_parser(
+        "soak",
+        help="boot N times; each boot: reboot, port replug, host reader restart, agent kill, "
+        "power-off; print a table of each fault x cycle",
+    )
+    soak.add_argument("--cycles", default="3", help="how many boots (default 3)")
+    soak.add_argument("--layout", default="lxd-5.20", help="lxd-5.19 or lxd-5.20")
+    image_options(soak)
+    soak.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    soak.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
 
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)
@@ -404,6 +416,84 @@ def image_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# More would hold the machine for a day: 50 cycles take about an hour here.
+MAX_SOAK_CYCLES = 1000
+
+
+def soak_table(verdict: SoakVerdict) -> list[str]:
+    """One row per cycle, one column per fault: its seconds, or FAILED / not run."""
+    width = max(len(fault) for fault in FAULTS)
+    lines = ["cycle " + " ".join(f"{fault:>{width}}" for fault in FAULTS)]
+    for cycle in range(1, verdict.cycles + 1):
+        cells = []
+        for result in (r for r in verdict.results if r.cycle == cycle):
+            if result.passed:
+                cells.append(f"{result.seconds:>{width - 2}.1f} s")
+            elif result.error is not None:
+                cells.append(f"{'FAILED':>{width}}")
+            else:
+                cells.append(f"{'-':>{width}}")
+        lines.append(f"{cycle:>5} " + " ".join(cells))
+    return lines
+
+
+def soak_command(args: argparse.Namespace) -> int:
+    try:
+        layout = get_layout(args.layout)
+        if lxd_ring_port(layout) is None:
+            raise UsageError(
+                f"layout {layout.name} has no ring on an LXD port: nothing to soak; "
+                "choose lxd-5.19 or lxd-5.20"
+            )
+        try:
+            cycles = int(args.cycles)
+        except ValueError:
+            raise UsageError(f"--cycles {args.cycles!r} is not a whole number") from None
+        if not 1 <= cycles <= MAX_SOAK_CYCLES:
+            raise UsageError(f"--cycles must be 1..{MAX_SOAK_CYCLES}, not {cycles}")
+        timeout = (
+            _positive_number(args.timeout, "--timeout")
+            if args.timeout is not None
+            else DEFAULT_TIMEOUT
+        )
+        deb = find_deb(args.deb)
+        check_deb(deb)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        image = build_image(image_spec(deb, args.release, args.seed), say, rebuild=args.rebuild)
+    except HarnessError as e:
+        for line in failure_lines(e):
+            say(line)
+        return EXIT_FAILED
+
+    async def run() -> SoakVerdict:
+        accel = await choose_accel(Accel(args.accel), image, say)
+        say(f"accel: {accel.reason}")
+        config = VmConfig(layout=layout, boot=DirectBoot(image), accel=accel.accel)
+        return await soak(config, cycles, timeout, progress=say)
+
+    verdict = run_interruptible(run())
+    for line in soak_table(verdict):
+        say(line)
+    for failed in verdict.failures():
+        if failed.error is not None:
+            say(f"cycle {failed.cycle} {failed.fault}:")
+            for line in failure_lines(failed.error):
+                say(f"  {line}")
+    if verdict.cycle_seconds:
+        mean = sum(verdict.cycle_seconds) / len(verdict.cycle_seconds)
+        say(f"one cycle: {mean:.1f} s on average ({len(verdict.cycle_seconds)} completed)")
+    passed = sum(r.passed for r in verdict.results)
+    total = verdict.cycles * len(FAULTS)
+    if verdict.passed:
+        say(f"OK: {passed} of {total} faults passed in {cycles} cycles ({layout.name})")
+        return EXIT_OK
+    say(f"FAILED: {passed} of {total} faults passed in {cycles} cycles ({layout.name})")
+    return EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # From here on a signal unwinds everything the command made, then ends it with 128+signum.
@@ -411,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "image":
                 return image_command(args)
+            if args.command == "soak":
+                return soak_command(args)
             return boot_command(args)
         except Interrupted as interrupt:
             say(interrupted_line(interrupt))

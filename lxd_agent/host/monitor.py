@@ -320,6 +320,16 @@ class RingbufMonitor:
         """How many `ringbuf-read` commands have completed (each ring counts)."""
         return self._reads
 
+    def forget(self, port: str, why: str) -> None:
+        """Set `port`'s state back to unknown, so that `wait_for` waits for a fresh line.
+
+        For a caller that changed something under the ring (replugged its port) and must see
+        the agent report again; `why` goes into the timeline.
+        """
+        before = self._states[self._check_port(port)]
+        self._states[port] = None
+        self.timeline.add(EntryKind.STATE, f"{before or 'unknown'} -> unknown ({why})", port)
+
     def note(self, text: str) -> TimelineEntry:
         """Record a caller's milestone (`QEMU started`, `system_powerdown sent`) in the timeline."""
         return self.timeline.add(EntryKind.NOTE, _clip(text, self.text_limit * 2))

@@ -19,6 +19,7 @@ from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
+from lxd_agent.host.soak import soak_config
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from tests.host.helpers import minimal_deb
 
@@ -299,3 +300,28 @@ def test_a_bios_boot_has_no_pflash(tmp_path: Path) -> None:
     boot = FirmwareBoot(tmp_path / "user.qcow2", "qcow2", Firmware.BIOS)
     args = qemu_args(VmConfig(get_layout("lxd-5.20"), boot, Accel.TCG), VmFiles(tmp_path))
     assert not any("if=pflash" in arg for arg in args) and "-kernel" not in args
+
+
+def test_a_soak_vm_may_reboot_inside_its_qemu_and_others_may_not(tmp_path: Path) -> None:
+    image = GuestImage(tmp_path)
+    base = VmConfig(get_layout("lxd-5.20"), DirectBoot(image), Accel.TCG)
+    files = VmFiles(tmp_path)
+    assert "shutdown=pause,reboot=shutdown" in qemu_args(base, files)
+    assert "shutdown=pause,reboot=reset" in qemu_args(soak_config(base), files)
+    assert "-qmp" in qemu_args(soak_config(base), files)  # the restarted reader's socket
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cycles", "0"], "--cycles must be 1..1000"),
+        (["--cycles", "many"], "is not a whole number"),
+        (["--layout", "incus"], "nothing to soak"),
+    ],
+)
+def test_bad_soak_input_is_one_line_and_exit_2(
+    args: list[str], message: str, fake_deb: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["soak", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and message in out[0], out
