@@ -4,8 +4,10 @@
 agent's `STARTED` on the ring LXD would read, presses the power button, waits for `STOPPED` and
 for the guest to be off, and prints the timeline. It exits 0 only when both lines were seen, in
 that order; 1 when the guest did not do it (the reason, the console tail and the timeline are
-printed); 2 on bad input, before anything is built or booted. `image` only builds or reuses the
-image and prints its directory.
+printed); 2 on bad input, before anything is built or booted (a corrupt --deb, a ring size out
+of bounds, an --image without a partition table); 128+signum when interrupted (130 for Ctrl-C,
+143 for SIGTERM, 129 for SIGHUP), after QEMU, mounts, build and temporary directories are gone
+(`lxd_agent.host.interrupt`). `image` only builds or reuses the image and prints its directory.
 
 Host side only: this is the one place that prints to the user and turns errors into exit codes;
 it holds no QEMU or image logic of its own.
@@ -26,7 +28,7 @@ from typing import Sequence
 from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
-from lxd_agent.host.disk import disk_format
+from lxd_agent.host.disk import check_boot_sector, disk_format
 from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
 from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
@@ -36,6 +38,7 @@ from lxd_agent.host.image import (
     ImageSpec,
     build_image,
 )
+from lxd_agent.host.interrupt import Interrupted, run_interruptible, signals_interrupt
 from lxd_agent.host.layouts import (
     INCUS_RING_SIZE,
     LAYOUTS,
@@ -44,16 +47,17 @@ from lxd_agent.host.layouts import (
     get_layout,
 )
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
-from lxd_agent.host.package import find_deb
-from lxd_agent.host.scenario import BootVerdict, boot_and_check
+from lxd_agent.host.package import check_deb, find_deb
+from lxd_agent.host.scenario import BootVerdict, boot_and_check, lxd_ring_port
 from lxd_agent.host.seed import make_seed_iso
+from lxd_agent.host.soak import FAULTS, SoakVerdict, soak
 from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+# An interrupted command exits 128 + the signal's number (`Interrupted.exit_status`).
 
 DEFAULT_TIMEOUT = 120.0
 # cloud-init runs late in the boot and installs the package first.
@@ -149,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
 
+    soak = sub.add_parser(
+        "soak",
+        help="boot N times; each boot: reboot, port replug, host reader restart, agent kill, "
+        "power-off; print a table of each fault x cycle",
+    )
+    soak.add_argument("--cycles", default="3", help="how many boots (default 3)")
+    soak.add_argument("--layout", default="lxd-5.20", help="lxd-5.19 or lxd-5.20")
+    image_options(soak)
+    soak.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    soak.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
+
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)
     image.add_argument(
@@ -168,6 +183,7 @@ class BootPlan:
     accel: Accel
     ring_size: int | None
     user_image: Path | None
+    user_image_format: str | None
     firmware: Firmware
     secure_boot: bool
     seed: bool
@@ -209,19 +225,27 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
     firmware = Firmware(args.firmware or Firmware.UEFI.value)
     if args.secure_boot and firmware is not Firmware.UEFI:
         raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
+    user_image_format = None
+    if args.image is not None:
+        # Before anything boots: a file no firmware can boot would fail only at the timeout.
+        user_image_format = disk_format(args.image)
+        check_boot_sector(args.image, user_image_format)
     seed = bool(args.seed or args.image is not None)
     timeout = (
         _positive_number(args.timeout, "--timeout")
         if args.timeout is not None
         else (DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
     )
+    deb = find_deb(args.deb)
+    check_deb(deb)
     return BootPlan(
         layout=layout,
-        deb=find_deb(args.deb),
+        deb=deb,
         release=args.release,
         accel=Accel(args.accel),
         ring_size=ring_size,
         user_image=args.image,
+        user_image_format=user_image_format,
         firmware=firmware,
         secure_boot=args.secure_boot,
         seed=seed,
@@ -286,8 +310,9 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
     accel = await choose_accel(plan.accel, image, say)
     say(f"accel: {accel.reason}")
     if plan.user_image is not None:
+        assert plan.user_image_format is not None
         boot: DirectBoot | FirmwareBoot = FirmwareBoot(
-            plan.user_image, disk_format(plan.user_image), plan.firmware, plan.secure_boot
+            plan.user_image, plan.user_image_format, plan.firmware, plan.secure_boot
         )
     else:
         assert image is not None
@@ -344,19 +369,25 @@ def boot_command(args: argparse.Namespace) -> int:
                     image_spec(plan.deb, plan.release, plan.seed), say, rebuild=plan.rebuild
                 )
             if plan.seed:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-seed-")))
+                tmp = Path(
+                    stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-seed-"))
+                )
                 seed_iso = make_seed_iso(plan.deb, tmp / "seed.iso")
                 say(f"seed: NoCloud seed with {plan.deb.name} ({seed_iso.stat().st_size} bytes)")
-            code = asyncio.run(run_boot(plan, image, seed_iso))
+            code = run_interruptible(run_boot(plan, image, seed_iso))
     except HarnessError as e:
         for line in failure_lines(e):
             say(line)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        say("interrupted; QEMU and temporary files cleaned up")
-        return EXIT_INTERRUPTED
     say(f"total {time.monotonic() - started:.1f} s")
     return code
+
+
+def interrupted_line(interrupt: Interrupted) -> str:
+    return (
+        f"INTERRUPTED: {interrupt.signal_name}; QEMU, mounts, build and temporary directories "
+        f"cleaned up (exit status {interrupt.exit_status})"
+    )
 
 
 def image_command(args: argparse.Namespace) -> int:
@@ -367,13 +398,12 @@ def image_command(args: argparse.Namespace) -> int:
         except HarnessError as e:
             say(f"FAILED: {e}")
             return EXIT_FAILED
-        except KeyboardInterrupt:
-            say("interrupted; the partial build was removed")
-            return EXIT_INTERRUPTED
         print(cloud.disk)
         return EXIT_OK
     try:
-        spec = image_spec(find_deb(args.deb), args.release, args.seed)
+        deb = find_deb(args.deb)
+        check_deb(deb)
+        spec = image_spec(deb, args.release, args.seed)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
@@ -382,18 +412,101 @@ def image_command(args: argparse.Namespace) -> int:
     except HarnessError as e:
         say(f"FAILED: {e}")
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        say("interrupted; the partial build was removed")
-        return EXIT_INTERRUPTED
     print(image.directory)
     return EXIT_OK
 
 
+# More would hold the machine for a day: 50 cycles take about an hour here.
+MAX_SOAK_CYCLES = 1000
+
+
+def soak_table(verdict: SoakVerdict) -> list[str]:
+    """One row per cycle, one column per fault: its seconds, or FAILED / not run."""
+    width = max(len(fault) for fault in FAULTS)
+    lines = ["cycle " + " ".join(f"{fault:>{width}}" for fault in FAULTS)]
+    for cycle in range(1, verdict.cycles + 1):
+        cells = []
+        for result in (r for r in verdict.results if r.cycle == cycle):
+            if result.passed:
+                cells.append(f"{result.seconds:>{width - 2}.1f} s")
+            elif result.error is not None:
+                cells.append(f"{'FAILED':>{width}}")
+            else:
+                cells.append(f"{'-':>{width}}")
+        lines.append(f"{cycle:>5} " + " ".join(cells))
+    return lines
+
+
+def soak_command(args: argparse.Namespace) -> int:
+    try:
+        layout = get_layout(args.layout)
+        if lxd_ring_port(layout) is None:
+            raise UsageError(
+                f"layout {layout.name} has no ring on an LXD port: nothing to soak; "
+                "choose lxd-5.19 or lxd-5.20"
+            )
+        try:
+            cycles = int(args.cycles)
+        except ValueError:
+            raise UsageError(f"--cycles {args.cycles!r} is not a whole number") from None
+        if not 1 <= cycles <= MAX_SOAK_CYCLES:
+            raise UsageError(f"--cycles must be 1..{MAX_SOAK_CYCLES}, not {cycles}")
+        timeout = (
+            _positive_number(args.timeout, "--timeout")
+            if args.timeout is not None
+            else DEFAULT_TIMEOUT
+        )
+        deb = find_deb(args.deb)
+        check_deb(deb)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        image = build_image(image_spec(deb, args.release, args.seed), say, rebuild=args.rebuild)
+    except HarnessError as e:
+        for line in failure_lines(e):
+            say(line)
+        return EXIT_FAILED
+
+    async def run() -> SoakVerdict:
+        accel = await choose_accel(Accel(args.accel), image, say)
+        say(f"accel: {accel.reason}")
+        config = VmConfig(layout=layout, boot=DirectBoot(image), accel=accel.accel)
+        return await soak(config, cycles, timeout, progress=say)
+
+    verdict = run_interruptible(run())
+    for line in soak_table(verdict):
+        say(line)
+    for failed in verdict.failures():
+        if failed.error is not None:
+            say(f"cycle {failed.cycle} {failed.fault}:")
+            for line in failure_lines(failed.error):
+                say(f"  {line}")
+    if verdict.cycle_seconds:
+        mean = sum(verdict.cycle_seconds) / len(verdict.cycle_seconds)
+        say(f"one cycle: {mean:.1f} s on average ({len(verdict.cycle_seconds)} completed)")
+    passed = sum(r.passed for r in verdict.results)
+    total = verdict.cycles * len(FAULTS)
+    if verdict.passed:
+        say(f"OK: {passed} of {total} faults passed in {cycles} cycles ({layout.name})")
+        return EXIT_OK
+    say(f"FAILED: {passed} of {total} faults passed in {cycles} cycles ({layout.name})")
+    return EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "image":
-        return image_command(args)
-    return boot_command(args)
+    # From here on a signal unwinds everything the command made, then ends it with 128+signum.
+    with signals_interrupt():
+        try:
+            if args.command == "image":
+                return image_command(args)
+            if args.command == "soak":
+                return soak_command(args)
+            return boot_command(args)
+        except Interrupted as interrupt:
+            say(interrupted_line(interrupt))
+            return interrupt.exit_status
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from lxd_agent.host.image import (
     ImageError,
     ImageSpec,
     Progress,
+    build_directory,
     cache_root,
     detach_mounts_under,
     file_sha256,
@@ -352,8 +352,7 @@ def build_cloud_image(
     images.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     progress(f"cloud image: building {key} (Debian {spec.release}); this takes a few minutes")
-    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
-    try:
+    with build_directory(images, key, progress) as work:
         tree, staged = work / "tree", CloudImage(work / "image")
         staged.directory.mkdir()
         sources_file = work / "host.sources"
@@ -391,8 +390,6 @@ def build_cloud_image(
         if final.directory.exists():
             remove_tree(final.directory)
         os.rename(staged.directory, final.directory)
-    finally:
-        remove_tree(work)
     progress(f"cloud image: built {final.disk} in {time.monotonic() - started:.0f} s")
     for pruned in prune_images(images, KEEP_CLOUD_IMAGES, lambda d: CloudImage(d).is_complete()):
         progress(f"cloud image: removed {pruned} (least recently used)")

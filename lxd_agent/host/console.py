@@ -186,12 +186,15 @@ class ConsoleShell:
         self.console = console
         self._note = note
         self._logged_in = False
+        self._prompt_after = 0  # a console offset: the prompt to log in at comes after it
 
     async def login(self, timeout: float) -> None:
         """Wait for the autologin shell on the console and make it quiet and parseable."""
         if self._logged_in:
             return
-        await self.console.wait_for(SHELL_PROMPT, timeout, what="the root shell prompt")
+        await self.console.wait_for(
+            SHELL_PROMPT, timeout, start=self._prompt_after, what="the root shell prompt"
+        )
         self._logged_in = True
         # No echo, no prompt, no colours, no pager, no kernel messages in the output.
         await self.run(
@@ -200,6 +203,17 @@ class ConsoleShell:
             timeout=30,
         )
         self._note("logged in on the console")
+
+    def send(self, command: str) -> None:
+        """Type `command` into the logged-in shell without waiting for it (e.g. `reboot`)."""
+        if not self._logged_in:
+            raise VmError(f"cannot send `{command}`: not logged in on the console yet")
+        self.console.write(f"{command}\n")
+
+    def logged_out(self) -> None:
+        """The guest is rebooting: the next `login` waits for a prompt that comes after now."""
+        self._logged_in = False
+        self._prompt_after = self.console.received
 
     async def run(self, command: str, timeout: float) -> CommandResult:
         """Run a shell command in the logged-in shell; its status and output."""

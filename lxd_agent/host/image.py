@@ -19,15 +19,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources, source_suites
 from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.package import check_deb
 
 # What every guest needs (facts §6): without dbus, logind does not run and the ACPI power
 # button is ignored; the cloud kernel's initrd has virtio_blk, virtio_console loads from the tree.
@@ -213,10 +215,32 @@ def mmdebstrap_command(
     return command
 
 
+# How long a build step gets to end after SIGTERM (mmdebstrap unmounts and removes what it made)
+# before its whole process group is killed.
+STEP_STOP_TIMEOUT = 30.0
+
+
+def stop_process_group(proc: subprocess.Popen[str], timeout: float = STEP_STOP_TIMEOUT) -> None:
+    """End a build step started in its own session and everything it started (apt, dpkg)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
+    # What it left behind in its group (or all of it, if it did not end in time).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_build_step(
     command: Sequence[str], progress: Progress, what: str, stdin: IO[str] | None = None
 ) -> None:
-    """Run a build step, pass its output lines to `progress`, keep the tail for the error."""
+    """Run a build step, pass its output lines to `progress`, keep the tail for the error.
+
+    The step runs in its own session, so that an interrupt of the harness (any exception out of
+    here) ends the step and every process it started, never leaving apt running on a tree that
+    is about to be removed.
+    """
     tail: list[str] = []
     with subprocess.Popen(
         command,
@@ -225,6 +249,7 @@ def run_build_step(
         stdin=subprocess.DEVNULL if stdin is None else stdin,
         text=True,
         errors="replace",
+        start_new_session=True,
     ) as proc:
         assert proc.stdout is not None
         try:
@@ -234,15 +259,8 @@ def run_build_step(
                     progress(f"  {line}")
                     tail = [*tail[-19:], line]
             proc.wait()
-        except BaseException:
-            # Ctrl-C: do not leave mmdebstrap running on a tree that is about to be removed.
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
+        finally:
+            stop_process_group(proc)
     if proc.returncode != 0:
         raise BuildStepFailed(what, command, proc.returncode, tail)
 
@@ -316,6 +334,31 @@ def detach_mounts_under(path: Path) -> None:
             subprocess.run([*command, point], check=False, capture_output=True, timeout=60)
 
 
+@contextlib.contextmanager
+def build_directory(images: Path, key: str, progress: Progress) -> Iterator[Path]:
+    """A fresh `.build-<key>-*` directory in `images`, gone afterwards on every exit path.
+
+    What mmdebstrap left mounted in it is detached first. When the build already failed, a
+    failure to remove it is only reported, so that the build's own error stays the one raised.
+    (Not TemporaryDirectory: its cleanup would delete through any mount left in the tree.)
+    """
+    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
+
+    def clean() -> None:
+        detach_mounts_under(work)
+        remove_tree(work)
+
+    try:
+        yield work
+    except BaseException:
+        try:
+            clean()
+        except ImageError as e:
+            progress(f"image: {e}")
+        raise
+    clean()
+
+
 def build_image(
     spec: ImageSpec,
     progress: Progress = print,
@@ -345,10 +388,10 @@ def build_image(
         f" and {', '.join(d.name for d in spec.debs)}" if spec.debs else ""
     )
     progress(f"image: building {key} ({what}); this takes about a minute")
-    # Everything is written under the temporary directory; only the final rename publishes it.
-    # (Not TemporaryDirectory: its cleanup would delete through any mount left in the tree.)
-    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
-    try:
+    for deb in spec.debs:
+        check_deb(deb)  # a corrupt .deb would fail deep inside mmdebstrap
+    # Everything is written under the build directory; only the final rename publishes it.
+    with build_directory(images, key, progress) as work:
         tree = work / "tree"
         sources_file = work / "host.sources"
         sources_file.write_text(sources, encoding="utf-8")
@@ -400,8 +443,6 @@ def build_image(
             # A rebuild, or another build that finished first: replace it.
             remove_tree(final.directory)
         os.rename(staged.directory, final.directory)
-    finally:
-        remove_tree(work)
     progress(f"image: built {final.directory} in {time.monotonic() - started:.0f} s")
     for pruned in prune_images(images, keep=KEEP_IMAGES):
         progress(f"image: removed {pruned} (least recently used; the cache keeps {KEEP_IMAGES})")

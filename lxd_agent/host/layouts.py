@@ -30,6 +30,15 @@ SERIAL_BUS = f"{SERIAL_BUS_DEVICE_ID}.0"
 INCUS_RING_SIZE = 16384
 """Incus (since v7.3) gives its status ring 16 KiB: room for a JSON state line."""
 
+MIN_RING_SIZE = DEFAULT_RING_SIZE
+"""The smallest ring the harness runs: LXD's own 16 B. A ring under 8 B can never hold
+`STARTED\n`, and one under 16 B loses the status line to any byte written after it."""
+
+MAX_RING_SIZE = 1 << 20
+"""The largest ring the harness runs: 1 MiB, 64 times Incus's. The monitor reads a ring whole
+on every read (a full 1 MiB ring: 0.25 s here; 16 MiB: past the monitor's 10 s bound), and
+QEMU silently shrinks sizes it cannot hold (2^40 boots with far less)."""
+
 # SPICE's own port names: the vdagent's channel and the shared-folder (webdav) port.
 SPICE_AGENT_PORT_NAME = "com.redhat.spice.0"
 SPICE_WEBDAV_PORT_NAME = "org.spice-space.webdav.0"
@@ -160,7 +169,8 @@ class Layout:
 
 
 def check_ring_size(ring_size: int) -> None:
-    """Reject what QEMU would refuse (`size of ringbuf chardev must be power of two`), earlier."""
+    """Reject, before QEMU runs, what QEMU would refuse (`size of ringbuf chardev must be power
+    of two`) and what could not work: under `MIN_RING_SIZE` or over `MAX_RING_SIZE`."""
     # bool is an int subclass: `True` would pass as a size of 1 without this check.
     if isinstance(ring_size, bool) or not isinstance(ring_size, int):
         raise LayoutError(
@@ -171,6 +181,13 @@ def check_ring_size(ring_size: int) -> None:
         raise LayoutError(
             f"ring size {ring_size} is not a positive power of two, which QEMU requires; "
             f"give one such as {DEFAULT_RING_SIZE} (LXD's) or 16384 (Incus's)"
+        )
+    if not MIN_RING_SIZE <= ring_size <= MAX_RING_SIZE:
+        raise LayoutError(
+            f"ring size {ring_size} is outside {MIN_RING_SIZE}..{MAX_RING_SIZE} bytes: "
+            f"under {MIN_RING_SIZE} (LXD's) a status line does not survive, over "
+            f"{MAX_RING_SIZE} each read is too slow and QEMU may shrink it; give e.g. "
+            f"{DEFAULT_RING_SIZE} or 16384"
         )
 
 

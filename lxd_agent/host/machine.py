@@ -56,8 +56,12 @@ class VmConfig:
     cpus: int = DEFAULT_CPUS
     seed: Path | None = None
     network: bool = False
-    # A second QMP socket for a person (`--keep`): the harness's own is taken by the harness.
+    # A second QMP socket for a person (`--keep`) or a second host reader (the soak's monitor
+    # restart): the harness's own is taken by the harness.
     user_qmp: bool = False
+    allow_reboot: bool = False
+    """Let a guest reboot inside the same QEMU (the soak). Otherwise a reboot powers it off,
+    so nothing boots again behind the harness's back."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,8 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         "-nodefaults",
         "-display", "none",
         # A powered-off guest stays (paused) so the final ring can still be read; a reboot
-        # counts as a power-off instead of booting again behind the harness's back.
-        "-action", "shutdown=pause,reboot=shutdown",
+        # counts as a power-off unless the caller asked for reboots (see VmConfig).
+        "-action", f"shutdown=pause,reboot={'reset' if config.allow_reboot else 'shutdown'}",
     ]  # fmt: skip
     if isinstance(boot, DirectBoot):
         args += [

@@ -9,6 +9,8 @@ Host side only: the guest agent never imports this module.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Sequence
 
@@ -65,3 +67,50 @@ def find_test_deb() -> Path:
     """The package the tests use: `$LXD_AGENT_TEST_DEB` if set, else the newest in out/."""
     chosen = os.environ.get(TEST_DEB_VARIABLE)
     return find_deb(Path(chosen) if chosen else None, places=[SOURCE_TREE])
+
+
+class BadPackage(HarnessError):
+    """A file given as the package is no readable .deb (`dpkg-deb` says why)."""
+
+    def __init__(self, path: Path, check: str, reason: str) -> None:
+        self.path = path
+        self.check = check
+        """The `dpkg-deb` command that refused it (`--info`: its control part; `--fsys-tarfile`:
+        its files)."""
+        self.reason = reason
+        """`dpkg-deb`'s own last error line."""
+        super().__init__(
+            f"the package {path} is not a usable .deb: dpkg-deb {check} says {reason!r}; "
+            "rebuild it with `make deb` or pass another --deb"
+        )
+
+
+# dpkg-deb reads a 25 KB package in milliseconds; a stuck one must not hold the harness.
+DEB_CHECK_TIMEOUT = 60.0
+
+
+def check_deb(path: Path) -> None:
+    """A `BadPackage` unless `dpkg-deb` can read both the control part and the files of `path`.
+
+    Run before an image is built: a corrupt .deb otherwise fails deep inside mmdebstrap, where
+    the cause is one line among hundreds. No-op where dpkg-deb is missing (not a Debian host).
+    """
+    if shutil.which("dpkg-deb") is None:
+        return
+    for check in ("--info", "--fsys-tarfile"):
+        try:
+            done = subprocess.run(
+                ["dpkg-deb", check, str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                timeout=DEB_CHECK_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise BadPackage(path, check, f"no answer in {DEB_CHECK_TIMEOUT:g} s") from None
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            # The first error names the cause; later ones are its consequences (tar, pipes).
+            reason = lines[0] if lines else f"exit status {done.returncode}"
+            raise BadPackage(path, check, reason)

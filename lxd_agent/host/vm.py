@@ -47,7 +47,7 @@ from lxd_agent.host.machine import (
     qemu_args,
 )
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
-from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.host.qemu import QemuProcess, bounded_qmp_client
 from lxd_agent.host.vmlock import take_vm_lock
 
 # Waits, in seconds. Under TCG on 2 cores a boot reaches STARTED in 10-13 s (facts §6).
@@ -216,6 +216,45 @@ class Vm:
         with self._failures_filled():
             return await self.shell.run(command, timeout)
 
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
+        """One QMP command on the harness's connection, bounded; a `VmError` if it fails."""
+        return await self._execute(command, arguments)
+
+    async def restart_monitor(self) -> RingbufMonitor:
+        """Stop reading the rings, then read them again over a new QMP connection.
+
+        What a restarted LXD host does: the old reader is gone (what it read is consumed), a
+        new one connects to QEMU's QMP socket and must learn the state from what the agent
+        writes next. Needs `VmConfig.user_qmp` (the socket the new reader connects to). The
+        new monitor's timeline starts empty; the old one is returned for the record.
+        """
+        if not self.config.user_qmp or self.files is None:
+            raise VmError("restart_monitor needs VmConfig(user_qmp=True): a socket to connect to")
+        old = self.monitor
+        await old.stop()
+        self.note("host monitor stopped (restart)")
+        client = bounded_qmp_client("restarted-host")
+
+        async def disconnect() -> None:
+            with contextlib.suppress(Exception):  # QEMU may be gone already at teardown
+                await client.disconnect()
+
+        self._stack.push_async_callback(disconnect)
+        try:
+            await asyncio.wait_for(client.connect(str(self.files.user_qmp)), QMP_TIMEOUT)
+        except (asyncio.TimeoutError, QMPError, OSError) as e:
+            raise self.error(
+                f"a new QMP connection to {self.files.user_qmp} failed ({type(e).__name__}: "
+                f"{e}); see QEMU's output"
+            ) from None
+        self._monitor = await self._stack.enter_async_context(
+            RingbufMonitor(
+                client, self.config.layout.rings, t0=self.t0, read_size=self.ring_read_size
+            )
+        )
+        self.note("host monitor restarted on a new QMP connection")
+        return old
+
     def render_timeline(self) -> list[str]:
         return self.monitor.render_timeline() if self._monitor else []
 
@@ -313,10 +352,10 @@ class Vm:
         # LXD reads 16 bytes from its 16-byte ring; a larger ring is read whole.
         return self.config.ring_size or self.config.layout.ring_size
 
-    async def _execute(self, command: str) -> object:
+    async def _execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""
         try:
-            return await asyncio.wait_for(self.qemu.qmp.execute(command), QMP_TIMEOUT)
+            return await asyncio.wait_for(self.qemu.qmp.execute(command, arguments), QMP_TIMEOUT)
         except asyncio.TimeoutError:
             raise self.error(
                 f"QEMU did not answer the QMP command {command} within {QMP_TIMEOUT:g} s; "

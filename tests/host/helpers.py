@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import subprocess
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from lxd_agent.host.layouts import ReadingRule, Ring
@@ -73,3 +75,22 @@ async def monitored_ring(
         qemu.qmp, [Ring(PORT_NAME, "ring", rule)], **monitor_options
     ) as monitor:
         yield qemu, monitor
+
+
+def minimal_deb(directory: Path, version: str = "1.0") -> Path:
+    """A real (empty) .deb that `dpkg-deb` accepts, named like ours; tiny and quick to make."""
+    name = f"lxd-status-agent_{version}_all.deb"
+    root = directory / f"deb-root-{version}"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: lxd-status-agent\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: tests <tests@example.invalid>\nDescription: a test stand-in\n"
+    )
+    deb = directory / name
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return deb

@@ -19,14 +19,24 @@ from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
 from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
+from lxd_agent.host.soak import soak_config
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
+from tests.host.helpers import minimal_deb
 
 
 @pytest.fixture
 def fake_deb(tmp_path: Path) -> Path:
-    deb = tmp_path / "lxd-status-agent_0.2.0_all.deb"
-    deb.write_bytes(b"!<arch>\n not really a package")
-    return deb
+    return minimal_deb(tmp_path)
+
+
+@pytest.fixture
+def random_image(tmp_path: Path) -> Path:
+    """What qemu-img takes for a raw disk, with no partition table: nothing could boot it."""
+    path = tmp_path / "random.img"
+    data = bytearray(os.urandom(1 << 20))
+    data[510:512] = b"\x00\x00"  # never the boot signature by chance
+    path.write_bytes(bytes(data))
+    return path
 
 
 @pytest.mark.parametrize(
@@ -35,6 +45,11 @@ def fake_deb(tmp_path: Path) -> Path:
         (["--layout", "lxd-6"], "unknown layout 'lxd-6'; choose one of: lxd-5.19"),
         (["--ring-size", "24"], "not a positive power of two"),
         (["--ring-size", "big"], "is not an integer"),
+        # 4 B can never hold STARTED\n; QEMU silently shrinks 2^40 B.
+        (["--ring-size", "4"], "outside 16..1048576 bytes"),
+        (["--ring-size", str(1 << 40)], "outside 16..1048576 bytes"),
+        (["--image", "{random}"], "has no partition table (no boot signature 55aa"),
+        (["--deb", "{corrupt}"], "is not a Debian format archive"),
         (["--timeout", "0"], "must be more than 0 seconds"),
         (["--timeout", "soon"], "is not a number of seconds"),
         (["--image", "/nonexistent/cloud.qcow2"], "looked for --image"),
@@ -44,9 +59,16 @@ def fake_deb(tmp_path: Path) -> Path:
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
-    args: list[str], message: str, fake_deb: Path, capsys: pytest.CaptureFixture[str]
+    args: list[str],
+    message: str,
+    fake_deb: Path,
+    random_image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = [arg.format(deb=fake_deb) for arg in args]
+    corrupt = tmp_path / "corrupt_all.deb"
+    corrupt.write_bytes(os.urandom(4096))
+    args = [arg.format(deb=fake_deb, random=random_image, corrupt=corrupt) for arg in args]
     assert cli.main(["boot", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
     out = capsys.readouterr().out
     assert message in out
@@ -278,3 +300,28 @@ def test_a_bios_boot_has_no_pflash(tmp_path: Path) -> None:
     boot = FirmwareBoot(tmp_path / "user.qcow2", "qcow2", Firmware.BIOS)
     args = qemu_args(VmConfig(get_layout("lxd-5.20"), boot, Accel.TCG), VmFiles(tmp_path))
     assert not any("if=pflash" in arg for arg in args) and "-kernel" not in args
+
+
+def test_a_soak_vm_may_reboot_inside_its_qemu_and_others_may_not(tmp_path: Path) -> None:
+    image = GuestImage(tmp_path)
+    base = VmConfig(get_layout("lxd-5.20"), DirectBoot(image), Accel.TCG)
+    files = VmFiles(tmp_path)
+    assert "shutdown=pause,reboot=shutdown" in qemu_args(base, files)
+    assert "shutdown=pause,reboot=reset" in qemu_args(soak_config(base), files)
+    assert "-qmp" in qemu_args(soak_config(base), files)  # the restarted reader's socket
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cycles", "0"], "--cycles must be 1..1000"),
+        (["--cycles", "many"], "is not a whole number"),
+        (["--layout", "incus"], "nothing to soak"),
+    ],
+)
+def test_bad_soak_input_is_one_line_and_exit_2(
+    args: list[str], message: str, fake_deb: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["soak", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and message in out[0], out

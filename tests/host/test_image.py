@@ -16,6 +16,8 @@ from lxd_agent.host.aptsources import (
 )
 from lxd_agent.host.errors import HarnessError
 from lxd_agent.host.image import BuildStepFailed, GuestImage, ImageError, ImageSpec, prune_images
+from lxd_agent.host.package import BadPackage
+from tests.host.helpers import minimal_deb
 
 
 def _deb(tmp_path: Path, name: str, content: bytes) -> Path:
@@ -310,11 +312,28 @@ def test_a_build_publishes_a_complete_image_and_a_second_run_reuses_it(
 
 
 def test_a_changed_deb_builds_a_new_image(tmp_path: Path, fake_tools: Path) -> None:
-    cache, deb = tmp_path / "cache", _deb(tmp_path, "lxd-agent_1_all.deb", b"one")
+    cache, deb = tmp_path / "cache", minimal_deb(tmp_path, "1")
     first = image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
-    deb.write_bytes(b"two")
+    deb.write_bytes(minimal_deb(tmp_path, "2").read_bytes())
     second = image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
     assert first.directory != second.directory and _runs(fake_tools) == 2
+
+
+@pytest.mark.parametrize("cut", [0, 100, -20])
+def test_a_corrupt_deb_is_named_before_mmdebstrap_runs(
+    tmp_path: Path, fake_tools: Path, cut: int
+) -> None:
+    """Random bytes, a cut control part, a cut data part: dpkg-deb's reason, nothing built."""
+    good = minimal_deb(tmp_path).read_bytes()
+    deb = _deb(tmp_path, "broken_all.deb", os.urandom(500) if cut == 0 else good[:cut])
+    cache = tmp_path / "cache"
+    with pytest.raises(BadPackage) as caught:
+        image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
+    assert caught.value.path == deb
+    assert caught.value.reason.startswith("dpkg-deb")
+    assert caught.value.check == ("--info" if cut >= 0 else "--fsys-tarfile")
+    assert _runs(fake_tools) == 0
+    assert not (cache / "images").exists() or list((cache / "images").iterdir()) == []
 
 
 def test_a_failed_build_leaves_nothing_in_the_cache(

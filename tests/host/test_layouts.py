@@ -138,9 +138,15 @@ def test_ring_size_that_qemu_would_refuse_is_rejected_first(size: Any) -> None:
         LXD_5_20.qemu_args(ring_size=size, spice_socket=SOCKET)
 
 
-@pytest.mark.parametrize("size", [1, 2, 16, 4096, 16384])
+@pytest.mark.parametrize("size", [16, 4096, 16384, 1 << 20])
 def test_ring_size_power_of_two_is_accepted(size: int) -> None:
     check_ring_size(size)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8, 2 << 20, 1 << 40])
+def test_ring_size_too_small_for_a_status_line_or_too_big_to_read_is_rejected(size: int) -> None:
+    with pytest.raises(LayoutError, match=r"outside 16\.\.1048576 bytes"):
+        check_ring_size(size)
 
 
 def test_unknown_layout_error_lists_the_valid_names() -> None:

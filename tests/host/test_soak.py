@@ -1,0 +1,46 @@
+"""The soak scenario in real guests: a short soak (2 cycles) through the scenario, as the CLI runs
+it; `make soak` runs 50 through the command line. On failure each failed fault's error, console
+tail and timeline are printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host.accel import Accel
+from lxd_agent.host.cli import failure_lines, soak_table
+from lxd_agent.host.image import GuestImage, ImageSpec, build_image
+from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.machine import DirectBoot, VmConfig
+from lxd_agent.host.soak import FAULTS, ONE_REFRESH, soak
+from tests.host.guests import BOOT_TIMEOUT
+from tests.host.helpers import run
+
+SHORT_SOAK_CYCLES = 2
+# Per cycle: a boot, a reboot, the faults and a power-off, under TCG: about 2 minutes.
+SOAK_DEADLINE = 300.0 * SHORT_SOAK_CYCLES
+
+
+@pytest.fixture(scope="module")
+def guest_image(deb: Path) -> GuestImage:
+    return build_image(ImageSpec(debs=(deb,)), progress=print)
+
+
+@pytest.mark.vm
+def test_short_soak_every_fault_of_every_cycle_passes(guest_image: GuestImage) -> None:
+    config = VmConfig(get_layout("lxd-5.20"), DirectBoot(guest_image), Accel.TCG)
+    verdict = run(soak(config, SHORT_SOAK_CYCLES, BOOT_TIMEOUT, progress=print), SOAK_DEADLINE)
+    print("\n".join(soak_table(verdict)))
+    for failed in verdict.failures():
+        if failed.error is not None:
+            print(f"--- cycle {failed.cycle} {failed.fault} ---")
+            print("\n".join(failure_lines(failed.error)))
+    assert verdict.passed, [(r.cycle, r.fault, str(r.error)) for r in verdict.failures()]
+    assert len(verdict.results) == SHORT_SOAK_CYCLES * len(FAULTS)
+    by_fault = {r.fault: r for r in verdict.results if r.cycle == 1}
+    # The two faults the agent must answer within one refresh, by the same process.
+    assert by_fault["port-replug"].seconds is not None
+    assert by_fault["port-replug"].seconds <= ONE_REFRESH
+    assert by_fault["monitor-restart"].seconds is not None
+    assert by_fault["monitor-restart"].seconds <= ONE_REFRESH
