@@ -15,8 +15,9 @@ import statistics
 import time
 
 from lxd_agent.host.layouts import Ring
-from lxd_agent.host.monitor import EntryKind, RingbufMonitor, interpret_ring_read
+from lxd_agent.host.monitor import EntryKind, RingbufMonitor
 from lxd_agent.host.qemu import QemuProcess
+from lxd_agent.host.ringrule import interpret_ring_read
 from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
 
 SAMPLES = [
