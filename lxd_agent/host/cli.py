@@ -29,7 +29,7 @@ from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
 from lxd_agent.host.disk import check_boot_sector, disk_format
-from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
+from lxd_agent.host.errors import HarnessError
 from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
     BASE_PACKAGES,
@@ -48,7 +48,8 @@ from lxd_agent.host.layouts import (
 )
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
 from lxd_agent.host.package import check_deb, find_deb
-from lxd_agent.host.scenario import BootVerdict, boot_and_check, lxd_ring_port
+from lxd_agent.host.report import failure_lines, interrupted_line, soak_table, summary
+from lxd_agent.host.scenario import boot_and_check, lxd_ring_port
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.soak import FAULTS, SoakVerdict, soak
 from lxd_agent.host.vm import Vm
@@ -70,26 +71,6 @@ class UsageError(HarnessError):
 
 def say(message: str) -> None:
     print(message, flush=True)
-
-
-def failure_lines(error: HarnessError) -> list[str]:
-    """The error's one line, then what it carries: QEMU's output, the console, the timeline."""
-    sections: list[tuple[str, list[str]]] = []
-    if isinstance(error, QemuError):
-        sections.append(("QEMU's output", error.output))
-    if isinstance(error, VmError):
-        sections += [
-            ("QEMU's output (last lines)", error.qemu_output),
-            ("console (last lines)", error.console_tail),
-            ("timeline (seconds since QEMU start)", error.timeline),
-        ]
-    if isinstance(error, MonitorError):
-        sections.append(("timeline (seconds since QEMU start)", error.timeline))
-    lines = [f"FAILED: {error}"]
-    for title, body in sections:
-        if body:
-            lines += [f"--- {title} ---", *body]
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,31 +248,6 @@ def image_spec(deb: Path, release: str, seed: bool) -> ImageSpec:
 # Booting
 
 
-def summary(verdict: BootVerdict) -> list[str]:
-    """The timeline in a few lines: what a person wants to see first."""
-
-    def at(seconds: float | None) -> str:
-        return f"{seconds:7.2f} s" if seconds is not None else "      -  "
-
-    lines = [f"  QEMU start        {0:7.2f} s", f"  kernel up         {at(verdict.kernel_up)}"]
-    if verdict.started is not None:
-        lines.append(f"  STARTED           {at(verdict.started.seconds)}   on {verdict.port}")
-    if verdict.unit_state:
-        lines.append(f"  agent unit        {verdict.unit_state}")
-    lines.append(f"  power-off         {at(verdict.powered_down)}   (system_powerdown)")
-    if verdict.stopped is not None and verdict.stopped_after_power_off is not None:
-        lines.append(
-            f"  STOPPED           {at(verdict.stopped.seconds)}   on {verdict.port}, "
-            f"{verdict.stopped_after_power_off:.2f} s after power-off"
-        )
-    if verdict.off_after_power_off is not None:
-        lines.append(
-            f"  guest off         {at(verdict.guest_off)}   "
-            f"{verdict.off_after_power_off:.2f} s after power-off"
-        )
-    return lines
-
-
 async def _keep_running(vm: Vm) -> None:
     """`--keep`: hand the console to the person and wait for Ctrl-C (or QEMU to exit)."""
     vm.console.close()
@@ -383,13 +339,6 @@ def boot_command(args: argparse.Namespace) -> int:
     return code
 
 
-def interrupted_line(interrupt: Interrupted) -> str:
-    return (
-        f"INTERRUPTED: {interrupt.signal_name}; QEMU, mounts, build and temporary directories "
-        f"cleaned up (exit status {interrupt.exit_status})"
-    )
-
-
 def image_command(args: argparse.Namespace) -> int:
     if args.cloud:
         # The cloud image never carries the package: a NoCloud seed installs it at boot.
@@ -418,23 +367,6 @@ def image_command(args: argparse.Namespace) -> int:
 
 # More would hold the machine for a day: 50 cycles take about an hour here.
 MAX_SOAK_CYCLES = 1000
-
-
-def soak_table(verdict: SoakVerdict) -> list[str]:
-    """One row per cycle, one column per fault: its seconds, or FAILED / not run."""
-    width = max(len(fault) for fault in FAULTS)
-    lines = ["cycle " + " ".join(f"{fault:>{width}}" for fault in FAULTS)]
-    for cycle in range(1, verdict.cycles + 1):
-        cells = []
-        for result in (r for r in verdict.results if r.cycle == cycle):
-            if result.passed:
-                cells.append(f"{result.seconds:>{width - 2}.1f} s")
-            elif result.error is not None:
-                cells.append(f"{'FAILED':>{width}}")
-            else:
-                cells.append(f"{'-':>{width}}")
-        lines.append(f"{cycle:>5} " + " ".join(cells))
-    return lines
 
 
 def soak_command(args: argparse.Namespace) -> int:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import AsyncIterator, Dict
 
 from lxd_agent.host.accel import Accel
-from lxd_agent.host.cli import failure_lines
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.machine import Boot, DirectBoot, VmConfig
 from lxd_agent.host.monitor import EntryKind
 from lxd_agent.host.qemu import process_exists
+from lxd_agent.host.report import failure_lines
 from lxd_agent.host.scenario import BootVerdict, WithVm, boot_and_check
 from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import STOPPED

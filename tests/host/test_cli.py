@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host import cli, scenario, vm, vmlock
+from lxd_agent.host import cli, report, scenario, vm, vmlock
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
 from lxd_agent.host.firmware import Firmware
@@ -236,7 +236,7 @@ def test_a_failure_prints_its_line_then_what_the_error_carries() -> None:
         qemu_output=["qemu: warning"],
         timeline=["    0.000s  note   QEMU started"],
     )
-    lines = cli.failure_lines(error)
+    lines = report.failure_lines(error)
     assert lines[0] == "FAILED: no STARTED within 5 s"
     for section, line in [
         ("--- QEMU's output (last lines) ---", "qemu: warning"),
@@ -244,12 +244,12 @@ def test_a_failure_prints_its_line_then_what_the_error_carries() -> None:
         ("--- timeline (seconds since QEMU start) ---", "    0.000s  note   QEMU started"),
     ]:
         assert lines[lines.index(section) + 1] == line
-    assert cli.failure_lines(QemuError("exited", output=["bad option"]))[1:] == [
+    assert report.failure_lines(QemuError("exited", output=["bad option"]))[1:] == [
         "--- QEMU's output ---",
         "bad option",
     ]
-    assert cli.failure_lines(MonitorTimeout("no STARTED", timeline=["t"]))[-1] == "t"
-    assert cli.failure_lines(HarnessError("plain")) == ["FAILED: plain"]
+    assert report.failure_lines(MonitorTimeout("no STARTED", timeline=["t"]))[-1] == "t"
+    assert report.failure_lines(HarnessError("plain")) == ["FAILED: plain"]
 
 
 def test_an_error_from_a_running_vm_carries_console_qemu_output_and_timeline(

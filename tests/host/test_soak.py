@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from lxd_agent.host.accel import Accel
-from lxd_agent.host.cli import failure_lines, soak_table
 from lxd_agent.host.image import GuestImage, ImageSpec, build_image
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.machine import DirectBoot, VmConfig
+from lxd_agent.host.report import failure_lines, soak_table
 from lxd_agent.host.soak import FAULTS, ONE_REFRESH, soak
 from tests.host.guests import BOOT_TIMEOUT
 from tests.host.helpers import run
