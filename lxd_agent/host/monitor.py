@@ -327,7 +327,8 @@ class RingbufMonitor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(QMPError):  # already removed, or never registered
+        # Already removed, or never registered: qemu.qmp raises ListenerError or ValueError.
+        with contextlib.suppress(QMPError, ValueError):
             self.qmp.remove_listener(self._listener)
 
     # -- inside -------------------------------------------------------------------------------

@@ -131,16 +131,24 @@ async def _port_replug(vm: Vm, port: str, timeout: float) -> tuple[float, str]:
     vm.note(f"port {port} unplugged")
     vm.monitor.forget(port, "port unplugged")
     start = time.monotonic()
-    await vm.execute(
-        "device_add",
-        {
-            "driver": "virtserialport",
-            "id": device.device_id,
-            "name": port,
-            "chardev": chardev_id,
-            "bus": SERIAL_BUS,
-        },
-    )
+    arguments: dict[str, object] = {
+        "driver": "virtserialport",
+        "id": device.device_id,
+        "name": port,
+        "chardev": chardev_id,
+        "bus": SERIAL_BUS,
+    }
+    # QEMU lets go of the port's chardev a moment after the device itself is gone (seen here:
+    # "Device 'qemu_serial-chardev' is in use" right after): try again until it is free.
+    deadline = start + UNPLUG_TIMEOUT
+    while True:
+        try:
+            await vm.execute("device_add", arguments)
+            break
+        except VmError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
     vm.note(f"port {port} plugged back")
     seconds = await _since(start, vm.wait_for_state(STARTED, port, timeout=ONE_REFRESH))
     after = await main_pid(vm)

@@ -453,3 +453,15 @@ def test_timeline_keeps_first_and_latest_entries() -> None:
     rendered = timeline.render()
     assert "94 entries left out" in rendered[3]
     assert rendered[0].endswith("note   n0")
+
+
+def test_stopping_a_monitor_twice_is_harmless() -> None:
+    # A restarted host reader (Vm.restart_monitor) stops the old monitor, and the VM's exit
+    # stops it again.
+    async def scenario() -> bool:
+        async with monitored_ring(poll_interval=60.0) as (_qemu, mon):
+            await mon.stop()
+            await mon.stop()
+        return True
+
+    assert run(scenario(), TEST_DEADLINE)
