@@ -31,20 +31,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources, source_suites
+from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
-    CUSTOMIZE_SCRIPT,
     ImageError,
     ImageSpec,
     Progress,
     build_directory,
     cache_root,
-    detach_mounts_under,
+    debian_tree,
     file_sha256,
     kernel_version,
-    mmdebstrap_command,
     prune_images,
     remove_tree,
     run_build_step,
@@ -353,25 +351,11 @@ def build_cloud_image(
     started = time.monotonic()
     progress(f"cloud image: building {key} (Debian {spec.release}); this takes a few minutes")
     with build_directory(images, key, progress) as work:
-        tree, staged = work / "tree", CloudImage(work / "image")
+        staged = CloudImage(work / "image")
         staged.directory.mkdir()
-        sources_file = work / "host.sources"
-        sources_file.write_text(sources, encoding="utf-8")
-        hook = work / "customize.sh"
-        hook.write_text(CUSTOMIZE_SCRIPT, encoding="utf-8")
         raw = work / "disk.raw"
-        try:
-            suites = " ".join(source_suites(sources))
-            progress(f"cloud image: mmdebstrap ({suites} from the host's apt sources)")
-            run_build_step(
-                mmdebstrap_command(spec, tree, sources_file, hook),
-                progress,
-                f"mmdebstrap of Debian {spec.release} (suites {suites} of the host's mirror)",
-            )
+        with debian_tree(spec, sources, work, progress, "cloud image") as tree:
             facts = _write_disk(tree, work, raw, progress)
-        finally:
-            detach_mounts_under(work)
-            remove_tree(tree)
         run_build_step(
             ["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(staged.disk)],
             progress,

@@ -359,6 +359,33 @@ def build_directory(images: Path, key: str, progress: Progress) -> Iterator[Path
     clean()
 
 
+@contextlib.contextmanager
+def debian_tree(
+    spec: ImageSpec, sources: str, work: Path, progress: Progress, label: str
+) -> Iterator[Path]:
+    """`spec`'s Debian tree, made by mmdebstrap in the build directory `work` from `sources`.
+
+    Removed on exit, after detaching whatever mmdebstrap left mounted in `work`.
+    """
+    tree = work / "tree"
+    sources_file = work / "host.sources"
+    sources_file.write_text(sources, encoding="utf-8")
+    hook = work / "customize.sh"
+    hook.write_text(CUSTOMIZE_SCRIPT, encoding="utf-8")
+    try:
+        suites = " ".join(source_suites(sources))
+        progress(f"{label}: mmdebstrap ({suites} from the host's apt sources)")
+        run_build_step(
+            mmdebstrap_command(spec, tree, sources_file, hook),
+            progress,
+            f"mmdebstrap of Debian {spec.release} (suites {suites} of the host's mirror)",
+        )
+        yield tree
+    finally:
+        detach_mounts_under(work)
+        remove_tree(tree)
+
+
 def build_image(
     spec: ImageSpec,
     progress: Progress = print,
@@ -392,21 +419,10 @@ def build_image(
         check_deb(deb)  # a corrupt .deb would fail deep inside mmdebstrap
     # Everything is written under the build directory; only the final rename publishes it.
     with build_directory(images, key, progress) as work:
-        tree = work / "tree"
-        sources_file = work / "host.sources"
-        sources_file.write_text(sources, encoding="utf-8")
-        hook = work / "customize.sh"
-        hook.write_text(CUSTOMIZE_SCRIPT, encoding="utf-8")
         staged = GuestImage(work / "image")
         staged.directory.mkdir()
-        try:
-            suites = " ".join(source_suites(sources))
-            progress(f"image: mmdebstrap ({suites} from the host's apt sources)")
-            run_build_step(
-                mmdebstrap_command(spec, tree, sources_file, hook),
-                progress,
-                f"mmdebstrap of Debian {spec.release} (suites {suites} of the host's mirror)",
-            )
+        # The tree is large; it goes before the disk is published.
+        with debian_tree(spec, sources, work, progress, "image") as tree:
             kernel_version = _copy_boot_files(tree, staged)
             progress(f"image: mke2fs -d (kernel {kernel_version})")
             run_build_step(
@@ -425,10 +441,6 @@ def build_image(
                 progress,
                 "making the disk",
             )
-        finally:
-            # The tree is large; drop it before the disk is published.
-            detach_mounts_under(work)
-            remove_tree(tree)
         manifest = {
             "key": key,
             "release": spec.release,
