@@ -32,20 +32,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources
+from lxd_agent.host.buildsteps import build_directory, remove_tree, run_build_step
+from lxd_agent.host.errors import ImageError
 from lxd_agent.host.image import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
-    ImageError,
     ImageSpec,
     Progress,
-    build_directory,
     cache_root,
     debian_tree,
     file_sha256,
     kernel_version,
     prune_images,
-    remove_tree,
-    run_build_step,
 )
 
 # Bump when the way a cloud image is made changes in a way the inputs below do not show.

@@ -88,3 +88,21 @@ class BootStuck(VmError):
     def __init__(self, message: str, *, dead_end: str, **fields: Sequence[str]) -> None:
         super().__init__(message, **fields)
         self.dead_end = dead_end
+
+
+class ImageError(HarnessError):
+    """The guest image could not be built: a tool, an apt source or a package is missing."""
+
+
+class BuildStepFailed(ImageError):
+    """A build step (mmdebstrap, mke2fs) exited non-zero; its output's last lines are kept."""
+
+    def __init__(self, step: str, command: Sequence[str], status: int, tail: Sequence[str]) -> None:
+        self.step = step
+        self.command = list(command)
+        self.status = status
+        self.tail = list(tail)
+        last = self.tail[-1] if self.tail else "no output"
+        super().__init__(
+            f"{step} ({self.command[0]}) failed with exit status {status}, last line: {last!r}"
+        )

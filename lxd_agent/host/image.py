@@ -17,18 +17,23 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources, source_suites
-from lxd_agent.host.errors import HarnessError
+from lxd_agent.host.buildsteps import (
+    Progress as Progress,  # re-exported: the builders' callback type
+)
+from lxd_agent.host.buildsteps import (
+    build_directory,
+    detach_mounts_under,
+    remove_tree,
+    run_build_step,
+)
+from lxd_agent.host.errors import ImageError
 from lxd_agent.host.package import check_deb
 
 # What every guest needs (facts §6): without dbus, logind does not run and the ACPI power
@@ -88,26 +93,6 @@ fi
 # A stable machine-id is not wanted: systemd makes one at first boot of each overlay.
 : > "$root/etc/machine-id"
 """
-
-Progress = Callable[[str], None]
-
-
-class ImageError(HarnessError):
-    """The guest image could not be built: a tool, an apt source or a package is missing."""
-
-
-class BuildStepFailed(ImageError):
-    """A build step (mmdebstrap, mke2fs) exited non-zero; its output's last lines are kept."""
-
-    def __init__(self, step: str, command: Sequence[str], status: int, tail: Sequence[str]) -> None:
-        self.step = step
-        self.command = list(command)
-        self.status = status
-        self.tail = list(tail)
-        last = self.tail[-1] if self.tail else "no output"
-        super().__init__(
-            f"{step} ({self.command[0]}) failed with exit status {status}, last line: {last!r}"
-        )
 
 
 @dataclass(frozen=True)
@@ -217,54 +202,6 @@ def mmdebstrap_command(
 
 # How long a build step gets to end after SIGTERM (mmdebstrap unmounts and removes what it made)
 # before its whole process group is killed.
-STEP_STOP_TIMEOUT = 30.0
-
-
-def stop_process_group(proc: subprocess.Popen[str], timeout: float = STEP_STOP_TIMEOUT) -> None:
-    """End a build step started in its own session and everything it started (apt, dpkg)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=timeout)
-    # What it left behind in its group (or all of it, if it did not end in time).
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def run_build_step(
-    command: Sequence[str], progress: Progress, what: str, stdin: IO[str] | None = None
-) -> None:
-    """Run a build step, pass its output lines to `progress`, keep the tail for the error.
-
-    The step runs in its own session, so that an interrupt of the harness (any exception out of
-    here) ends the step and every process it started, never leaving apt running on a tree that
-    is about to be removed.
-    """
-    tail: list[str] = []
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL if stdin is None else stdin,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    ) as proc:
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                line = line.rstrip()
-                if line:
-                    progress(f"  {line}")
-                    tail = [*tail[-19:], line]
-            proc.wait()
-        finally:
-            stop_process_group(proc)
-    if proc.returncode != 0:
-        raise BuildStepFailed(what, command, proc.returncode, tail)
-
-
 def kernel_version(tree: Path) -> str:
     """The version of the newest kernel in the built tree's /boot, which must have its initrd."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
@@ -288,75 +225,6 @@ def _copy_boot_files(tree: Path, out: GuestImage) -> str:
     shutil.copyfile(tree / "boot" / f"vmlinuz-{version}", out.kernel)
     shutil.copyfile(tree / "boot" / f"initrd.img-{version}", out.initrd)
     return version
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path` (mmdebstrap bind-mounts /dev, /sys and /proc there)."""
-    prefix = os.path.realpath(path)
-    found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 5:
-                continue
-            # mountinfo escapes space, tab, newline and backslash as octal (\040).
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(point)
-    return found
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a build directory, but never through a mount: that would delete the host's files."""
-    if not os.path.lexists(path):
-        return
-    mounts = mounts_under(path)
-    if mounts:
-        raise ImageError(
-            f"left {path} in place: {len(mounts)} file systems are still mounted under it "
-            f"(first: {mounts[0]}), probably from an interrupted mmdebstrap; "
-            f"run `umount -R {mounts[0]}` and delete the directory by hand"
-        )
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def detach_mounts_under(path: Path) -> None:
-    """Detach what a failed or interrupted mmdebstrap left mounted inside our build directory.
-
-    mmdebstrap bind-mounts the host's /dev, /proc and /sys, and local .debs, into its tree, and
-    does not always undo that when it fails. Each mount is first made private, so that detaching
-    it cannot propagate to the host's own mount of the same file system, then detached lazily,
-    deepest first. Only mount points inside `path` are touched.
-    """
-    points = sorted(mounts_under(path), key=len, reverse=True)
-    for command in (["mount", "--make-private"], ["umount", "--lazy"]):
-        for point in points:
-            subprocess.run([*command, point], check=False, capture_output=True, timeout=60)
-
-
-@contextlib.contextmanager
-def build_directory(images: Path, key: str, progress: Progress) -> Iterator[Path]:
-    """A fresh `.build-<key>-*` directory in `images`, gone afterwards on every exit path.
-
-    What mmdebstrap left mounted in it is detached first. When the build already failed, a
-    failure to remove it is only reported, so that the build's own error stays the one raised.
-    (Not TemporaryDirectory: its cleanup would delete through any mount left in the tree.)
-    """
-    work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=images))
-
-    def clean() -> None:
-        detach_mounts_under(work)
-        remove_tree(work)
-
-    try:
-        yield work
-    except BaseException:
-        try:
-            clean()
-        except ImageError as e:
-            progress(f"image: {e}")
-        raise
-    clean()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ from lxd_agent.host.cloudimage import (
     grub_cfg,
     sfdisk_script,
 )
-from lxd_agent.host.image import ImageError, ImageSpec
+from lxd_agent.host.errors import ImageError
+from lxd_agent.host.image import ImageSpec
 
 ROOT_UUID = "5430e961-493b-41fb-8b90-62d3accf895d"
 

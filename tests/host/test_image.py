@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent.host import image
+from lxd_agent.host import buildsteps, image
 from lxd_agent.host.aptsources import (
     AptSourcesError,
     filter_apt_sources,
     host_release,
     source_suites,
 )
-from lxd_agent.host.errors import HarnessError
-from lxd_agent.host.image import BuildStepFailed, GuestImage, ImageError, ImageSpec, prune_images
+from lxd_agent.host.errors import BuildStepFailed, HarnessError, ImageError
+from lxd_agent.host.image import GuestImage, ImageSpec, prune_images
 from lxd_agent.host.package import BadPackage
 from tests.host.helpers import minimal_deb
 
@@ -235,8 +235,8 @@ def test_a_pinned_package_is_asked_for_from_the_releases_own_suite(tmp_path: Pat
 
 
 def test_mounts_under_sees_the_root_mount_and_none_in_a_fresh_directory(tmp_path: Path) -> None:
-    assert "/" in image.mounts_under(Path("/"))
-    assert image.mounts_under(tmp_path) == []
+    assert "/" in buildsteps.mounts_under(Path("/"))
+    assert buildsteps.mounts_under(tmp_path) == []
 
 
 def test_a_build_directory_with_a_mount_left_in_it_is_not_deleted(
@@ -244,16 +244,16 @@ def test_a_build_directory_with_a_mount_left_in_it_is_not_deleted(
 ) -> None:
     tree = tmp_path / "tree"
     (tree / "sys").mkdir(parents=True)
-    monkeypatch.setattr(image, "mounts_under", lambda path: [str(tree / "sys")])
+    monkeypatch.setattr(buildsteps, "mounts_under", lambda path: [str(tree / "sys")])
     with pytest.raises(ImageError, match="umount -R"):
-        image.remove_tree(tree)
+        buildsteps.remove_tree(tree)
     assert (tree / "sys").is_dir()
 
 
 def test_a_build_directory_without_mounts_is_deleted(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     (tree / "etc").mkdir(parents=True)
-    image.remove_tree(tree)
+    buildsteps.remove_tree(tree)
     assert not tree.exists()
 
 
@@ -361,7 +361,7 @@ def test_a_failed_build_that_left_a_bind_mount_leaves_nothing_and_names_its_caus
         image.build_image(ImageSpec(), progress=lambda _: None, cache=cache)
     assert "failed on purpose" in failed.value.tail[-1]  # the cause, not the cleanup
     assert list((cache / "images").iterdir()) == []
-    assert image.mounts_under(tmp_path) == []
+    assert buildsteps.mounts_under(tmp_path) == []
     assert (host_dir / "keep").is_dir()  # detached, never deleted through
 
 

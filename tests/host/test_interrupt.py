@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from lxd_agent.host import cli
-from lxd_agent.host.image import mounts_under
+from lxd_agent.host.buildsteps import mounts_under
 from lxd_agent.host.package import SOURCE_TREE, find_test_deb
 
 # Bounds: an image build gets to any of its moments within a few minutes, a boot (after the
