@@ -349,7 +349,8 @@ class RingbufMonitor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(QMPError):  # already removed, or never registered
+        # Already removed (a second stop), or never registered: qemu.qmp raises ValueError.
+        with contextlib.suppress(QMPError, ValueError):
             self.qmp.remove_listener(self._listener)
 
     # -- inside -------------------------------------------------------------------------------
