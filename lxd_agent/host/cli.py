@@ -47,6 +47,7 @@ from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
 from lxd_agent.host.package import find_deb
 from lxd_agent.host.scenario import BootVerdict, boot_and_check
 from lxd_agent.host.seed import make_seed_iso
+from lxd_agent.host.snapshot import SnapshotVerdict, Step, snapshot_and_restore
 from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
@@ -148,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
+
+    snapshot = sub.add_parser(
+        "snapshot",
+        help="save a guest's state on lxd-5.19 and restore it after the upgrade: refused on "
+        "lxd-5.20, resumed with the saved layout, then restarted on lxd-5.20",
+    )
+    snapshot.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
+    snapshot.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
+    snapshot.add_argument("--rebuild", action="store_true", help="build the image even if cached")
+    snapshot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    snapshot.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
 
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)
@@ -359,6 +371,80 @@ def boot_command(args: argparse.Namespace) -> int:
     return code
 
 
+def snapshot_lines(verdict: SnapshotVerdict) -> list[str]:
+    """Each step: what it must show, whether it did, its figures, QEMU's lines, its timeline."""
+    lines: list[str] = []
+    for number, step in enumerate(Step, 1):
+        seen = verdict.step(step)
+        if seen is None:
+            lines.append(f"step {number}: {step.value}: not run")
+            continue
+        outcome = "OK" if seen.passed else "FAILED"
+        lines += [
+            f"step {number}: {step.value} ({seen.layout}): {outcome} in {seen.seconds:.1f} s",
+            f"  must:     {seen.expected}",
+        ]
+        if seen.port is not None and seen.started_after is not None:
+            bound = f" (bound {seen.bound:g} s)" if seen.bound is not None else ""
+            lines.append(
+                f"  STARTED   on {seen.port}, {seen.started_after:.2f} s after {seen.since}{bound}"
+            )
+        if seen.saved is not None:
+            lines.append(
+                f"  state     {seen.saved.size / 1e6:.1f} MB written in {seen.saved.seconds:.2f} s"
+            )
+        if seen.record is not None:
+            lines.append(f"  recorded  {seen.record.layout}: ports {', '.join(seen.record.ports)}")
+        if seen.qemu_output:
+            lines.append(f"  QEMU exited with status {seen.exit_status}; its own lines:")
+            lines += [f"    {line}" for line in seen.qemu_output]
+        if seen.stopped_after_power_off is not None and seen.off_after_power_off is not None:
+            lines.append(
+                f"  power-off STOPPED {seen.stopped_after_power_off:.2f} s after, "
+                f"guest off {seen.off_after_power_off:.2f} s after"
+            )
+        if seen.error is not None:
+            lines += [f"  {line}" for line in failure_lines(seen.error)]
+        if seen.timeline:
+            lines.append("  timeline (seconds since this step's QEMU start):")
+            lines += [f"  {line}" for line in seen.timeline]
+    if verdict.passed:
+        lines.append("OK: every step behaved as the specification describes")
+    else:
+        lines.append("FAILED: a step did not behave as described (see above)")
+    return lines
+
+
+def snapshot_command(args: argparse.Namespace) -> int:
+    try:
+        deb = find_deb(args.deb)
+        timeout = _positive_number(args.timeout, "--timeout") if args.timeout else DEFAULT_TIMEOUT
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+
+    async def run(image: GuestImage) -> SnapshotVerdict:
+        accel = await choose_accel(Accel(args.accel), image, say)
+        say(f"accel: {accel.reason}")
+        return await snapshot_and_restore(image, accel.accel, timeout, progress=say)
+
+    try:
+        image = build_image(image_spec(deb, args.release, False), say, rebuild=args.rebuild)
+        verdict = asyncio.run(run(image))
+    except HarnessError as e:
+        for line in failure_lines(e):
+            say(line)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        say("interrupted; QEMU and temporary files cleaned up")
+        return EXIT_INTERRUPTED
+    for line in snapshot_lines(verdict):
+        say(line)
+    say(f"total {time.monotonic() - started:.1f} s")
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
 def image_command(args: argparse.Namespace) -> int:
     if args.cloud:
         # The cloud image never carries the package: a NoCloud seed installs it at boot.
@@ -393,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "image":
         return image_command(args)
+    if args.command == "snapshot":
+        return snapshot_command(args)
     return boot_command(args)
 
 

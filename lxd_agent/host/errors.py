@@ -121,3 +121,15 @@ class SaveFailed(VmError):
         """`query-migrate`'s last status: `failed`, `cancelled`, or where it was stuck."""
         self.qemu_error = qemu_error
         """QEMU's own `error-desc`, when it gave one."""
+
+
+class StepMismatch(HarnessError):
+    """A scenario's step ran to its end but did not do what the scenario says it must
+    (a line came too late, QEMU accepted what it should refuse, refused for another reason)."""
+
+    def __init__(self, message: str, *, expected: str, seen: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        """What the step must show, in words."""
+        self.seen = seen
+        """What it showed instead, in words."""
