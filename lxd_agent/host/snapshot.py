@@ -309,7 +309,7 @@ async def _host_upgrade(vm: Vm, timeout: float) -> StepVerdict:
                 entry = await new.wait_for(STARTED, port=rings[0].port_name, timeout=timeout)
                 step.port = entry.port
                 step.started_after = entry.seconds - attached.seconds
-                _check_bound(step)
+                check_bound(step)
             finally:
                 step.timeline = new.render_timeline()
     except HarnessError as e:
@@ -368,7 +368,7 @@ async def _restore_pinned(run: _Run, verdict: SnapshotVerdict) -> None:
     _from_boot(step, result)
     if result.passed and result.started is not None and resumed:
         step.started_after = result.started.seconds - resumed[0]
-        _check_bound(step)
+        check_bound(step)
     step.seconds = time.monotonic() - begun
 
 
@@ -398,7 +398,8 @@ def _from_boot(step: StepVerdict, result: BootVerdict) -> None:
     step.timeline = result.timeline
 
 
-def _check_bound(step: StepVerdict) -> None:
+def check_bound(step: StepVerdict) -> None:
+    """Fail `step` with a `StepMismatch` if STARTED came later than its bound."""
     assert step.started_after is not None and step.bound is not None
     if step.started_after > step.bound:
         step.error = StepMismatch(

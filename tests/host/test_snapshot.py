@@ -29,6 +29,7 @@ from lxd_agent.host.snapshot import (
     SnapshotVerdict,
     Step,
     StepVerdict,
+    check_bound,
     snapshot_and_restore,
     upgraded_host_rings,
 )
@@ -76,6 +77,17 @@ def test_an_upgraded_host_that_reads_another_chardev_cannot_read_the_running_vm(
     )
     with pytest.raises(LayoutError, match="could not read the running VM"):
         upgraded_host_rings(other, LXD_5_19)
+
+
+@pytest.mark.parametrize(
+    ("after", "passes"), [(ONE_REFRESH - 0.01, True), (ONE_REFRESH + 0.01, False)]
+)
+def test_started_later_than_one_refresh_fails_the_step(after: float, passes: bool) -> None:
+    step = StepVerdict(Step.RESTORE_PINNED, "lxd-5.19", started_after=after, bound=ONE_REFRESH)
+    check_bound(step)
+    assert step.passed is passes
+    if not passes:
+        assert isinstance(step.error, StepMismatch) and step.error.expected == step.expected
 
 
 def _passed_verdict(tmp_path: Path) -> SnapshotVerdict:
