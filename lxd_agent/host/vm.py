@@ -329,13 +329,12 @@ class Vm:
             SerialConsole(self.console_device, files.console_log, on_milestone=milestone)
         )
         self._shell = ConsoleShell(self._console, self.note)
-        await self._execute("cont")
         if self.config.incoming is not None:
-            # `cont` during the load only says "run once loaded".
             await wait_incoming(self._qemu, self.config.incoming)
-            self.running_at = time.monotonic()
-            self.note(f"state loaded from {self.config.incoming.name}, guest running")
-            return
+            self.note(f"state loaded from {self.config.incoming.name}")
+        # After a load too: a state saved from a stopped guest comes back paused, whatever
+        # `cont` was given during the load.
+        await self._execute("cont")
         self.running_at = time.monotonic()
         self.note("guest running")
 
