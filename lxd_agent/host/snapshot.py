@@ -166,7 +166,7 @@ class StepVerdict:
     """QEMU's own lines where it refused the state."""
     timeline: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    """How long the step took, wall clock."""
+    """How long the step took, wall clock (with any wait for another harness VM's lock)."""
 
     @property
     def expected(self) -> str:
@@ -254,7 +254,7 @@ async def _boot_upgrade_save(run: _Run, verdict: SnapshotVerdict) -> None:
 
     async def upgrade_and_save(vm: Vm) -> None:
         marks["upgrade"] = vm.seconds()
-        boot.seconds = time.monotonic() - started
+        boot.seconds = vm.seconds()  # from QEMU's start: not the wait for the VM lock
         upgrade = await _host_upgrade(vm, run.timeout)
         verdict.steps.append(upgrade)
         if not upgrade.passed:
@@ -267,7 +267,8 @@ async def _boot_upgrade_save(run: _Run, verdict: SnapshotVerdict) -> None:
             save.saved = await vm.save_state(run.state)
             save.record = LayoutRecord.of(vm.config.layout)
             save.record.write(run.record)
-            vm.note(f"layout recorded in {run.record.name}: {save.record}")
+            ports = ", ".join(save.record.ports)
+            vm.note(f"layout recorded in {run.record.name}: {save.record.layout} ({ports})")
         except HarnessError as e:
             save.error = e
         save.seconds = time.monotonic() - begun
