@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
-from lxd_agent.host.aptsources import DEFAULT_RELEASE, RELEASES
+from lxd_agent.host.cliargs import build_parser
 from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
 from lxd_agent.host.disk import check_boot_sector, disk_format
 from lxd_agent.host.errors import HarnessError
@@ -40,20 +40,24 @@ from lxd_agent.host.image import (
 )
 from lxd_agent.host.interrupt import Interrupted, run_interruptible, signals_interrupt
 from lxd_agent.host.layouts import (
-    INCUS_RING_SIZE,
-    LAYOUTS,
     Layout,
     check_ring_size,
     get_layout,
 )
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
 from lxd_agent.host.package import check_deb, find_deb
-from lxd_agent.host.report import failure_lines, interrupted_line, soak_table, summary
+from lxd_agent.host.report import (
+    failure_lines,
+    interrupted_line,
+    snapshot_lines,
+    soak_lines,
+    summary,
+)
 from lxd_agent.host.scenario import boot_and_check, lxd_ring_port
 from lxd_agent.host.seed import make_seed_iso
-from lxd_agent.host.soak import FAULTS, SoakVerdict, soak
+from lxd_agent.host.snapshot import SnapshotVerdict, snapshot_and_restore
+from lxd_agent.host.soak import SoakVerdict, soak
 from lxd_agent.host.vm import Vm
-from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -75,85 +79,6 @@ def say(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Parsing and checking the input
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lxd-agent-harness",
-        description="Boot the lxd-agent in a real guest under QEMU with LXD's ring-buffer "
-        "layouts and show, from the host, what it reported and when.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def image_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
-        p.add_argument(
-            "--release",
-            default=DEFAULT_RELEASE,
-            choices=list(RELEASES),
-            help="Debian release of the guest, from the host's own mirror "
-            f"(default {DEFAULT_RELEASE})",
-        )
-        p.add_argument(
-            "--seed",
-            action="store_true",
-            help="build the image with cloud-init and without the package, "
-            "and install the package at boot through a NoCloud seed",
-        )
-        p.add_argument("--rebuild", action="store_true", help="build the image even if cached")
-
-    boot = sub.add_parser(
-        "boot", help="boot a guest, wait for STARTED, power off, wait for STOPPED"
-    )
-    layouts = ", ".join(f"{name} ({layout.description})" for name, layout in LAYOUTS.items())
-    boot.add_argument("--layout", default="lxd-5.20", help=f"one of: {layouts}")
-    image_options(boot)
-    boot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
-    boot.add_argument(
-        "--ring-size",
-        help=f"bytes, power of two (default: the layout's, {DEFAULT_RING_SIZE} for LXD, "
-        f"{INCUS_RING_SIZE} for Incus)",
-    )
-    boot.add_argument(
-        "--image",
-        type=Path,
-        help="boot this qcow2/raw cloud image through its firmware instead "
-        "(e.g. the one `image --cloud` prints)",
-    )
-    boot.add_argument(
-        "--firmware",
-        choices=[f.value for f in Firmware],
-        help="firmware for --image: uefi (OVMF, LXD's; the default) or bios (SeaBIOS)",
-    )
-    boot.add_argument(
-        "--secure-boot",
-        action="store_true",
-        help="UEFI secure boot with Microsoft's keys, as LXD's default (--image, uefi only)",
-    )
-    boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
-    boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
-    boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
-
-    soak = sub.add_parser(
-        "soak",
-        help="boot N times; each boot: reboot, port replug, host reader restart, agent kill, "
-        "power-off; print a table of each fault x cycle",
-    )
-    soak.add_argument("--cycles", default="3", help="how many boots (default 3)")
-    soak.add_argument("--layout", default="lxd-5.20", help="lxd-5.19 or lxd-5.20")
-    image_options(soak)
-    soak.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
-    soak.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
-
-    image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
-    image_options(image)
-    image.add_argument(
-        "--cloud",
-        action="store_true",
-        help="build a GPT cloud disk (BIOS and UEFI GRUB, cloud-init) like Debian's "
-        "genericcloud and print its qcow2 file",
-    )
-    return parser
 
 
 @dataclass(frozen=True)
@@ -339,6 +264,33 @@ def boot_command(args: argparse.Namespace) -> int:
     return code
 
 
+def snapshot_command(args: argparse.Namespace) -> int:
+    try:
+        deb = find_deb(args.deb)
+        timeout = _positive_number(args.timeout, "--timeout") if args.timeout else DEFAULT_TIMEOUT
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+
+    async def run(image: GuestImage) -> SnapshotVerdict:
+        accel = await choose_accel(Accel(args.accel), image, say)
+        say(f"accel: {accel.reason}")
+        return await snapshot_and_restore(image, accel.accel, timeout, progress=say)
+
+    try:
+        image = build_image(image_spec(deb, args.release, False), say, rebuild=args.rebuild)
+        verdict = run_interruptible(run(image))
+    except HarnessError as e:
+        for line in failure_lines(e):
+            say(line)
+        return EXIT_FAILED
+    for line in snapshot_lines(verdict):
+        say(line)
+    say(f"total {time.monotonic() - started:.1f} s")
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
 def image_command(args: argparse.Namespace) -> int:
     if args.cloud:
         # The cloud image never carries the package: a NoCloud seed installs it at boot.
@@ -407,23 +359,9 @@ def soak_command(args: argparse.Namespace) -> int:
         return await soak(config, cycles, timeout, progress=say)
 
     verdict = run_interruptible(run())
-    for line in soak_table(verdict):
+    for line in soak_lines(verdict):
         say(line)
-    for failed in verdict.failures():
-        if failed.error is not None:
-            say(f"cycle {failed.cycle} {failed.fault}:")
-            for line in failure_lines(failed.error):
-                say(f"  {line}")
-    if verdict.cycle_seconds:
-        mean = sum(verdict.cycle_seconds) / len(verdict.cycle_seconds)
-        say(f"one cycle: {mean:.1f} s on average ({len(verdict.cycle_seconds)} completed)")
-    passed = sum(r.passed for r in verdict.results)
-    total = verdict.cycles * len(FAULTS)
-    if verdict.passed:
-        say(f"OK: {passed} of {total} faults passed in {cycles} cycles ({layout.name})")
-        return EXIT_OK
-    say(f"FAILED: {passed} of {total} faults passed in {cycles} cycles ({layout.name})")
-    return EXIT_FAILED
+    return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -435,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return image_command(args)
             if args.command == "soak":
                 return soak_command(args)
+            if args.command == "snapshot":
+                return snapshot_command(args)
             return boot_command(args)
         except Interrupted as interrupt:
             say(interrupted_line(interrupt))

@@ -24,10 +24,14 @@ class LayoutError(HarnessError):
 class QemuError(HarnessError):
     """QEMU could not be found or started, died early, or its QMP socket did not answer."""
 
-    def __init__(self, message: str, *, output: Sequence[str] = ()) -> None:
+    def __init__(
+        self, message: str, *, output: Sequence[str] = (), exit_status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.output = list(output)
         """QEMU's last lines of output (stdout and stderr), oldest first; empty if none."""
+        self.exit_status = exit_status
+        """QEMU's exit status when it had exited; None while it ran (or never started)."""
 
 
 class MonitorError(HarnessError):
@@ -106,3 +110,44 @@ class BuildStepFailed(ImageError):
         super().__init__(
             f"{step} ({self.command[0]}) failed with exit status {status}, last line: {last!r}"
         )
+
+
+class RestoreRefused(VmError):
+    """QEMU exited (or failed the migration) while loading a saved state: the restore is refused.
+
+    What QEMU said is in `qemu_output` (its own lines, e.g. `Failed to load virtio-console:virtio`).
+    """
+
+    def __init__(
+        self, message: str, *, state_file: str, exit_status: int | None, **fields: Sequence[str]
+    ) -> None:
+        super().__init__(message, **fields)
+        self.state_file = state_file
+        """The saved state QEMU was given (`-incoming`)."""
+        self.exit_status = exit_status
+        """QEMU's exit status; None when it stayed up with the migration failed."""
+
+
+class SaveFailed(VmError):
+    """Saving the guest's state (QMP `migrate` to a file) failed or did not finish in time."""
+
+    def __init__(
+        self, message: str, *, migration_status: str, qemu_error: str = "", **fields: Sequence[str]
+    ) -> None:
+        super().__init__(message, **fields)
+        self.migration_status = migration_status
+        """`query-migrate`'s last status: `failed`, `cancelled`, or where it was stuck."""
+        self.qemu_error = qemu_error
+        """QEMU's own `error-desc`, when it gave one."""
+
+
+class StepMismatch(HarnessError):
+    """A scenario's step ran to its end but did not do what the scenario says it must
+    (a line came too late, QEMU accepted what it should refuse, refused for another reason)."""
+
+    def __init__(self, message: str, *, expected: str, seen: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        """What the step must show, in words."""
+        self.seen = seen
+        """What it showed instead, in words."""

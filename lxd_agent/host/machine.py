@@ -16,6 +16,7 @@ from lxd_agent.host.errors import VmError
 from lxd_agent.host.firmware import Firmware, firmware_args, machine_arg
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import Layout
+from lxd_agent.host.migration import incoming_uri
 
 CONSOLE_ID = "console"
 KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
@@ -56,12 +57,21 @@ class VmConfig:
     cpus: int = DEFAULT_CPUS
     seed: Path | None = None
     network: bool = False
-    # A second QMP socket for a person (`--keep`) or a second host reader (the soak's monitor
-    # restart): the harness's own is taken by the harness.
+    # A second QMP socket for a person (`--keep`), a second host reader (the soak's monitor
+    # restart, a host upgraded while the VM runs): the harness's own is taken by the harness.
     user_qmp: bool = False
     allow_reboot: bool = False
     """Let a guest reboot inside the same QEMU (the soak). Otherwise a reboot powers it off,
     so nothing boots again behind the harness's back."""
+    overlay: Path | None = None
+    """The disk's qcow2 overlay, kept by the caller across QEMUs (a snapshot's disk); None: a
+    fresh one in the VM's temporary directory, gone with it. Direct boot only."""
+    incoming: Path | None = None
+    """A saved state to restore (`-incoming`) instead of booting; it belongs to `overlay`."""
+
+    def disk(self, files: VmFiles) -> Path:
+        """The overlay this boot runs on."""
+        return self.overlay if self.overlay is not None else files.overlay
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,11 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     boot = config.boot
     machine = "q35"
     if isinstance(boot, FirmwareBoot):
+        if config.overlay is not None or config.incoming is not None:
+            raise VmError(
+                "a kept overlay or a restored state needs the direct boot of the project's "
+                "image: the firmware's variables are not kept from one QEMU to the next"
+            )
         machine = machine_arg(boot.firmware, boot.secure_boot)
     args = [
         # Start paused: the console reader and the monitor attach before the first byte.
@@ -132,7 +147,10 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     else:
         args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
     # The overlay takes every write; the base image under it is never opened for writing.
-    args += ["-drive", f"file={files.overlay},format=qcow2,if=virtio,cache=unsafe,discard=unmap"]
+    args += [
+        "-drive",
+        f"file={config.disk(files)},format=qcow2,if=virtio,cache=unsafe,discard=unmap",
+    ]
     if config.seed is not None:
         args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
     if config.network:
@@ -141,6 +159,9 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
     if config.user_qmp:
         args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
+    if config.incoming is not None:
+        # The saved devices must match these (QEMU checks the count of serial ports).
+        args += ["-incoming", incoming_uri(config.incoming)]
     args += [
         "-chardev", f"pty,id={CONSOLE_ID}",
         "-serial", f"chardev:{CONSOLE_ID}",

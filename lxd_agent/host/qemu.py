@@ -265,6 +265,7 @@ class QemuProcess:
                 f"{self.name}: {self.binary} exited with status {self.returncode} before "
                 "QMP was ready; its output says why",
                 output=output,
+                exit_status=self.returncode,
             )
         if accept in done:
             raise QemuError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from lxd_agent.host.errors import HarnessError, MonitorError, QemuError, VmError
 from lxd_agent.host.interrupt import Interrupted
 from lxd_agent.host.scenario import BootVerdict
+from lxd_agent.host.snapshot import SnapshotVerdict, Step
 from lxd_agent.host.soak import FAULTS, SoakVerdict
 
 
@@ -78,4 +79,68 @@ def soak_table(verdict: SoakVerdict) -> list[str]:
             else:
                 cells.append(f"{'-':>{width}}")
         lines.append(f"{cycle:>5} " + " ".join(cells))
+    return lines
+
+
+def soak_lines(verdict: SoakVerdict) -> list[str]:
+    """The table, each failure with its data, the mean cycle time and the verdict's line."""
+    lines = soak_table(verdict)
+    for failed in verdict.failures():
+        if failed.error is not None:
+            lines.append(f"cycle {failed.cycle} {failed.fault}:")
+            lines += [f"  {line}" for line in failure_lines(failed.error)]
+    if verdict.cycle_seconds:
+        mean = sum(verdict.cycle_seconds) / len(verdict.cycle_seconds)
+        lines.append(f"one cycle: {mean:.1f} s on average ({len(verdict.cycle_seconds)} completed)")
+    passed = sum(r.passed for r in verdict.results)
+    total = verdict.cycles * len(FAULTS)
+    outcome = "OK" if verdict.passed else "FAILED"
+    lines.append(
+        f"{outcome}: {passed} of {total} faults passed in {verdict.cycles} cycles "
+        f"({verdict.layout})"
+    )
+    return lines
+
+
+def snapshot_lines(verdict: SnapshotVerdict) -> list[str]:
+    """Each step: what it must show, whether it did, its figures, QEMU's lines, its timeline."""
+    lines: list[str] = []
+    for number, step in enumerate(Step, 1):
+        seen = verdict.step(step)
+        if seen is None:
+            lines.append(f"step {number}: {step.value}: not run")
+            continue
+        outcome = "OK" if seen.passed else "FAILED"
+        lines += [
+            f"step {number}: {step.value} ({seen.layout}): {outcome} in {seen.seconds:.1f} s",
+            f"  must:     {seen.expected}",
+        ]
+        if seen.port is not None and seen.started_after is not None:
+            bound = f" (bound {seen.bound:g} s)" if seen.bound is not None else ""
+            lines.append(
+                f"  STARTED   on {seen.port}, {seen.started_after:.2f} s after {seen.since}{bound}"
+            )
+        if seen.saved is not None:
+            lines.append(
+                f"  state     {seen.saved.size / 1e6:.1f} MB written in {seen.saved.seconds:.2f} s"
+            )
+        if seen.record is not None:
+            lines.append(f"  recorded  {seen.record.layout}: ports {', '.join(seen.record.ports)}")
+        if seen.qemu_output:
+            lines.append(f"  QEMU exited with status {seen.exit_status}; its own lines:")
+            lines += [f"    {line}" for line in seen.qemu_output]
+        if seen.stopped_after_power_off is not None and seen.off_after_power_off is not None:
+            lines.append(
+                f"  power-off STOPPED {seen.stopped_after_power_off:.2f} s after, "
+                f"guest off {seen.off_after_power_off:.2f} s after"
+            )
+        if seen.error is not None:
+            lines += [f"  {line}" for line in failure_lines(seen.error)]
+        if seen.timeline:
+            lines.append("  timeline (seconds since this step's QEMU start):")
+            lines += [f"  {line}" for line in seen.timeline]
+    if verdict.passed:
+        lines.append("OK: every step behaved as the specification describes")
+    else:
+        lines.append("FAILED: a step did not behave as described (see above)")
     return lines

@@ -46,6 +46,7 @@ from lxd_agent.host.machine import (
     VmFiles,
     qemu_args,
 )
+from lxd_agent.host.migration import SavedState, as_refusal, save_state, wait_incoming
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent.host.qemu import QemuProcess, bounded_qmp_client
 from lxd_agent.host.vmlock import take_vm_lock
@@ -87,6 +88,8 @@ class Vm:
         self.console_device: str | None = None
         self.powerdown_at: float | None = None
         self.guest_off_at: float | None = None
+        self.running_at: float | None = None
+        """When the guest started running (after a restore: when its state was loaded)."""
 
     # -- what callers use ------------------------------------------------------------------
 
@@ -255,6 +258,13 @@ class Vm:
         self.note("host monitor restarted on a new QMP connection")
         return old
 
+    async def save_state(self, state_file: Path) -> SavedState:
+        """Stop the guest and save its state to `state_file` (QEMU stays, paused)."""
+        with self._failures_filled():
+            saved = await save_state(self.qemu.qmp, state_file)
+        self.note(f"state saved to {state_file.name}: {saved.size} bytes in {saved.seconds:.2f} s")
+        return saved
+
     def render_timeline(self) -> list[str]:
         return self.monitor.render_timeline() if self._monitor else []
 
@@ -314,7 +324,9 @@ class Vm:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot
-        if isinstance(boot, DirectBoot):
+        if self.config.overlay is not None:
+            pass  # the caller's, made and kept by it
+        elif isinstance(boot, DirectBoot):
             make_overlay(boot.image.disk, "raw", files.overlay)
         else:
             make_overlay(boot.disk, boot.disk_format, files.overlay)
@@ -323,6 +335,18 @@ class Vm:
             else:
                 sercon_file(files.sercon)
         self.t0 = time.monotonic()
+        incoming = self.config.incoming
+        try:
+            await self._start_qemu(stack, files)
+        except HarnessError as e:
+            if incoming is None:
+                raise
+            refusal = await as_refusal(e, self._qemu, incoming)
+            if refusal is None:
+                raise
+            raise self._filled(refusal) from e
+
+    async def _start_qemu(self, stack: contextlib.AsyncExitStack, files: VmFiles) -> None:
         self._qemu = await stack.enter_async_context(
             QemuProcess(qemu_args(self.config, files), name=f"vm-{self.config.layout.name}")
         )
@@ -344,7 +368,13 @@ class Vm:
             SerialConsole(self.console_device, files.console_log, on_milestone=milestone)
         )
         self._shell = ConsoleShell(self._console, self.note)
+        if self.config.incoming is not None:
+            await wait_incoming(self._qemu, self.config.incoming)
+            self.note(f"state loaded from {self.config.incoming.name}")
+        # After a load too: a state saved from a stopped guest comes back paused, whatever
+        # `cont` was given during the load.
         await self._execute("cont")
+        self.running_at = time.monotonic()
         self.note("guest running")
 
     @property

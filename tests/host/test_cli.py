@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
+from lxd_agent.host.migration import incoming_uri
 from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
 from lxd_agent.host.seed import make_seed_iso, user_data
 from lxd_agent.host.soak import soak_config
@@ -135,6 +137,24 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
     # LXD serves SPICE on a unix socket; ours is in the VM's temporary directory.
     assert f"-spice unix=on,addr={files.spice_socket},disable-ticketing=on" in joined
     assert files.spice_socket.parent == files.workdir
+
+
+def test_a_restore_loads_the_state_onto_the_overlay_the_caller_keeps(tmp_path: Path) -> None:
+    config, files = _config(tmp_path, Accel.TCG)
+    kept, state = tmp_path / "kept.qcow2", tmp_path / "state"
+    args = qemu_args(replace(config, overlay=kept, incoming=state), files)
+    joined = " ".join(args)
+    assert f"file={kept},format=qcow2" in joined and str(files.overlay) not in joined
+    assert args[args.index("-incoming") + 1] == incoming_uri(state)
+    assert "-incoming" not in qemu_args(replace(config, overlay=kept), files)
+
+
+def test_a_firmware_boot_neither_keeps_an_overlay_nor_restores(tmp_path: Path) -> None:
+    boot = FirmwareBoot(tmp_path / "cloud.qcow2", "qcow2")
+    config = VmConfig(layout=get_layout("lxd-5.19"), boot=boot, accel=Accel.TCG)
+    for kept in (replace(config, overlay=tmp_path / "o"), replace(config, incoming=tmp_path / "s")):
+        with pytest.raises(VmError, match="needs the direct boot"):
+            qemu_args(kept, VmFiles(tmp_path / "run"))
 
 
 def test_each_layout_gets_its_own_ring_size_unless_the_boot_overrides_it(tmp_path: Path) -> None:

@@ -410,6 +410,17 @@ def test_monitor_tasks_are_gone_after_exit_even_on_error() -> None:
     run(scenario())
 
 
+def test_a_monitor_stopped_early_can_be_left_by_its_context_manager() -> None:
+    """A caller may stop the monitor (a host that goes away) before its `async with` ends."""
+
+    async def scenario() -> None:
+        async with monitored_ring() as (_qemu, monitor):
+            await monitor.stop()
+            await monitor.stop()
+
+    run(scenario())
+
+
 # -- an untrusted guest --------------------------------------------------------------------------
 
 
