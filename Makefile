@@ -19,7 +19,7 @@ APT_PACKAGES := \
 	grub-efi-amd64-signed shim-signed ovmf \
 	systemd
 
-.PHONY: all setup apt venv lint test unit vm deb demo clean
+.PHONY: all setup apt venv lint test unit vm deb demo bench clean
 
 all: test
 
@@ -66,6 +66,11 @@ vm: setup deb
 
 demo: setup deb
 	$(VENV)/bin/lxd-agent-harness boot --layout lxd-5.20
+
+# The agent's costs next to their floors, in one table: natively, then in one guest (TCG).
+# Figures only, never pass/fail. About 4 minutes; root (a private /dev for the agent's port).
+bench: setup deb
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .pybuild
