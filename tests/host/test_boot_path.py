@@ -16,6 +16,7 @@ import pytest
 from lxd_agent.host.image import GuestImage, ImageSpec, build_image
 from lxd_agent.host.machine import KERNEL_APPEND, DirectBoot
 from lxd_agent.host.vm import Vm
+from lxd_agent.protocol import PORT_NAME
 from tests.host.guests import Figures, checked_boot
 
 pytestmark = pytest.mark.vm
@@ -56,5 +57,10 @@ def test_nothing_waits_for_the_agent_and_one_interpreter_runs_it(
         print(f"{layout}: agent starts in this boot:\n" + "\n".join(starts))
         figures[f"{layout}: lxd-agent starts in the boot"] = str(len(starts))
         assert len(starts) == 1, starts
+        # What that one start logged reached journald with its structured fields.
+        if layout == "lxd-5.20":
+            fields = f"LXD_AGENT_PORT={PORT_NAME} SYSLOG_IDENTIFIER=lxd-agent"
+            journal = await vm.run(f"journalctl -b -q -o cat {fields} --no-pager")
+            assert f"reporting to {PORT_NAME} (" in journal.output, journal.output
 
     checked_boot(DirectBoot(image, TRACE_APPEND), layout, while_up=checks)
