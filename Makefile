@@ -19,7 +19,7 @@ APT_PACKAGES := \
 	grub-efi-amd64-signed shim-signed ovmf \
 	systemd
 
-.PHONY: all setup apt venv lint test unit vm deb demo soak clean
+.PHONY: all setup apt venv lint test unit vm deb demo soak bench clean
 
 all: test
 
@@ -68,10 +68,15 @@ demo: setup deb
 	$(VENV)/bin/lxd-agent-harness boot --layout lxd-5.20
 
 # The long soak: 50 boots, each with a reboot, a port replug, a host reader restart, an agent
-# SIGKILL and a power-off (make test runs 2 of them). About 2 minutes a cycle under TCG here.
+# SIGKILL and a power-off (make test runs 2 of them). About a minute a cycle under TCG here.
 SOAK_CYCLES ?= 50
 soak: setup deb
 	$(VENV)/bin/lxd-agent-harness soak --cycles $(SOAK_CYCLES) --layout lxd-5.20
+
+# The agent's costs next to their floors, in one table: natively, then in one guest (TCG).
+# Figures only, never pass/fail. About 4 minutes; root (a private /dev for the agent's port).
+bench: setup deb
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .pybuild

@@ -3,21 +3,22 @@
 Runs in the guest. Signals are taken synchronously with ``sigtimedwait`` (blocked, never
 handled asynchronously), so a stop request can never interrupt a write half-way and every
 wait in the loop has a bound.
+
+On the path from exec to READY=1 at every boot, so it imports only what that path needs:
+``_signal`` (the C half of ``signal``, which would load ``enum``), no ``logging``, ``typing`` or
+``dataclasses`` at run time (see ``notify`` and ``ports``).
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
-from lxd_agent.guest.notify import Notifier, watchdog_interval
+from lxd_agent.guest.notify import Log, Notifier, make_notifier, watchdog_interval
 from lxd_agent.guest.ports import (
     Candidate,
     PortError,
     PortRoots,
+    Record,
     describe_all,
     find_connected_port,
     write_line,
@@ -29,29 +30,64 @@ from lxd_agent.protocol import (
     STOPPED,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+    from typing import Callable, Mapping, Protocol, Sequence
+
+    class Logger(Protocol):
+        """What the agent logs through: a ``notify.Log``, or a ``logging.Logger`` in tests."""
+
+        def debug(self, msg: str, *args: object, extra: Mapping[str, str] | None = ...) -> None: ...
+        def info(self, msg: str, *args: object, extra: Mapping[str, str] | None = ...) -> None: ...
+        def warning(
+            self, msg: str, *args: object, extra: Mapping[str, str] | None = ...
+        ) -> None: ...
+        def error(self, msg: str, *args: object, extra: Mapping[str, str] | None = ...) -> None: ...
+
+else:
+    import _signal
+
 EXIT_OK = 0
 EXIT_NO_PORT = 1
 # Stopped, but STOPPED could not be written: the host may still believe the agent is up.
 # Not 0, so that the stop shows as failed; the unit's ExecStopPost= tries once more.
 EXIT_STOPPED_UNREPORTED = 3
 
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-_SIGNALS = _STOP_SIGNALS | {signal.SIGHUP}
+_STOP_SIGNALS = frozenset({_signal.SIGTERM, _signal.SIGINT})
+_SIGNALS = _STOP_SIGNALS | {_signal.SIGHUP}
 
 # How often to look for a port that is not there yet; after losing one, back off to the max.
 _SCAN_INTERVAL = 0.5
 _MAX_SCAN_INTERVAL = 5.0
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    refresh: float = DEFAULT_REFRESH_SECONDS
-    """Seconds between STARTED rewrites; 0 writes it once."""
-    wait: float = 30.0
-    """Seconds to wait at start for a usable port before giving up."""
-    write_timeout: float = 2.0
-    roots: PortRoots = field(default_factory=PortRoots)
-    names: Sequence[str] = CANDIDATE_PORT_NAMES
+DEFAULT_WAIT_SECONDS = 30.0
+
+
+class AgentConfig(Record):
+    """How one run behaves; the unit's is ``AgentConfig(skip_without_port=True)``."""
+
+    __slots__ = ("names", "refresh", "roots", "skip_without_port", "wait", "write_timeout")
+
+    def __init__(
+        self,
+        refresh: float = DEFAULT_REFRESH_SECONDS,
+        wait: float = DEFAULT_WAIT_SECONDS,
+        write_timeout: float = 2.0,
+        roots: PortRoots | None = None,
+        names: Sequence[str] = CANDIDATE_PORT_NAMES,
+        skip_without_port: bool = False,
+    ) -> None:
+        self.refresh = refresh
+        """Seconds between STARTED rewrites; 0 writes it once."""
+        self.wait = wait
+        """Seconds to wait at start for a usable port before giving up."""
+        self.write_timeout = write_timeout
+        self.roots = roots if roots is not None else PortRoots()
+        self.names = tuple(names)
+        self.skip_without_port = skip_without_port
+        """No usable port at the first look: tell systemd it is done and exit 0, not wait."""
 
 
 def describe_port(port: Candidate) -> str:
@@ -66,7 +102,7 @@ class Agent:
         self,
         config: AgentConfig,
         notifier: Notifier,
-        log: logging.Logger,
+        log: Logger,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -84,11 +120,30 @@ class Agent:
 
     def run(self) -> int:
         # Blocked for good, not restored: a late SIGTERM must not kill us while writing STOPPED.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGNALS)
         self.log.debug("systemd notifications: %s", self.notifier.backend)
+        if self.config.skip_without_port:
+            self.port, seen = find_connected_port(self.config.names, self.config.roots)
+            if self.port is None:
+                return self._skip(describe_all(seen))
         if not self._report_loop():
             return EXIT_NO_PORT
         return EXIT_OK if self._stop() else EXIT_STOPPED_UNREPORTED
+
+    def _skip(self, problem: str) -> int:
+        """Nothing to report to (Incus's stub, no LXD port): done, neither failed nor waiting.
+
+        READY=1 first: a Type=notify unit whose process exits 0 without it counts as failed
+        (Result=protocol). The unit then goes inactive with Result=success, and
+        Restart=on-failure leaves it be. udev starts it again if an LXD port appears later.
+        """
+        self.log.info(
+            "no usable port, nothing to report to: %s; exiting (a port that appears later "
+            "starts the agent again)",
+            problem,
+        )
+        self.notifier.notify("READY=1", "STATUS=skipped, no usable port: " + problem)
+        return EXIT_OK
 
     def _report_loop(self) -> bool:
         """Report STARTED until a stop signal; False when no port showed up in time."""
@@ -124,7 +179,7 @@ class Agent:
             signo = self._sleep(delay)
             if signo in _STOP_SIGNALS:
                 return True
-            if signo == signal.SIGHUP:
+            if signo == _signal.SIGHUP:
                 self.log.info("SIGHUP: looking for the port again")
                 self.port = None
 
@@ -211,7 +266,13 @@ class Agent:
             if end is not None and now >= end:
                 return None
             if not deadlines:
-                return signal.sigwaitinfo(_SIGNALS).si_signo
-            info = signal.sigtimedwait(_SIGNALS, max(min(deadlines) - now, 0.001))
+                return int(_signal.sigwaitinfo(_SIGNALS).si_signo)
+            info = _signal.sigtimedwait(_SIGNALS, max(min(deadlines) - now, 0.001))
             if info is not None:
-                return info.si_signo
+                return int(info.si_signo)
+
+
+def run(config: AgentConfig, level: int | None = None) -> int:
+    """The daemon, as ``lxd-agent run`` starts it: journald (or stderr), sd_notify, the loop."""
+    log = Log.for_environment() if level is None else Log.for_environment(level)
+    return Agent(config, make_notifier(log), log).run()

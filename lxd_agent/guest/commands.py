@@ -7,7 +7,6 @@ are blocked. Bad options and values get one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import stat
@@ -16,8 +15,9 @@ import time
 from typing import Callable, NoReturn, Sequence
 
 from lxd_agent import __version__
-from lxd_agent.guest.agent import EXIT_NO_PORT, Agent, AgentConfig, describe_port
-from lxd_agent.guest.notify import make_notifier, setup_logging
+from lxd_agent.guest import agent
+from lxd_agent.guest.agent import DEFAULT_WAIT_SECONDS, EXIT_NO_PORT, AgentConfig, describe_port
+from lxd_agent.guest.notify import LEVELS
 from lxd_agent.guest.ports import (
     DEV_ROOT,
     SYS_ROOT,
@@ -34,7 +34,8 @@ PROG = "lxd-agent"
 EXIT_USAGE = 2
 EXIT_PROBE_BROKEN = 255
 
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_LEVELS = tuple(LEVELS)
+NO_PORT_CHOICES = ("wait", "skip")
 
 # Every duration option is bounded. Under 0.1 s the agent would spin (the host sees a line
 # at most once a second anyway); over a day is a typo, and near 1e10 s the kernel's timeouts
@@ -120,9 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--wait",
         type=_seconds(zero_means="look once"),
-        default=AgentConfig.wait,
+        default=DEFAULT_WAIT_SECONDS,
         metavar="SECONDS",
         help="how long to wait at start for a usable port (default: %(default)g)",
+    )
+    run.add_argument(
+        "--if-no-port",
+        choices=NO_PORT_CHOICES,
+        default="wait",
+        help="no usable port at the first look: wait for one (--wait, then exit 1), or skip: "
+        "tell systemd READY=1 with the reason in STATUS= and exit 0, which is what the unit "
+        "does where the only LXD port has nothing behind it (default: %(default)s)",
     )
     run.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info", help="(default: %(default)s)"
@@ -156,10 +165,17 @@ def _roots(args: argparse.Namespace) -> PortRoots:
     return PortRoots(dev_root, args.sys_root or SYS_ROOT, os.path.dirname(dev_root))
 
 
+def run_config(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(
+        refresh=args.refresh,
+        wait=args.wait,
+        roots=_roots(args),
+        skip_without_port=args.if_no_port == "skip",
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    log = setup_logging(getattr(logging, args.log_level.upper()))
-    config = AgentConfig(refresh=args.refresh, wait=args.wait, roots=_roots(args))
-    return Agent(config, make_notifier(), log).run()
+    return agent.run(run_config(args), LEVELS[args.log_level])
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -187,7 +203,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_status_write(args: argparse.Namespace) -> int:
-    # As the unit's ExecStopPost=: an agent skipped by ExecCondition= never said STARTED.
+    # As an ExecStopPost= after an ExecCondition= skip (the unit of 0.2.0 had one, a drop-in
+    # may): that agent never said STARTED.
     if os.environ.get("SERVICE_RESULT") == "exec-condition":
         return 0
     deadline = time.monotonic() + args.timeout

@@ -1,20 +1,34 @@
 """Talk to systemd: readiness and status (sd_notify), the watchdog, and logs to journald.
 
-Runs in the guest. systemd-python (Debian's python3-systemd) does the protocol; sdnotify is
-the fallback for pip installs without it. No notify-socket code of our own. Outside systemd
-(no NOTIFY_SOCKET) notifications are no-ops and logs go to stderr.
+Runs in the guest, on the path from exec to READY=1, so it imports only what that path needs:
+systemd-python's C modules (``systemd._daemon``, ``systemd._journal``), loaded when first used.
+Their public wrappers, ``systemd.daemon`` and ``systemd.journal``, re-export the very same
+``notify`` and ``sendv`` but first import ``socket``, ``logging``, ``uuid`` and ``traceback``: some
+50 ms and several MiB, more than the rest of the agent's start. They stay the fallback, and
+sdnotify after them for pip installs. No notify-socket or journal protocol code of our own, and
+no ``logging``: a small ``Log`` with the ``Logger`` methods the agent calls. Outside systemd (no
+NOTIFY_SOCKET) notifications are no-ops and logs go to stderr.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from typing import Callable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Mapping
+
+    Sender = Callable[[str], object]
+    JournalSender = Callable[..., object]
 
 LOGGER_NAME = "lxd-agent"
 
-Sender = Callable[[str], None]
+# logging's level numbers, so that a ``logging.Logger`` is a drop-in ``Log`` (tests use one).
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+LEVELS = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
+# syslog priorities, as journald files them.
+_PRIORITY = {DEBUG: 7, INFO: 6, WARNING: 4, ERROR: 3}
 
 
 class Notifier:
@@ -36,13 +50,13 @@ class Notifier:
 
 def _systemd_python_sender() -> Sender | None:
     try:
-        import systemd.daemon as daemon
+        from systemd._daemon import notify  # what systemd.daemon.notify is
     except ImportError:
-        return None
-
-    def send(message: str) -> None:
-        daemon.notify(message)
-
+        try:
+            from systemd.daemon import notify
+        except ImportError:
+            return None
+    send: Sender = notify
     return send
 
 
@@ -59,7 +73,7 @@ def _sdnotify_sender() -> Sender | None:
     return send
 
 
-def make_notifier() -> Notifier:
+def make_notifier(log: Log | None = None) -> Notifier:
     """Pick systemd-python, then sdnotify; a silent Notifier when not run by systemd."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return Notifier(None, "none (no NOTIFY_SOCKET)")
@@ -70,7 +84,7 @@ def make_notifier() -> Notifier:
         send = factory()
         if send is not None:
             return Notifier(send, backend)
-    logging.getLogger(LOGGER_NAME).warning(
+    (log or Log(WARNING)).warning(
         "NOTIFY_SOCKET is set but neither systemd-python nor sdnotify is installed: "
         "systemd will not see READY=1; install python3-systemd"
     )
@@ -88,22 +102,69 @@ def watchdog_interval() -> float | None:
     return int(usec) / 1e6 / 2
 
 
-def setup_logging(level: int) -> logging.Logger:
-    """Log to journald with structured fields when run by systemd, else to stderr."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(level)
-    logger.propagate = False
-    handler: logging.Handler
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+def _journal_sender() -> JournalSender | None:
+    try:
+        from systemd._journal import sendv  # what systemd.journal.send ends in
+    except ImportError:
         try:
-            from systemd.journal import JournalHandler
-
-            handler = JournalHandler(SYSLOG_IDENTIFIER=LOGGER_NAME)
+            from systemd.journal import sendv
         except ImportError:
-            handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    if isinstance(handler, logging.StreamHandler):
-        handler.setFormatter(logging.Formatter(LOGGER_NAME + ": %(message)s"))
-    logger.handlers[:] = [handler]
-    return logger
+            return None
+    send: JournalSender = sendv
+    return send
+
+
+class Log:
+    """The agent's log: journald with structured fields under systemd, else stderr.
+
+    Called like a ``logging.Logger``: ``log.info("wrote %s", line, extra={"KEY": "value"})``;
+    the ``extra`` fields become journal fields (``LXD_AGENT_PORT``, ``LXD_AGENT_STATE``).
+    """
+
+    def __init__(self, level: int = INFO, journal: JournalSender | None = None) -> None:
+        self.level = level
+        self._journal = journal
+
+    @classmethod
+    def for_environment(cls, level: int = INFO) -> Log:
+        """Journald when systemd started us (and systemd-python is there), else stderr."""
+        under_systemd = os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID")
+        return cls(level, _journal_sender() if under_systemd else None)
+
+    @property
+    def backend(self) -> str:
+        return "journald" if self._journal is not None else "stderr"
+
+    def log(
+        self, level: int, message: str, *args: object, extra: Mapping[str, str] | None = None
+    ) -> None:
+        if level < self.level:
+            return
+        text = message % args if args else message
+        if self._journal is None:
+            sys.stderr.write(f"{LOGGER_NAME}: {text}\n")
+            sys.stderr.flush()
+            return
+        fields = [f"{key}={value}" for key, value in (extra or {}).items()]
+        try:
+            self._journal(
+                "MESSAGE=" + text,
+                f"PRIORITY={_PRIORITY[level]}",
+                "SYSLOG_IDENTIFIER=" + LOGGER_NAME,
+                *fields,
+            )
+        except OSError as e:
+            # journald gone (late in shutdown): the line still reaches stderr, which systemd keeps.
+            sys.stderr.write(f"{LOGGER_NAME}: {text} (journald: {e.strerror})\n")
+
+    def debug(self, message: str, *args: object, extra: Mapping[str, str] | None = None) -> None:
+        self.log(DEBUG, message, *args, extra=extra)
+
+    def info(self, message: str, *args: object, extra: Mapping[str, str] | None = None) -> None:
+        self.log(INFO, message, *args, extra=extra)
+
+    def warning(self, message: str, *args: object, extra: Mapping[str, str] | None = None) -> None:
+        self.log(WARNING, message, *args, extra=extra)
+
+    def error(self, message: str, *args: object, extra: Mapping[str, str] | None = None) -> None:
+        self.log(ERROR, message, *args, extra=extra)

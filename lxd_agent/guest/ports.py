@@ -13,10 +13,14 @@ import os
 import select
 import stat
 import time
-from dataclasses import dataclass
-from typing import Sequence
 
 from lxd_agent.protocol import CANDIDATE_PORT_NAMES, PORT_NAME
+
+# typing, dataclasses and enum are left out on purpose: they are most of a bare start's import
+# time, and this module is on the path from exec to READY=1 (mypy reads TYPE_CHECKING by name).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 DEV_ROOT = "/dev/virtio-ports"
 SYS_ROOT = "/sys/class/virtio-ports"
@@ -54,24 +58,57 @@ class PortBusy(PortError):
     """The port stayed unwritable for the whole timeout."""
 
 
-@dataclass(frozen=True)
-class PortRoots:
+class Record:
+    """A small value, equal, hashable and shown by its fields: ``@dataclass`` without its import."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.fields() == other.fields()
+
+    def __hash__(self) -> int:
+        return hash(self.fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({shown})"
+
+
+class PortRoots(Record):
     """Where to look for ports; tests point these at a temporary tree."""
 
-    dev_root: str = DEV_ROOT
-    sys_root: str = SYS_ROOT
-    dev_dir: str = DEV_DIR
+    __slots__ = ("dev_dir", "dev_root", "sys_root")
+
+    def __init__(self, dev_root: str = DEV_ROOT, sys_root: str = SYS_ROOT, dev_dir: str = DEV_DIR):
+        self.dev_root = dev_root
+        self.sys_root = sys_root
+        self.dev_dir = dev_dir
 
 
-@dataclass(frozen=True)
-class Candidate:
+DEFAULT_ROOTS = PortRoots()
+
+
+class Candidate(Record):
     """What was found for one port name, and why it can or cannot be used."""
 
-    name: str
-    device: str | None
-    is_char_device: bool = False
-    connected: bool = False
-    problem: str | None = None
+    __slots__ = ("connected", "device", "is_char_device", "name", "problem")
+
+    def __init__(
+        self,
+        name: str,
+        device: str | None,
+        is_char_device: bool = False,
+        connected: bool = False,
+        problem: str | None = None,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.is_char_device = is_char_device
+        self.connected = connected
+        self.problem = problem
 
     @property
     def usable(self) -> bool:
@@ -93,7 +130,7 @@ def describe_all(candidates: Sequence[Candidate]) -> str:
     return "; ".join(c.describe() for c in candidates)
 
 
-def find_device(name: str, roots: PortRoots = PortRoots()) -> str | None:
+def find_device(name: str, roots: PortRoots = DEFAULT_ROOTS) -> str | None:
     """Return the device path for port ``name``, or None when no such port exists.
 
     udev's symlink comes first; without it (early boot, images without udev rules) the
@@ -197,7 +234,9 @@ def _poll(fd: int, timeout: float) -> int:
 _DEAD = select.POLLHUP | select.POLLERR
 
 
-def inspect(name: str, roots: PortRoots = PortRoots(), deadline: float | None = None) -> Candidate:
+def inspect(
+    name: str, roots: PortRoots = DEFAULT_ROOTS, deadline: float | None = None
+) -> Candidate:
     """Check port ``name``: found, a character device, and connected on the host side.
 
     A port busy with another opener is retried for up to 0.5 s, or until ``deadline``.
@@ -267,7 +306,7 @@ def _events_text(events: int) -> str:
 
 
 def survey(
-    names: Sequence[str] = CANDIDATE_PORT_NAMES, roots: PortRoots = PortRoots()
+    names: Sequence[str] = CANDIDATE_PORT_NAMES, roots: PortRoots = DEFAULT_ROOTS
 ) -> list[Candidate]:
     """Inspect every candidate, in order; for diagnostics (``lxd-agent probe``)."""
     return [inspect(name, roots) for name in names]
@@ -275,7 +314,7 @@ def survey(
 
 def find_connected_port(
     names: Sequence[str] = CANDIDATE_PORT_NAMES,
-    roots: PortRoots = PortRoots(),
+    roots: PortRoots = DEFAULT_ROOTS,
     deadline: float | None = None,
 ) -> tuple[Candidate | None, list[Candidate]]:
     """Return the first usable candidate and every candidate looked at.

@@ -99,12 +99,19 @@ async def check_agent_stood_aside(vm: Vm, timeout: float) -> str:
             f"the guest's boot did not complete cleanly: is-system-running says "
             f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
         )
-    unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result")
+    unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result,NRestarts,StatusText")
     shown = " ".join(unit.output.split())
     vm.note(f"guest: lxd-agent: {shown}")
-    if "Result=exec-condition" not in unit.output:
+    props = dict(line.split("=", 1) for line in unit.output.splitlines() if "=" in line)
+    skipped = (
+        props.get("ActiveState") == "inactive"
+        and props.get("Result") == "success"
+        and props.get("NRestarts", "0") == "0"
+        and props.get("StatusText", "").startswith("skipped, no usable port")
+    )
+    if not skipped:
         raise vm.error(
-            "lxd-agent was not skipped although no LXD port has a ring behind it: "
+            "lxd-agent was not skipped cleanly although no LXD port has a ring behind it: "
             f"{shown}; see `journalctl -u lxd-agent` in the guest (--keep)"
         )
     return shown

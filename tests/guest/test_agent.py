@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from lxd_agent.guest import agent as agent_module
+from lxd_agent.guest import commands
 from lxd_agent.guest.agent import Agent, AgentConfig
+from lxd_agent.guest.cli import UNIT_RUN
 from lxd_agent.guest.notify import Notifier
 from lxd_agent.guest.ports import PortGone
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
@@ -378,3 +380,81 @@ class ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+# -- the unit's path: --if-no-port=skip, and what its start loads --------------------------------
+
+
+def test_skip_without_a_usable_port_says_ready_with_the_reason_and_exits_0_at_once(
+    tmp_path: Path, tree: PortTree, dead_port: DeadPort
+) -> None:
+    # Incus: the only LXD-named port is a stub with nothing behind it on the host.
+    tree.link(LEGACY_PORT_NAME, dead_port.device)
+    began = time.monotonic()
+    with notify_socket(tmp_path) as notify, agent(tree, "--if-no-port=skip", notify=notify) as proc:
+        # READY=1 with the exit 0: a Type=notify unit that exits 0 without it has failed.
+        message = notify.wait_for("READY=1")
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - began < 10  # not the 30 s --wait
+    status = next(line for line in message.split("\n") if line.startswith("STATUS="))
+    assert status.startswith("STATUS=skipped, no usable port: ")
+    assert f"{PORT_NAME}: no such port" in status and f"{LEGACY_PORT_NAME}: " in status
+    assert "no usable port, nothing to report to" in err and STARTED not in err
+
+
+def test_skip_with_a_usable_port_reports_as_ever(
+    tmp_path: Path, tree: PortTree, dead_port: DeadPort, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, dead_port.device)
+    tree.link(LEGACY_PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, "--if-no-port=skip", notify=notify) as proc:
+        notify.wait_for("READY=1")
+        assert live_port.read_lines(timeout=0) == [STARTED]
+        code, _ = stop(proc)
+    assert code == 0
+    assert live_port.read_lines(timeout=2) == [STOPPED]
+    assert not any("skipped" in m for m in notify.messages)
+
+
+def test_the_units_command_line_gets_the_same_config_without_argparse() -> None:
+    parsed = commands.run_config(commands.parse_args(UNIT_RUN))
+    assert parsed == AgentConfig(skip_without_port=True)
+    assert commands.parse_args(["run"]).if_no_port == "wait"
+
+
+# The unit's command line, started as the package's /usr/bin/lxd-agent starts it (a bare
+# interpreter: -I -S), with the port search stubbed out to find nothing; prints what was loaded.
+UNIT_START = f"""
+import sys
+sys.path[:0] = [{str(REPO)!r}]
+sys.path.append("/usr/lib/python3/dist-packages")
+import lxd_agent.guest.agent as agent
+agent.find_connected_port = lambda names, roots: (None, [])
+sys.argv = ["lxd-agent", *{UNIT_RUN!r}]
+from lxd_agent.guest.cli import main
+code = main()
+print(code, " ".join(sorted(sys.modules)))
+"""
+
+# Each of these costs milliseconds to import (argparse and logging some 10-20 ms each, with
+# re, enum and their kin), more than the rest of the agent's start.
+HEAVY_MODULES = ("argparse", "logging", "dataclasses", "typing", "enum", "re", "socket", "inspect")
+
+
+def test_the_units_start_loads_none_of_the_heavy_modules(tmp_path: Path) -> None:
+    with notify_socket(tmp_path) as notify:
+        result = subprocess.run(
+            ["/usr/bin/python3", "-I", "-S", "-c", UNIT_START],
+            env={"NOTIFY_SOCKET": str(notify.path), "INVOCATION_ID": "0" * 32},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        notify.wait_for("READY=1")
+    code, modules = result.stdout.split(" ", 1)
+    assert code == "0", result.stderr
+    loaded = set(modules.split())
+    # It did talk to systemd and journald, through systemd-python.
+    assert {"systemd._daemon", "systemd._journal", "lxd_agent.guest.agent"} <= loaded
+    assert sorted(loaded & set(HEAVY_MODULES)) == []

@@ -86,8 +86,11 @@ def test_entry_point_is_executable_and_runs_debians_python3(
 ) -> None:
     assert contents["/usr/bin/lxd-agent"] == "-rwxr-xr-x"
     script = (unpacked / "usr/bin/lxd-agent").read_text()
-    assert script.startswith("#!/usr/bin/python3\n")
+    # A bare interpreter (-I -S: no site, no PYTHON* variables), Debian's dist-packages by hand.
+    assert script.startswith("#!/usr/bin/python3 -IS\n")
+    assert 'sys.path.append("/usr/lib/python3/dist-packages")' in script
     assert "from lxd_agent.guest.cli import main" in script
+    assert "import re" not in script
 
 
 def test_entry_points_metadata_names_only_the_agent(unpacked: Path) -> None:

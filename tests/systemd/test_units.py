@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Dict, List
 
 import pytest
 
+from lxd_agent.guest.cli import UNIT_RUN
 from lxd_agent.protocol import CANDIDATE_PORT_NAMES
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
@@ -100,21 +102,29 @@ def test_unit_is_skipped_where_no_port_can_be_used(unit: Unit) -> None:
     # so a port udev did not link counts).
     assert unit["Unit"]["ConditionVirtualization"] == ["vm"]
     assert unit["Unit"]["ConditionPathExistsGlob"] == ["/sys/class/virtio-ports/vport*"]
-    # Ports, but none usable (Incus's stub): the probe skips it (exit 1) instead of a 30 s wait.
-    assert unit["Service"]["ExecCondition"] == ["/usr/bin/lxd-agent probe"]
+    # Ports, but none usable (Incus's stub): run itself skips (READY=1, exit 0), so there is
+    # no ExecCondition= probe, which was a second interpreter at every boot.
+    assert "ExecCondition" not in unit["Service"]
+    assert unit["Service"]["ExecStart"] == ["/usr/bin/lxd-agent run --if-no-port=skip"]
 
 
-def test_unit_comes_up_before_cloud_init_and_goes_down_late_in_shutdown(unit: Unit) -> None:
+def test_unit_runs_what_the_entry_points_fast_path_expects(unit: Unit) -> None:
+    # cli.UNIT_RUN skips argparse only for the unit's exact words; a drift would cost 20 ms.
+    (start,) = unit["Service"]["ExecStart"]
+    assert start.split()[1:] == UNIT_RUN
+
+
+def test_unit_is_on_no_boot_targets_critical_chain(unit: Unit) -> None:
     section = unit["Unit"]
-    # Without default dependencies it can start before basic.target, so it needs its own
-    # ordering and its own stop at shutdown.
+    # Without default dependencies it can start before basic.target, as soon as udev sees a
+    # port, so it needs its own ordering and its own stop at shutdown.
     assert section["DefaultDependencies"] == ["no"]
-    assert {"local-fs.target", "systemd-journald.socket"} <= set(words(unit, "Unit", "After"))
-    before = set(words(unit, "Unit", "Before"))
-    assert {"multi-user.target", "cloud-init-local.service"} <= before
-    # Stopped (and STOPPED written) at shutdown, before the file systems go.
-    assert {"shutdown.target", "umount.target"} <= before
+    assert set(words(unit, "Unit", "After")) == {"local-fs.target", "systemd-journald.socket"}
+    # Nothing waits for it: ordered before no boot target or service, only before the
+    # shutdown targets (stopped, and STOPPED written, before the file systems go).
+    assert set(words(unit, "Unit", "Before")) == {"shutdown.target", "umount.target"}
     assert words(unit, "Unit", "Conflicts") == ["shutdown.target"]
+    assert "WantedBy" not in unit.get("Install", {}) and "RequiredBy" not in unit.get("Install", {})
     # Restarts are bounded: a broken agent does not loop for ever.
     assert section["StartLimitIntervalSec"] and section["StartLimitBurst"]
 
@@ -124,12 +134,44 @@ def test_unit_tells_ready_only_when_started_is_written_and_writes_stopped_howeve
 ) -> None:
     service = unit["Service"]
     assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
-    assert service["ExecStart"] == ["/usr/bin/lxd-agent run"]
     (post,) = service["ExecStopPost"]
     # `-`: a failed last write must not fail the stop; bounded, so it never holds up shutdown.
-    assert post.startswith("-/usr/bin/lxd-agent status write STOPPED --timeout ")
+    assert post.startswith("-/bin/sh -c ")
+    assert post.endswith(" || exec /usr/bin/lxd-agent status write STOPPED --timeout 2'")
     assert service["Restart"] == ["on-failure"]
     assert service["WatchdogSec"] and service["TimeoutStopSec"] and service["TimeoutStartSec"]
+
+
+def _stop_hook(unit: Unit, agent: Path) -> list[str]:
+    """ExecStopPost= as systemd runs it: `-` dropped, `$$` unescaped, our lxd-agent put in."""
+    (post,) = unit["Service"]["ExecStopPost"]
+    command = shlex.split(post.lstrip("-").replace("$$", "$"))
+    return [word.replace("/usr/bin/lxd-agent", str(agent)) for word in command]
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "exit_status", "runs_the_agent"),
+    [
+        ("exited", "0", False),  # stopped cleanly (STOPPED written), or skipped: no port
+        ("exited", "3", True),  # stopped, but STOPPED did not get out
+        ("exited", "1", True),  # no port after --wait, or crashed
+        ("killed", "KILL", True),  # SIGKILL, OOM: the agent never said STOPPED
+        ("dumped", "ABRT", True),
+        ("", "", True),  # ExecStart= never ran
+    ],
+)
+def test_stop_hook_starts_a_second_interpreter_only_when_the_agent_did_not_exit_0(
+    unit: Unit, tmp_path: Path, exit_code: str, exit_status: str, runs_the_agent: bool
+) -> None:
+    calls = tmp_path / "calls"
+    agent = tmp_path / "lxd-agent"
+    agent.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    agent.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "EXIT_CODE": exit_code, "EXIT_STATUS": exit_status}
+    result = subprocess.run(_stop_hook(unit, agent), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ran = calls.read_text().splitlines() if calls.exists() else []
+    assert ran == (["status write STOPPED --timeout 2"] if runs_the_agent else [])
 
 
 def test_unit_may_write_only_virtio_ports_and_keeps_no_privilege(unit: Unit) -> None:
