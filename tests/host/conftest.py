@@ -1,13 +1,15 @@
-"""Fixtures every VM test shares: the package under test and the table of measured figures."""
+"""Fixtures every VM test shares: the package under test, its image, the measured figures."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from lxd_agent.host.image import GuestImage, ImageSpec, build_image
 from lxd_agent.host.package import PackageNotFound, find_test_deb
 from tests.host.guests import TOOLS, Figures
 
@@ -37,3 +39,12 @@ def deb() -> Path:
         return find_test_deb()
     except PackageNotFound as e:
         pytest.fail(f"the VM tests need the package: {e}")
+
+
+@pytest.fixture(scope="session")
+def guest_image(deb: Path, figures: Figures) -> GuestImage:
+    """The image with the package installed (bookworm), built once per session (or reused)."""
+    started = time.monotonic()
+    image = build_image(ImageSpec(debs=(deb,)), progress=print)
+    figures["image with the .deb: build or reuse"] = f"{time.monotonic() - started:.1f} s"
+    return image

@@ -8,12 +8,9 @@ unit could forget to log. On LXD 5.20's layout (the agent reports) and Incus's (
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
-from lxd_agent.host.image import GuestImage, ImageSpec, build_image
+from lxd_agent.host.image import GuestImage
 from lxd_agent.host.machine import KERNEL_APPEND, DirectBoot
 from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import PORT_NAME
@@ -24,14 +21,6 @@ pytestmark = pytest.mark.vm
 TRACE_APPEND = f"{KERNEL_APPEND} trace_event=sched:sched_process_exec"
 TRACE = "/sys/kernel/tracing/trace"
 AGENT = "/usr/bin/lxd-agent"
-
-
-@pytest.fixture(scope="module")
-def image(deb: Path, figures: Figures) -> GuestImage:
-    started = time.monotonic()
-    image = build_image(ImageSpec(debs=(deb,)), progress=print)
-    figures["image with the .deb: build or reuse"] = f"{time.monotonic() - started:.1f} s"
-    return image
 
 
 async def agent_starts(vm: Vm) -> list[str]:
@@ -45,7 +34,7 @@ async def agent_starts(vm: Vm) -> list[str]:
 
 @pytest.mark.parametrize("layout", ["lxd-5.20", "incus"])
 def test_nothing_waits_for_the_agent_and_one_interpreter_runs_it(
-    image: GuestImage, layout: str, figures: Figures
+    guest_image: GuestImage, layout: str, figures: Figures
 ) -> None:
     async def checks(vm: Vm) -> None:
         await vm.run("systemctl is-system-running --wait", timeout=90)
@@ -63,4 +52,4 @@ def test_nothing_waits_for_the_agent_and_one_interpreter_runs_it(
             journal = await vm.run(f"journalctl -b -q -o cat {fields} --no-pager")
             assert f"reporting to {PORT_NAME} (" in journal.output, journal.output
 
-    checked_boot(DirectBoot(image, TRACE_APPEND), layout, while_up=checks)
+    checked_boot(DirectBoot(guest_image, TRACE_APPEND), layout, while_up=checks)

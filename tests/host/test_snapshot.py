@@ -11,7 +11,7 @@ import pytest
 from lxd_agent.host import report
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.errors import LayoutError, StepMismatch
-from lxd_agent.host.image import ImageSpec, build_image
+from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import (
     INCUS,
     LXD_5_19,
@@ -138,11 +138,11 @@ SCENARIO_DEADLINE = 900.0
 
 @pytest.mark.vm
 def test_the_snapshot_scenario_behaves_as_the_specification_says(
-    deb: Path, figures: Figures
+    guest_image: GuestImage, figures: Figures
 ) -> None:
-    image = build_image(ImageSpec(debs=(deb,)), progress=print)
     verdict = run(
-        snapshot_and_restore(image, Accel.TCG, BOOT_TIMEOUT, progress=print), SCENARIO_DEADLINE
+        snapshot_and_restore(guest_image, Accel.TCG, BOOT_TIMEOUT, progress=print),
+        SCENARIO_DEADLINE,
     )
     print("\n".join(report.snapshot_lines(verdict)))
     assert verdict.passed

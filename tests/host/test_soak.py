@@ -4,12 +4,10 @@ tail and timeline are printed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lxd_agent.host.accel import Accel
-from lxd_agent.host.image import GuestImage, ImageSpec, build_image
+from lxd_agent.host.image import GuestImage
 from lxd_agent.host.layouts import get_layout
 from lxd_agent.host.machine import DirectBoot, VmConfig
 from lxd_agent.host.report import failure_lines, soak_table
@@ -20,11 +18,6 @@ from tests.host.helpers import run
 SHORT_SOAK_CYCLES = 2
 # Per cycle: a boot, a reboot, the faults and a power-off, under TCG: about 2 minutes.
 SOAK_DEADLINE = 300.0 * SHORT_SOAK_CYCLES
-
-
-@pytest.fixture(scope="module")
-def guest_image(deb: Path) -> GuestImage:
-    return build_image(ImageSpec(debs=(deb,)), progress=print)
 
 
 @pytest.mark.vm
