@@ -330,7 +330,9 @@ def build_image(
 
 
 # Each image is about 0.5 GB and a new .deb makes a new one: keep a few, not every one ever built.
-KEEP_IMAGES = 4
+# A whole `make test` uses 8 (three releases with ours, two with Debian's lxd-agent, cloud-init,
+# two emulations): fewer would have a session evict the images it still boots.
+KEEP_IMAGES = 10
 
 
 def prune_images(
