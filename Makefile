@@ -19,7 +19,7 @@ APT_PACKAGES := \
 	grub-efi-amd64-signed shim-signed ovmf \
 	systemd
 
-.PHONY: all setup apt venv lint test unit vm deb demo soak bench clean
+.PHONY: all setup apt venv lint test unit vm deb demo soak matrix bench clean
 
 all: test
 
@@ -72,6 +72,11 @@ demo: setup deb
 SOAK_CYCLES ?= 50
 soak: setup deb
 	$(VENV)/bin/lxd-agent-harness soak --cycles $(SOAK_CYCLES) --layout lxd-5.20
+
+# Every agent (ours, emulations of LXD 5.0's and 5.21's) in every layout, one boot each, and the
+# table put into README.md. About 6 minutes under TCG here; `make test` runs it too (out/matrix.md).
+matrix: setup deb
+	$(VENV)/bin/lxd-agent-harness matrix --readme README.md --markdown out/matrix.md
 
 # The agent's costs next to their floors, in one table: natively, then in one guest (TCG).
 # Figures only, never pass/fail. About 4 minutes; root (a private /dev for the agent's port).

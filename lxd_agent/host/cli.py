@@ -7,7 +7,8 @@ that order; 1 when the guest did not do it (the reason, the console tail and the
 printed); 2 on bad input, before anything is built or booted (a corrupt --deb, a ring size out
 of bounds, an --image without a partition table); 128+signum when interrupted (130 for Ctrl-C,
 143 for SIGTERM, 129 for SIGHUP), after QEMU, mounts, build and temporary directories are gone
-(`lxd_agent.host.interrupt`). `image` only builds or reuses the image and prints its directory.
+(`lxd_agent.host.interrupt`). `image` only builds or reuses the image and prints its directory;
+`soak`, `snapshot` and `matrix` run their scenarios and print their tables.
 
 Host side only: this is the one place that prints to the user and turns errors into exit codes;
 it holds no QEMU or image logic of its own.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ from lxd_agent.host.accel import Accel, choose_accel, forget_verdict_after
 from lxd_agent.host.cliargs import build_parser
 from lxd_agent.host.cloudimage import build_cloud_image, cloud_spec
 from lxd_agent.host.disk import check_boot_sector, disk_format
+from lxd_agent.host.emulations import AGENTS, agent_images
 from lxd_agent.host.errors import HarnessError
 from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.image import (
@@ -40,23 +43,29 @@ from lxd_agent.host.image import (
 )
 from lxd_agent.host.interrupt import Interrupted, run_interruptible, signals_interrupt
 from lxd_agent.host.layouts import (
+    LAYOUTS,
     Layout,
     check_ring_size,
     get_layout,
 )
 from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig
+from lxd_agent.host.matrix import DEFAULT_BOUND, MatrixVerdict, run_matrix
 from lxd_agent.host.package import check_deb, find_deb
 from lxd_agent.host.report import (
     failure_lines,
     interrupted_line,
+    matrix_lines,
+    matrix_markdown,
     snapshot_lines,
     soak_lines,
     summary,
+    with_matrix,
 )
 from lxd_agent.host.scenario import boot_and_check, lxd_ring_port
 from lxd_agent.host.seed import make_seed_iso
 from lxd_agent.host.snapshot import SnapshotVerdict, snapshot_and_restore
 from lxd_agent.host.soak import SoakVerdict, soak
+from lxd_agent.host.textfile import read_text, write_whole
 from lxd_agent.host.vm import Vm
 
 EXIT_OK = 0
@@ -364,6 +373,73 @@ def soak_command(args: argparse.Namespace) -> int:
     return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
+# A held cell costs this much; more than ten minutes is no longer a bound.
+MAX_BOUND = 600.0
+
+
+def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise UsageError(f"--{what} {text!r}: choose from {', '.join(valid)}, comma-separated")
+    return list(dict.fromkeys(names))
+
+
+def matrix_command(args: argparse.Namespace) -> int:
+    try:
+        agents = [AGENTS[name] for name in _names(args.agents, list(AGENTS), "agents")]
+        layouts = [get_layout(n) for n in _names(args.layouts, list(LAYOUTS), "layouts")]
+        timeout = DEFAULT_TIMEOUT
+        if args.timeout is not None:
+            timeout = _positive_number(args.timeout, "--timeout")
+        bound = DEFAULT_BOUND if args.bound is None else _positive_number(args.bound, "--bound")
+        if bound > MAX_BOUND:
+            raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
+        for path in (args.readme, args.markdown):
+            if path is not None and not os.access(path.parent, os.W_OK | os.X_OK):
+                raise UsageError(f"{path}: cannot write into {path.parent}; give another path")
+        if args.markdown is not None and args.markdown.is_dir():
+            raise UsageError(f"--markdown {args.markdown} is a directory; give a file")
+        if args.readme is not None:
+            with_matrix(read_text(args.readme), [], str(args.readme))  # its markers: checked first
+        deb = find_deb(args.deb)
+        check_deb(deb)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        images = agent_images(agents, deb, args.release, say, rebuild=args.rebuild)
+    except HarnessError as e:
+        for line in failure_lines(e):
+            say(line)
+        return EXIT_FAILED
+
+    async def run() -> MatrixVerdict:
+        accel = await choose_accel(Accel(args.accel), next(iter(images.values())), say)
+        say(f"accel: {accel.reason}")
+        return await run_matrix(agents, layouts, images, accel.accel, timeout, bound, say)
+
+    verdict = run_interruptible(run())
+    for line in matrix_lines(verdict):
+        say(line)
+    table = matrix_markdown(verdict)
+    try:
+        if args.markdown is not None:
+            write_whole(args.markdown, "\n".join(table) + "\n")
+            say(f"wrote {args.markdown}")
+        if args.readme is not None and verdict.harness_failures():
+            say(f"{args.readme} left as it was: a cell has no result (see above)")
+        elif args.readme is not None:
+            # Read again: the run took minutes, and the file may have been edited meanwhile.
+            text = read_text(args.readme)
+            write_whole(args.readme, with_matrix(text, table, str(args.readme)))
+            say(f"wrote {args.readme}")
+    except (OSError, HarnessError) as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # From here on a signal unwinds everything the command made, then ends it with 128+signum.
@@ -375,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return soak_command(args)
             if args.command == "snapshot":
                 return snapshot_command(args)
+            if args.command == "matrix":
+                return matrix_command(args)
             return boot_command(args)
         except Interrupted as interrupt:
             say(interrupted_line(interrupt))

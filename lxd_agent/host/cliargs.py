@@ -10,8 +10,10 @@ from pathlib import Path
 
 from lxd_agent.host.accel import Accel
 from lxd_agent.host.aptsources import DEFAULT_RELEASE, RELEASES
+from lxd_agent.host.emulations import AGENTS
 from lxd_agent.host.firmware import Firmware
 from lxd_agent.host.layouts import INCUS_RING_SIZE, LAYOUTS
+from lxd_agent.host.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 
 
@@ -93,6 +95,37 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--rebuild", action="store_true", help="build the image even if cached")
     snapshot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
     snapshot.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
+
+    matrix = sub.add_parser(
+        "matrix",
+        help="boot each agent (ours, emulations of LXD 5.0's and 5.21's) in each layout and "
+        "print a Markdown table of what the host and systemd saw",
+    )
+    matrix.add_argument(
+        "--agents", default=",".join(AGENTS), help=f"comma-separated (default {','.join(AGENTS)})"
+    )
+    matrix.add_argument(
+        "--layouts",
+        default=",".join(MATRIX_LAYOUTS),
+        help=f"comma-separated (default {','.join(MATRIX_LAYOUTS)})",
+    )
+    matrix.add_argument("--deb", type=Path, help="our package (default: newest out/*.deb)")
+    matrix.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
+    matrix.add_argument("--rebuild", action="store_true", help="build the images even if cached")
+    matrix.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    matrix.add_argument("--timeout", type=str, help="seconds for the boot (default 120)")
+    matrix.add_argument(
+        "--bound",
+        type=str,
+        help=f"seconds a boot or a power-off may take before its cell says held "
+        f"(default {DEFAULT_BOUND:g})",
+    )
+    matrix.add_argument("--markdown", type=Path, help="also write the table to this file")
+    matrix.add_argument(
+        "--readme",
+        type=Path,
+        help="put the table into this file, between its matrix markers (e.g. README.md)",
+    )
 
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)

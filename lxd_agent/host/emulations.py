@@ -4,8 +4,8 @@ LXD's agent cannot run outside LXD: its unit's `ExecStartPre` mounts LXD's confi
 fails without it, and the agent itself exits before its first status line without vsock and
 the host's certificate (README, "The compatibility matrix"). So the project wrote a small
 emulation of its status behaviour (`packaging/emulations/emulated_lxd_agent.py`) and runs it
-under LXD's own unit, for the generation before the port rename (LXD 5.0, as Debian ships it)
-and after it (LXD 5.21). Each is packaged here as a .deb with `dpkg-deb`, so it goes into an
+under LXD's own unit and udev rule, for the generation before the port rename (LXD 5.0) and
+after it (LXD 5.21). Each is packaged here as a .deb with `dpkg-deb`, so it goes into an
 image the way every package does; the build is reproducible (fixed times, root-owned files), so
 an unchanged emulation keeps its cached image.
 
@@ -52,7 +52,7 @@ class MatrixAgent:
     files: str = ""
     """For an emulation: its directory under packaging/emulations/ (unit, udev rule)."""
     enable: bool = False
-    """The package enables its unit (`WantedBy=`), as Debian's postinst does for LXD 5.0."""
+    """The package enables its unit (`WantedBy=`), as LXD 5.0's install.sh does."""
 
     @property
     def is_emulation(self) -> bool:
@@ -72,7 +72,7 @@ AGENTS: dict[str, MatrixAgent] = {
             title="LXD 5.0 agent (emulation)",
             follows=(
                 f"LXD 5.0.2 lxd-agent/main_agent.go (writes only {LEGACY_PORT_NAME}, blocking); "
-                "unit of Debian's lxd-agent 5.0.2-5+deb12u6"
+                "unit and udev rule of LXD 5.0.2's config drive, enabled as its install.sh does"
             ),
             package="lxd-agent-emulation-5.0",
             files="lxd-5.0",
@@ -117,7 +117,8 @@ def _control(agent: MatrixAgent) -> str:
     )
 
 
-# Debian's lxd-agent postinst enables the unit through deb-systemd-helper (debhelper's code).
+# LXD 5.0's install.sh runs `systemctl enable lxd-agent.service`; in a package that is
+# deb-systemd-helper's job (what Debian's lxd-agent postinst runs, from debhelper).
 _ENABLE = """\
 #!/bin/sh
 set -e
@@ -155,7 +156,7 @@ def _tree(agent: MatrixAgent, root: Path) -> None:
 
 def _inputs_key(agent: MatrixAgent) -> str:
     digest = hashlib.sha256(_control(agent).encode())
-    digest.update(f"enable={agent.enable}".encode())
+    digest.update(f"{INSTALLED_AGENT}\0{_ENABLE if agent.enable else ''}".encode())
     for path in sorted((EMULATIONS_DIR / agent.files).iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update((EMULATIONS_DIR / AGENT_SCRIPT).read_bytes())

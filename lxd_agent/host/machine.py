@@ -146,6 +146,12 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         ]  # fmt: skip
     else:
         args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
+    # LXD's template gives every VM a virtio RNG fed from the host's /dev/urandom: guests
+    # start with entropy instead of gathering it under a slow emulated CPU.
+    args += [
+        "-object", "rng-random,id=qemu_rng,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,id=dev-qemu_rng,rng=qemu_rng",
+    ]  # fmt: skip
     # The overlay takes every write; the base image under it is never opened for writing.
     args += [
         "-drive",

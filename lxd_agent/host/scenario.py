@@ -38,8 +38,31 @@ def lxd_ring_port(layout: Layout) -> str | None:
     return next((name for name in CANDIDATE_PORT_NAMES if name in ringed), None)
 
 
+class PowerOffFigures:
+    """How long after the power button `STOPPED` was seen and the guest was off.
+
+    For a verdict that has these three (times in seconds since QEMU started; None: not reached).
+    """
+
+    stopped: TimelineEntry | None
+    powered_down: float | None
+    guest_off: float | None
+
+    @property
+    def stopped_after_power_off(self) -> float | None:
+        if self.stopped is None or self.powered_down is None:
+            return None
+        return self.stopped.seconds - self.powered_down
+
+    @property
+    def off_after_power_off(self) -> float | None:
+        if self.guest_off is None or self.powered_down is None:
+            return None
+        return self.guest_off - self.powered_down
+
+
 @dataclass
-class BootVerdict:
+class BootVerdict(PowerOffFigures):
     """What `boot_and_check` saw. Times are seconds since QEMU started; None: not reached."""
 
     layout: str
@@ -72,18 +95,6 @@ class BootVerdict:
     @property
     def passed(self) -> bool:
         return self.error is None
-
-    @property
-    def stopped_after_power_off(self) -> float | None:
-        if self.stopped is None or self.powered_down is None:
-            return None
-        return self.stopped.seconds - self.powered_down
-
-    @property
-    def off_after_power_off(self) -> float | None:
-        if self.guest_off is None or self.powered_down is None:
-            return None
-        return self.guest_off - self.powered_down
 
 
 async def check_agent_stood_aside(vm: Vm, timeout: float) -> str:

@@ -11,7 +11,7 @@ LXD's order:
    agent never gets to step 2.
 2. `READY=1` goes out by running `systemd-notify` (only under systemd, `NOTIFY_SOCKET`); if
    that fails, `STOPPED` is written and the agent exits 1.
-3. Only then is SIGTERM handled; before, it kills the process (Go's default).
+3. Only then is SIGTERM taken; before, it kills the process (Go's default).
 4. `STARTED` again every 5 s; on SIGTERM, `STOPPED`, and the agent waits for that write to
    end before it exits (a write that never ends holds the process until systemd kills it).
 
@@ -26,11 +26,11 @@ Usage: emulated_lxd_agent.py PORT_PATH (`/dev/virtio-ports/org.linuxcontainers.l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 
 REFRESH_SECONDS = 5.0  # main_agent.go: time.NewTicker(time.Second * 5)
 
@@ -48,7 +48,8 @@ def write_status(path: str, status: str) -> None:
     except OSError:
         pass
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def notify_ready() -> bool:
@@ -71,11 +72,10 @@ def main(argv: list[str]) -> int:
         write_status(path, "STOPPED")
         print("Failed to notify systemd of readiness", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    # A handler that only sets a flag: a write blocked in the kernel is resumed after it
-    # (PEP 475), just as LXD's shutdown waits for its stuck writer goroutine.
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    while not stop.wait(REFRESH_SECONDS):
+    # From here SIGTERM is taken, not fatal: blocked, and waited for between writes, so a write
+    # stuck in the kernel goes on until it ends, as LXD's shutdown waits for its writer goroutine.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    while signal.sigtimedwait({signal.SIGTERM}, REFRESH_SECONDS) is None:
         write_status(path, "STARTED")
     write_status(path, "STOPPED")
     return 0

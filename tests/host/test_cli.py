@@ -137,6 +137,9 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
     # LXD serves SPICE on a unix socket; ours is in the VM's temporary directory.
     assert f"-spice unix=on,addr={files.spice_socket},disable-ticketing=on" in joined
     assert files.spice_socket.parent == files.workdir
+    # LXD's RNG: entropy from the host, not gathered by the guest under TCG.
+    assert "-device virtio-rng-pci,id=dev-qemu_rng,rng=qemu_rng" in joined
+    assert "-object rng-random,id=qemu_rng,filename=/dev/urandom" in joined
 
 
 def test_a_restore_loads_the_state_onto_the_overlay_the_caller_keeps(tmp_path: Path) -> None:

@@ -69,7 +69,9 @@ def test_the_package_is_the_same_bytes_when_built_again(own_cache: Path) -> None
     assert emulation_deb(agent, lambda line: None).read_bytes() == first
 
 
-def test_lxd_5_0s_unit_is_debians_enabled_and_only_for_the_old_name(own_cache: Path) -> None:
+def test_lxd_5_0s_unit_is_enabled_and_started_by_udev_only_for_the_old_name(
+    own_cache: Path,
+) -> None:
     root = extracted("lxd-5.0", own_cache / "root")
     unit = parse_unit((root / "lib/systemd/system/lxd-agent.service").read_text())
     assert unit["Unit"]["ConditionPathExists"] == [f"/dev/virtio-ports/{LEGACY_PORT_NAME}"]
@@ -87,7 +89,10 @@ def test_lxd_5_0s_unit_is_debians_enabled_and_only_for_the_old_name(own_cache: P
         check=True,
     ).stdout
     assert "deb-systemd-helper enable lxd-agent.service" in postinst
-    assert not (root / "lib/udev/rules.d").exists()
+    rules = (root / "lib/udev/rules.d/99-lxd-agent.rules").read_text()
+    assert f'SYMLINK=="virtio-ports/{LEGACY_PORT_NAME}"' in rules
+    assert 'RUN+="/bin/systemctl start lxd-agent.service"' in rules
+    assert PORT_NAME not in rules
 
 
 def test_lxd_5_21s_unit_holds_multi_user_and_udev_starts_it_for_both_names(
@@ -161,17 +166,20 @@ def start_agent(port: Path, manager: Manager) -> subprocess.Popen[bytes]:
 
 
 def wait_until_sigterm_is_caught(agent: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """Until the agent has a SIGTERM handler (SigCgt in /proc): after READY=1, as LXD's."""
+    """Until the agent takes SIGTERM (blocked, and waited for): after READY=1, as LXD's agent.
+
+    Blocked shows in /proc's SigBlk, except while the process sleeps in sigtimedwait: the kernel
+    unblocks the awaited signals for that time, and the process is then in `do_sigtimedwait`.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = Path(f"/proc/{agent.pid}/status").read_text()
-        caught = int(
-            next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16
-        )
-        if caught & (1 << (signal.SIGTERM - 1)):
+        mask = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+        waiting = "sigtimedwait" in Path(f"/proc/{agent.pid}/wchan").read_text()
+        if waiting or int(mask.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
             return
         time.sleep(0.02)
-    raise AssertionError(f"no SIGTERM handler after {timeout} s")
+    raise AssertionError(f"SIGTERM not taken after {timeout} s")
 
 
 def read_lines(fd: int) -> str:

@@ -47,15 +47,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def guest_image(deb: Path, figures: Figures) -> GuestImage:
-    """The image with the package installed, built once per session (or reused)."""
-    started = time.monotonic()
-    image = build_guest_image(ImageSpec(debs=(deb,)), progress=print)
-    figures["image with the .deb: build or reuse"] = f"{time.monotonic() - started:.1f} s"
-    return image
-
-
-@pytest.fixture(scope="session")
 def cloud_init_image(figures: Figures) -> GuestImage:
     """The image with cloud-init and WITHOUT the package: the seed has to install it."""
     started = time.monotonic()
@@ -85,17 +76,7 @@ def test_lxd_5_19_falls_back_to_the_legacy_port(guest_image: GuestImage, figures
     ]
 
 
-def test_bridged_reports_on_the_new_name_and_leaves_the_legacy_ring_empty(
-    guest_image: GuestImage, figures: Figures
-) -> None:
-    verdict = checked_boot(guest_image, "bridged")
-    assert verdict.port == PORT_NAME and verdict.started and verdict.stopped
-    figures["bridged: QEMU start -> STARTED"] = f"{verdict.started.seconds:.2f} s"
-    figures["bridged: power-off -> STOPPED"] = f"{verdict.stopped_after_power_off:.2f} s"
-    assert verdict.state_changes(PORT_NAME) == [f"unknown -> {STARTED}", f"{STARTED} -> {STOPPED}"]
-    # The monitor read the legacy ring after every event, the power-off included: never a line.
-    assert verdict.state_changes(LEGACY_PORT_NAME) == []
-    assert verdict.reads(LEGACY_PORT_NAME) == []
+# Ours on `bridged`: a cell of the compatibility matrix (test_matrix.py).
 
 
 # -- the NoCloud install path ------------------------------------------------------------------

@@ -1,0 +1,352 @@
+"""The compatibility matrix: its cells' logic and table without a VM, then the real matrix.
+
+The VM part boots every agent in every layout once (a module fixture), writes the table to
+out/matrix.md, and checks the cells: ours must do what it must in every layout (a regression
+fails CI), and each emulation of LXD's agent must show the behaviour it emulates, or it proves
+nothing about LXD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lxd_agent.host import cli, report, textfile
+from lxd_agent.host.accel import Accel, AccelChoice
+from lxd_agent.host.aptsources import DEFAULT_RELEASE
+from lxd_agent.host.emulations import AGENTS, OURS, agent_images
+from lxd_agent.host.errors import VmError
+from lxd_agent.host.image import GuestImage
+from lxd_agent.host.layouts import get_layout
+from lxd_agent.host.matrix import (
+    MATRIX_LAYOUTS,
+    Cell,
+    MatrixVerdict,
+    UnitFacts,
+    ours_problems,
+    run_matrix,
+)
+from lxd_agent.host.monitor import EntryKind, TimelineEntry
+from lxd_agent.host.package import SOURCE_TREE
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from tests.host.guests import BOOT_TIMEOUT, Figures
+from tests.host.helpers import minimal_deb, run
+
+README = SOURCE_TREE / "README.md"
+
+RUNNING = """\
+ActiveState=active
+SubState=running
+Result=success
+NRestarts=0
+ConditionResult=yes
+StatusText=
+Before=multi-user.target cloud-init.service
+InactiveExitTimestampMonotonic=5000000
+ActiveEnterTimestampMonotonic=5400000
+"""
+
+
+def state(seconds: float, status: str, port: str) -> TimelineEntry:
+    return TimelineEntry(seconds, EntryKind.STATE, f"unknown -> {status}", port)
+
+
+def good_cell(layout: str = "lxd-5.20") -> Cell:
+    """What ours does on `layout`: STARTED, not held, off in a second, STOPPED."""
+    facts = UnitFacts.parse(RUNNING.replace("multi-user.target ", ""))
+    port = PORT_NAME if layout != "lxd-5.19" else LEGACY_PORT_NAME
+    return Cell(
+        agent=OURS,
+        layout=layout,
+        bound=20.0,
+        started=state(11.0, STARTED, port),
+        stopped=state(21.0, STOPPED, port),
+        system_state="running",
+        unit=facts,
+        target_reached_us=6_000_000,
+        powered_down=20.3,
+        guest_off=21.5,
+    )
+
+
+# -- cells, without a VM ------------------------------------------------------------------------
+
+
+def test_unit_facts_read_systemctl_show() -> None:
+    facts = UnitFacts.parse(RUNNING)
+    assert (facts.active, facts.sub, facts.restarts) == ("active", "running", 0)
+    assert facts.before == ("multi-user.target", "cloud-init.service")
+    assert (facts.start_began_us, facts.active_at_us) == (5_000_000, 5_400_000)
+    assert facts.summary() == "active (running)"
+    skipped = UnitFacts.parse("ActiveState=inactive\nSubState=dead\nConditionResult=no\n")
+    assert skipped.summary() == "inactive (dead), condition failed"
+
+
+def test_the_boot_is_held_only_by_a_unit_ordered_before_multi_user_for_its_start() -> None:
+    ours = good_cell()
+    assert ours.boot_held is None  # not ordered before multi-user.target
+    lxd = replace(ours, unit=UnitFacts.parse(RUNNING))
+    assert lxd.boot_held == pytest.approx(0.4)  # job begun -> READY=1
+    stuck = replace(
+        ours,
+        unit=UnitFacts.parse(RUNNING.replace("=active", "=activating")),
+        target_reached_us=0,
+    )
+    assert stuck.boot_held_past_bound and stuck.boot_held == 20.0
+    # Active only after multi-user.target was reached: the target did not wait for it.
+    late = replace(lxd, target_reached_us=5_200_000)
+    assert late.boot_held is None
+    # Never started (condition failed): nothing waited.
+    skipped = replace(lxd, unit=UnitFacts.parse(RUNNING.replace("5000000", "0")))
+    assert skipped.boot_held is None
+
+
+def test_a_good_cell_of_ours_has_no_problem_and_each_shortfall_is_named() -> None:
+    assert ours_problems(good_cell(), PORT_NAME) == []
+    assert ours_problems(good_cell("lxd-5.19"), LEGACY_PORT_NAME) == []
+    wrong_port = ours_problems(good_cell(), LEGACY_PORT_NAME)
+    assert wrong_port == [f"STARTED not seen on {LEGACY_PORT_NAME} (on {PORT_NAME})"]
+    held = replace(good_cell(), power_off_held=True, stopped=None)
+    assert ours_problems(held, PORT_NAME) == [
+        "STOPPED not seen after the power button",
+        "the power-off was held for more than 20 s",
+    ]
+    waited = replace(good_cell(), unit=UnitFacts.parse(RUNNING))
+    assert ours_problems(waited, PORT_NAME) == ["the boot waited for the agent (0.40 s)"]
+    failed = replace(good_cell(), error=VmError("no login prompt"))
+    assert ours_problems(failed, PORT_NAME) == ["no result: no login prompt"]
+
+
+def test_without_an_lxd_ring_ours_must_be_skipped_cleanly() -> None:
+    skipped = replace(
+        good_cell("incus"),
+        started=None,
+        stopped=None,
+        unit=UnitFacts.parse("ActiveState=inactive\nSubState=dead\nResult=success\n"),
+    )
+    assert ours_problems(skipped, None) == []
+    looping = replace(skipped, unit=UnitFacts.parse("ActiveState=failed\nResult=exit-code\n"))
+    assert ours_problems(looping, None) == [
+        "no LXD ring, yet the unit was not skipped cleanly (failed (), Result=exit-code)"
+    ]
+
+
+def test_the_table_has_a_row_per_cell_and_says_held_in_bold() -> None:
+    held = replace(
+        good_cell(),
+        agent="lxd-5.0",
+        started=None,
+        stopped=None,
+        guest_off=None,
+        power_off_held=True,
+        job_running="stop job for LXD - agent",
+    )
+    verdict = MatrixVerdict(
+        agents=[AGENTS[OURS], AGENTS["lxd-5.0"]], layouts=["lxd-5.20"], cells=[good_cell(), held]
+    )
+    table = report.matrix_markdown(verdict)
+    rows = [line for line in table if line.startswith(f"| {AGENTS['lxd-5.0'].title} |")]
+    assert rows == [
+        f"| {AGENTS['lxd-5.0'].title} | `lxd-5.20` | never | no | active (running) "
+        "| **held > 20 s** (stop job for LXD - agent) | no |"
+    ]
+    ours = next(line for line in table if line.startswith(f"| {AGENTS[OURS].title} |"))
+    assert f"11.0 s, `{PORT_NAME}`" in ours and "| 1.2 s | 0.7 s after power-off |" in ours
+    assert any(AGENTS["lxd-5.0"].follows in line for line in table)
+    assert verdict.passed  # the emulation's hang is data, not a failure
+    assert report.matrix_lines(verdict)[-1].startswith("OK:")
+
+
+def test_the_table_goes_between_the_markers_and_nothing_else_changes() -> None:
+    text = f"intro\n{report.MATRIX_BEGIN}\nold table\n{report.MATRIX_END}\noutro\n"
+    new = report.with_matrix(text, ["| a |", "| b |"], "README.md")
+    assert new == f"intro\n{report.MATRIX_BEGIN}\n\n| a |\n| b |\n\n{report.MATRIX_END}\noutro\n"
+    assert report.with_matrix(new, ["| a |", "| b |"], "README.md") == new
+    with pytest.raises(report.MissingMarkers) as raised:
+        report.with_matrix("no markers\n", [], "notes.md")
+    assert raised.value.path == "notes.md"
+
+
+def test_the_readme_shows_a_generated_row_for_every_agent_and_layout() -> None:
+    text = README.read_text()
+    block = text.split(report.MATRIX_BEGIN, 1)[1].split(report.MATRIX_END, 1)[0]
+    for agent in AGENTS.values():
+        for layout in MATRIX_LAYOUTS:
+            assert f"| {agent.title} | `{layout}` |" in block, (agent.name, layout)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--agents", "ours,lxd-6"], "--agents 'ours,lxd-6': choose from ours, lxd-5.0, lxd-5.21"),
+        (["--layouts", ","], "--layouts ',': choose from lxd-5.19"),
+        (["--bound", "0"], "--bound must be more than 0 seconds"),
+        (["--bound", "601"], "--bound must be at most 600 s"),
+        (["--timeout", "soon"], "--timeout 'soon' is not a number"),
+        (["--readme", "/nonexistent/README.md"], "cannot write into /nonexistent"),
+        (["--markdown", "/nonexistent/dir/m.md"], "cannot write into /nonexistent/dir"),
+        (["--markdown", "/tmp"], "--markdown /tmp is a directory"),
+    ],
+)
+def test_bad_matrix_input_is_one_line_and_exit_2_before_anything_is_built(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deb = minimal_deb(tmp_path)
+    assert cli.main(["matrix", "--deb", str(deb), *argv]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out
+    assert says in out and len(out.splitlines()) == 1
+
+
+def test_a_readme_without_markers_is_refused_and_left_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "docs").mkdir()
+    readme = tmp_path / "docs" / "README.md"
+    readme.write_text("# no table here\n")
+    deb = minimal_deb(tmp_path)
+    assert cli.main(["matrix", "--deb", str(deb), "--readme", str(readme)]) == cli.EXIT_USAGE
+    assert "has no line" in capsys.readouterr().out
+    assert readme.read_text() == "# no table here\n"
+    assert [p.name for p in readme.parent.iterdir()] == ["README.md"]  # no temporary file left
+
+
+def test_matrix_writes_the_table_into_the_readme_keeping_its_mode_and_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command's write path, with the boots faked (the real ones are the VM tests below)."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{report.MATRIX_BEGIN}\nold\n{report.MATRIX_END}\nend\n")
+    readme.chmod(0o644)
+    verdict = MatrixVerdict(agents=[AGENTS[OURS]], layouts=["lxd-5.20"], cells=[good_cell()])
+
+    async def fake_accel(*args: object) -> AccelChoice:
+        return AccelChoice(Accel.TCG, "faked")
+
+    async def fake_matrix(*args: object) -> MatrixVerdict:
+        return verdict
+
+    monkeypatch.setattr(cli, "agent_images", lambda *args, **kwargs: {OURS: None})
+    monkeypatch.setattr(cli, "choose_accel", fake_accel)
+    monkeypatch.setattr(cli, "run_matrix", fake_matrix)
+    argv = ["matrix", "--deb", str(minimal_deb(tmp_path)), "--readme", str(readme)]
+    assert cli.main([*argv, "--agents", OURS, "--layouts", "lxd-5.20"]) == cli.EXIT_OK
+    text = readme.read_text()
+    assert text.startswith(f"# title\n{report.MATRIX_BEGIN}\n\n") and text.endswith("end\n")
+    assert "\n".join(report.matrix_markdown(verdict)) in text and "old" not in text
+    assert readme.stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".README")]
+    # A cell without a result leaves the README as it was.
+    verdict.cells[0] = replace(good_cell(), error=VmError("no login prompt"))
+    assert cli.main([*argv, "--agents", OURS, "--layouts", "lxd-5.20"]) == cli.EXIT_FAILED
+    assert readme.read_text() == text
+    assert "left as it was" in capsys.readouterr().out
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
+    target = tmp_path / "table.md"
+    target.mkdir()  # os.replace of a file onto a directory fails
+    with pytest.raises(OSError):
+        textfile.write_whole(target, "new\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+# -- the real matrix ----------------------------------------------------------------------------
+
+# Twelve boots, two of them held for the bound twice (boot and power-off), one at a time.
+MATRIX_DEADLINE = 1500.0
+
+
+@pytest.fixture(scope="module")
+def matrix(guest_image: GuestImage, deb: Path, figures: Figures) -> MatrixVerdict:
+    images = agent_images(list(AGENTS.values()), deb, DEFAULT_RELEASE, print, rebuild=False)
+    assert images[OURS] == guest_image  # the session's image, not a second build
+    layouts = [get_layout(name) for name in MATRIX_LAYOUTS]
+    verdict = run(
+        run_matrix(list(AGENTS.values()), layouts, images, Accel.TCG, BOOT_TIMEOUT, progress=print),
+        MATRIX_DEADLINE,
+    )
+    out = SOURCE_TREE / "out"
+    out.mkdir(exist_ok=True)
+    (out / "matrix.md").write_text("\n".join(report.matrix_markdown(verdict)) + "\n")
+    print("\n".join(report.matrix_lines(verdict)))
+    for cell in verdict.cells:
+        if cell.started is not None:
+            figures[f"matrix: {cell.agent} on {cell.layout}: STARTED"] = (
+                f"{cell.started.seconds:.2f} s"
+            )
+    return verdict
+
+
+def changes(cell: Cell, port: str) -> list[str]:
+    return [e.text for e in cell.entries if e.kind is EntryKind.STATE and e.port == port]
+
+
+@pytest.mark.vm
+def test_no_cell_of_ours_regresses_and_the_harness_failed_no_cell(matrix: MatrixVerdict) -> None:
+    assert [(c.agent, c.layout, str(c.error)) for c in matrix.harness_failures()] == []
+    assert [(c.layout, problems) for c, problems in matrix.our_problems()] == []
+
+
+@pytest.mark.vm
+def test_ours_reports_on_the_ring_lxd_reads_and_never_on_the_other(matrix: MatrixVerdict) -> None:
+    full = [f"unknown -> {STARTED}", f"{STARTED} -> {STOPPED}"]
+    legacy = matrix.cell(OURS, "lxd-5.19")
+    assert changes(legacy, LEGACY_PORT_NAME) == full
+    bridged = matrix.cell(OURS, "bridged")
+    assert changes(bridged, PORT_NAME) == full
+    # The monitor read the legacy ring after every event, the power-off included: never a line.
+    assert changes(bridged, LEGACY_PORT_NAME) == []
+    assert [
+        e for e in bridged.entries if e.kind is EntryKind.READ and e.port == LEGACY_PORT_NAME
+    ] == []
+    incus = matrix.cell(OURS, "incus")
+    assert incus.unit is not None and incus.unit.status_text.startswith("skipped, no usable port")
+    assert changes(incus, INCUS_PORT_NAME) == []
+
+
+@pytest.mark.vm
+def test_lxd_5_0s_agent_reports_only_where_the_old_name_has_a_ring(matrix: MatrixVerdict) -> None:
+    reported = [
+        layout
+        for layout in ("lxd-5.19", "bridged")
+        if (cell := matrix.cell("lxd-5.0", layout)).started is not None
+        and cell.started.port == LEGACY_PORT_NAME
+        and cell.stopped is not None
+    ]
+    assert reported, "LXD 5.0's agent reported nowhere, not even where its port has a ring"
+    for layout in ("lxd-5.20", "incus"):
+        assert matrix.cell("lxd-5.0", layout).started is None, layout
+
+
+@pytest.mark.vm
+def test_lxd_5_0s_agent_never_gets_ready_on_the_dead_legacy_port(matrix: MatrixVerdict) -> None:
+    """The specification's hazard: the old name exists on 5.20 and Incus, with nothing behind it.
+
+    Its first STARTED, written before READY=1, never returns: the unit stays in its start job,
+    or was skipped earlier because the port had no name yet when the job ran (a race in LXD 5.0's
+    unit, which nothing orders after udev). Never active: that would need READY=1.
+    """
+    for layout in ("lxd-5.20", "incus"):
+        cell = matrix.cell("lxd-5.0", layout)
+        assert cell.unit is not None, layout
+        stuck = (cell.unit.active, cell.unit.sub) == ("activating", "start")
+        skipped = cell.unit.active == "inactive" and not cell.unit.condition_met
+        assert stuck or skipped, (layout, cell.unit.summary())
+        if stuck:
+            assert cell.system_state == "starting", layout
+
+
+@pytest.mark.vm
+def test_lxd_5_21s_agent_is_silent_before_the_rename_and_holds_the_boot_until_ready(
+    matrix: MatrixVerdict,
+) -> None:
+    old_host = matrix.cell("lxd-5.21", "lxd-5.19")
+    assert old_host.started is None and old_host.unit is not None
+    assert old_host.unit.active == "active"  # running, writing nowhere
+    for layout in ("lxd-5.20", "bridged"):
+        cell = matrix.cell("lxd-5.21", layout)
+        assert cell.started is not None and cell.started.port == PORT_NAME, layout
+        assert cell.stopped is not None, layout
+        assert cell.boot_held is not None and not cell.boot_held_past_bound, layout
