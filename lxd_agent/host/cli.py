@@ -108,6 +108,18 @@ class BootPlan:
     rebuild: bool
 
 
+def _failed(error: HarnessError) -> int:
+    """Print the error and what it carries; the exit status of a run that failed."""
+    for line in failure_lines(error):
+        say(line)
+    return EXIT_FAILED
+
+
+def _timeout(args: argparse.Namespace, default: float = DEFAULT_TIMEOUT) -> float:
+    """`--timeout` as seconds, or `default` when it was not given."""
+    return default if args.timeout is None else _positive_number(args.timeout, "--timeout")
+
+
 def _positive_number(text: str, what: str) -> float:
     try:
         value = float(text)
@@ -146,11 +158,7 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
         user_image_format = disk_format(args.image)
         check_boot_sector(args.image, user_image_format)
     seed = bool(args.seed or args.image is not None)
-    timeout = (
-        _positive_number(args.timeout, "--timeout")
-        if args.timeout is not None
-        else (DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
-    )
+    timeout = _timeout(args, DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
     deb = find_deb(args.deb)
     check_deb(deb)
     return BootPlan(
@@ -266,9 +274,7 @@ def boot_command(args: argparse.Namespace) -> int:
                 say(f"seed: NoCloud seed with {plan.deb.name} ({seed_iso.stat().st_size} bytes)")
             code = run_interruptible(run_boot(plan, image, seed_iso))
     except HarnessError as e:
-        for line in failure_lines(e):
-            say(line)
-        return EXIT_FAILED
+        return _failed(e)
     say(f"total {time.monotonic() - started:.1f} s")
     return code
 
@@ -291,9 +297,7 @@ def snapshot_command(args: argparse.Namespace) -> int:
         image = build_image(image_spec(deb, args.release, False), say, rebuild=args.rebuild)
         verdict = run_interruptible(run(image))
     except HarnessError as e:
-        for line in failure_lines(e):
-            say(line)
-        return EXIT_FAILED
+        return _failed(e)
     for line in snapshot_lines(verdict):
         say(line)
     say(f"total {time.monotonic() - started:.1f} s")
@@ -344,11 +348,7 @@ def soak_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--cycles {args.cycles!r} is not a whole number") from None
         if not 1 <= cycles <= MAX_SOAK_CYCLES:
             raise UsageError(f"--cycles must be 1..{MAX_SOAK_CYCLES}, not {cycles}")
-        timeout = (
-            _positive_number(args.timeout, "--timeout")
-            if args.timeout is not None
-            else DEFAULT_TIMEOUT
-        )
+        timeout = _timeout(args)
         deb = find_deb(args.deb)
         check_deb(deb)
     except HarnessError as e:
@@ -357,9 +357,7 @@ def soak_command(args: argparse.Namespace) -> int:
     try:
         image = build_image(image_spec(deb, args.release, args.seed), say, rebuild=args.rebuild)
     except HarnessError as e:
-        for line in failure_lines(e):
-            say(line)
-        return EXIT_FAILED
+        return _failed(e)
 
     async def run() -> SoakVerdict:
         accel = await choose_accel(Accel(args.accel), image, say)
@@ -389,9 +387,7 @@ def matrix_command(args: argparse.Namespace) -> int:
     try:
         agents = [AGENTS[name] for name in _names(args.agents, list(AGENTS), "agents")]
         layouts = [get_layout(n) for n in _names(args.layouts, list(LAYOUTS), "layouts")]
-        timeout = DEFAULT_TIMEOUT
-        if args.timeout is not None:
-            timeout = _positive_number(args.timeout, "--timeout")
+        timeout = _timeout(args)
         bound = DEFAULT_BOUND if args.bound is None else _positive_number(args.bound, "--bound")
         if bound > MAX_BOUND:
             raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
@@ -410,9 +406,7 @@ def matrix_command(args: argparse.Namespace) -> int:
     try:
         images = agent_images(agents, deb, args.release, say, rebuild=args.rebuild)
     except HarnessError as e:
-        for line in failure_lines(e):
-            say(line)
-        return EXIT_FAILED
+        return _failed(e)
 
     async def run() -> MatrixVerdict:
         accel = await choose_accel(Accel(args.accel), next(iter(images.values())), say)

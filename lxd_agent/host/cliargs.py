@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--rebuild", action="store_true", help="build the image even if cached")
 
+    def scenario_options(p: argparse.ArgumentParser, timeout_help: str) -> None:
+        """What a scenario on the project's own image takes (no --seed: it needs the package)."""
+        p.add_argument("--deb", type=Path, help="our package (default: newest out/*.deb)")
+        p.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
+        p.add_argument("--rebuild", action="store_true", help="build the images even if cached")
+        p.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+        p.add_argument("--timeout", type=str, help=timeout_help)
+
     boot = sub.add_parser(
         "boot", help="boot a guest, wait for STARTED, power off, wait for STOPPED"
     )
@@ -90,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save a guest's state on lxd-5.19 and restore it after the upgrade: refused on "
         "lxd-5.20, resumed with the saved layout, then restarted on lxd-5.20",
     )
-    snapshot.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
-    snapshot.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
-    snapshot.add_argument("--rebuild", action="store_true", help="build the image even if cached")
-    snapshot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
-    snapshot.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
+    scenario_options(snapshot, timeout_help="seconds for each wait (default 120)")
 
     matrix = sub.add_parser(
         "matrix",
@@ -109,11 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(MATRIX_LAYOUTS),
         help=f"comma-separated (default {','.join(MATRIX_LAYOUTS)})",
     )
-    matrix.add_argument("--deb", type=Path, help="our package (default: newest out/*.deb)")
-    matrix.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
-    matrix.add_argument("--rebuild", action="store_true", help="build the images even if cached")
-    matrix.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
-    matrix.add_argument("--timeout", type=str, help="seconds for the boot (default 120)")
+    scenario_options(matrix, timeout_help="seconds for the boot (default 120)")
     matrix.add_argument(
         "--bound",
         type=str,

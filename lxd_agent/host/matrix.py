@@ -291,8 +291,9 @@ async def _observe(vm: Vm, cell: Cell, timeout: float) -> None:
     )
     with contextlib.suppress(ValueError):
         cell.target_reached_us = int(target.output.strip())
-    # An agent that reports at all has written a line by now or does within one refresh.
-    cell.started = await _seen_or_none(vm, STARTED, ONE_REFRESH)
+    # An agent that reports at all has written a line by now or does within one refresh
+    # (`_record` takes the first STARTED from the timeline).
+    await _wait_unless_timeout(vm, STARTED, ONE_REFRESH)
     mark = vm.console.received
     await vm.power_off()
     try:
@@ -317,13 +318,13 @@ async def _observe(vm: Vm, cell: Cell, timeout: float) -> None:
         await vm.monitor.read_rings("after power-off")
 
 
-async def _seen_or_none(vm: Vm, status: str, timeout: float) -> TimelineEntry | None:
+async def _wait_unless_timeout(vm: Vm, status: str, timeout: float) -> None:
+    """Wait for `status` on any ring; a timeout is an answer ("never"), other failures raise."""
     try:
-        return await vm.wait_for_state(status, None, timeout=timeout)
+        await vm.wait_for_state(status, None, timeout=timeout)
     except VmError as e:
         if not isinstance(e.__cause__, MonitorTimeout):
             raise  # the rings could not be read, or the guest stopped: no answer, not "never"
-        return None
 
 
 def _first_state(entries: list[TimelineEntry], status: str, after: float) -> TimelineEntry | None:

@@ -8,6 +8,7 @@ goes to a datagram socket of the test's own through the real `systemd-notify`.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import queue
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -160,9 +162,33 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
     running.close()
 
 
-def start_agent(port: Path, manager: Manager) -> subprocess.Popen[bytes]:
+@contextlib.contextmanager
+def running_agent(port: Path, manager: Manager) -> Iterator[subprocess.Popen[bytes]]:
+    """The emulated agent on `port`, under `manager`; killed and reaped on the way out."""
     env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
-    return subprocess.Popen([sys.executable, str(AGENT), str(port)], env=env)
+    agent = subprocess.Popen([sys.executable, str(AGENT), str(port)], env=env)
+    try:
+        yield agent
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+@dataclass
+class Fifo:
+    """A FIFO standing in for the port, and the test's own non-blocking end of it."""
+
+    path: Path
+    reader: int
+
+
+@pytest.fixture
+def port(tmp_path: Path) -> Iterator[Fifo]:
+    path = tmp_path / "port"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+    yield Fifo(path, reader)
+    os.close(reader)
 
 
 def wait_until_sigterm_is_caught(agent: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -200,81 +226,54 @@ def fill(fd: int) -> int:
 
 
 def test_started_is_written_before_ready_and_stopped_on_sigterm(
-    tmp_path: Path, manager: Manager
+    port: Fifo, manager: Manager
 ) -> None:
-    port = tmp_path / "port"
-    os.mkfifo(port)
-    reader = os.open(port, os.O_RDWR | os.O_NONBLOCK)
-    agent = start_agent(port, manager)
-    try:
+    with running_agent(port.path, manager) as agent:
         assert manager.next_message() == b"READY=1"
-        assert read_lines(reader) == "STARTED\n"  # already there when READY=1 came
+        assert read_lines(port.reader) == "STARTED\n"  # already there when READY=1 came
         wait_until_sigterm_is_caught(agent)
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=10) == 0
-        assert read_lines(reader) == "STOPPED\n"
-    finally:
-        agent.kill()
-        agent.wait()
-        os.close(reader)
+        assert read_lines(port.reader) == "STOPPED\n"
 
 
 def test_a_missing_port_is_skipped_silently_and_ready_still_sent(
     tmp_path: Path, manager: Manager
 ) -> None:
-    agent = start_agent(tmp_path / "no-such-port", manager)
-    try:
+    with running_agent(tmp_path / "no-such-port", manager) as agent:
         assert manager.next_message() == b"READY=1"
         wait_until_sigterm_is_caught(agent)
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=10) == 0
         assert list(tmp_path.iterdir()) == [tmp_path / "notify"]  # nothing was created
-    finally:
-        agent.kill()
-        agent.wait()
 
 
 def test_a_first_write_that_blocks_holds_back_ready_and_sigterm_kills(
-    tmp_path: Path, manager: Manager
+    port: Fifo, manager: Manager
 ) -> None:
-    port = tmp_path / "port"
-    os.mkfifo(port)
-    reader = os.open(port, os.O_RDWR | os.O_NONBLOCK)
-    fill(reader)
-    agent = start_agent(port, manager)
-    try:
+    fill(port.reader)
+    with running_agent(port.path, manager) as agent:
         with pytest.raises(queue.Empty):
             manager.next_message(timeout=2)
         # Before READY=1 SIGTERM is not handled yet: it ends the process (Go's default).
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(timeout=10) == -signal.SIGTERM
-    finally:
-        agent.kill()
-        agent.wait()
-        os.close(reader)
 
 
 def test_refreshes_every_5_s_and_a_stuck_write_holds_the_stop_until_it_ends(
-    tmp_path: Path, manager: Manager
+    port: Fifo, manager: Manager
 ) -> None:
-    port = tmp_path / "port"
-    os.mkfifo(port)
-    reader = os.open(port, os.O_RDWR | os.O_NONBLOCK)
-    agent = start_agent(port, manager)
-    try:
+    with running_agent(port.path, manager) as agent:
         assert manager.next_message() == b"READY=1"
-        assert read_lines(reader) == "STARTED\n"
-        fill(reader)  # the refresh 5 s later finds the port full and waits
+        assert read_lines(port.reader) == "STARTED\n"
+        fill(port.reader)  # the refresh 5 s later finds the port full and waits
         time.sleep(6)
         wait_until_sigterm_is_caught(agent)
         agent.send_signal(signal.SIGTERM)
         time.sleep(1)
         assert agent.poll() is None, "the stop must wait for the stuck write"
-        assert set(os.read(reader, PIPE_CAPACITY)) == {ord("x")}  # the port can take lines again
+        drained = os.read(port.reader, PIPE_CAPACITY)
+        assert set(drained) == {ord("x")}  # the port can take lines again
         assert agent.wait(timeout=10) == 0
         # The refresh that was stuck went through first, then STOPPED.
-        assert read_lines(reader) == "STARTED\nSTOPPED\n"
-    finally:
-        agent.kill()
-        agent.wait()
-        os.close(reader)
+        assert read_lines(port.reader) == "STARTED\nSTOPPED\n"
