@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from qemu.qmp import QMPClient, QMPError
 
+from lxd_agent.host.aio import bounded
 from lxd_agent.host.errors import HarnessError, QemuError, RestoreRefused, SaveFailed, VmError
 from lxd_agent.host.qemu import QemuProcess
 
@@ -81,17 +82,12 @@ class SavedState:
 
 async def execute(qmp: QMPClient, command: str, arguments: dict[str, Any] | None = None) -> Any:
     """One QMP command, bounded; a `VmError` saying which command failed and how."""
-    task = asyncio.ensure_future(qmp.execute(command, arguments))
     try:
-        # asyncio.wait, not wait_for: see monitor.wait_event.
-        done, _ = await asyncio.wait({task}, timeout=COMMAND_TIMEOUT)
-    finally:
-        if not task.done():
-            task.cancel()
-    if not done:
-        raise VmError(f"QEMU did not answer {command} within {COMMAND_TIMEOUT:g} s; is it wedged?")
-    try:
-        return task.result()
+        return await bounded(qmp.execute(command, arguments), COMMAND_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise VmError(
+            f"QEMU did not answer {command} within {COMMAND_TIMEOUT:g} s; is it wedged?"
+        ) from None
     except (QMPError, OSError, EOFError) as e:
         raise VmError(f"QMP command {command} failed ({type(e).__name__}: {e})") from None
 

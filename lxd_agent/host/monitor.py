@@ -33,6 +33,7 @@ from typing import Sequence
 from qemu.qmp import QMPClient, QMPError
 from qemu.qmp.message import Message
 
+from lxd_agent.host.aio import bounded, wait_event
 from lxd_agent.host.errors import MonitorError, MonitorTimeout
 from lxd_agent.host.layouts import Ring
 from lxd_agent.host.qemu import BoundedEventListener
@@ -123,20 +124,6 @@ class Timeline:
             lines.append(f"{'':>10}  ... {self.dropped} entries left out ...")
         lines.extend(entry.render() for entry in self._tail)
         return lines
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait up to `timeout` s for `event`; whether it was set.
-
-    Not `asyncio.wait_for(event.wait(), ...)`: before Python 3.12 that can swallow a
-    cancellation arriving just as the event is set, and a reader task would then never stop.
-    """
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        done, _ = await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
-    return bool(done)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -354,20 +341,13 @@ class RingbufMonitor:
             "ringbuf-read",
             {"device": ring.chardev_id, "size": self.read_size, "format": "base64"},
         )
-        task = asyncio.ensure_future(command)
         try:
-            # asyncio.wait, not wait_for: see wait_event.
-            done, _ = await asyncio.wait({task}, timeout=READ_TIMEOUT)
-        finally:
-            if not task.done():
-                task.cancel()
-        if not done:
+            reply = await bounded(command, READ_TIMEOUT)
+        except asyncio.TimeoutError:
             raise MonitorError(
                 f"ringbuf-read of chardev {ring.chardev_id!r} ({ring.port_name}) got no answer "
                 f"within {READ_TIMEOUT:g} s; is QEMU wedged? Its log says more"
-            )
-        try:
-            reply = task.result()
+            ) from None
         except QMPError as err:
             raise MonitorError(
                 f"ringbuf-read of chardev {ring.chardev_id!r} ({ring.port_name}) failed: "

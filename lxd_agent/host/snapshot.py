@@ -37,6 +37,7 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from lxd_agent.host.accel import Accel
+from lxd_agent.host.aio import bounded
 from lxd_agent.host.disk import make_overlay
 from lxd_agent.host.errors import HarnessError, LayoutError, RestoreRefused, StepMismatch, VmError
 from lxd_agent.host.image import GuestImage, Progress
@@ -416,15 +417,9 @@ def _seconds(entry: TimelineEntry | None) -> float | None:
 
 
 async def _bounded(awaitable: Any, what: str) -> None:
-    task = asyncio.ensure_future(awaitable)
     try:
-        done, _ = await asyncio.wait({task}, timeout=QMP_TIMEOUT)
-    finally:
-        if not task.done():
-            task.cancel()
-    if not done:
-        raise VmError(f"could not {what} within {QMP_TIMEOUT:g} s; is QEMU wedged?")
-    try:
-        task.result()
+        await bounded(awaitable, QMP_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise VmError(f"could not {what} within {QMP_TIMEOUT:g} s; is QEMU wedged?") from None
     except (QMPError, OSError, EOFError) as e:
         raise VmError(f"could not {what}: {type(e).__name__}: {e}") from None

@@ -26,6 +26,7 @@ from typing import Iterator
 
 from qemu.qmp import QMPError
 
+from lxd_agent.host.aio import bounded
 from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent.host.disk import make_overlay
 from lxd_agent.host.errors import BootStuck, GuestStopped, HarnessError, VmError
@@ -244,7 +245,7 @@ class Vm:
 
         self._stack.push_async_callback(disconnect)
         try:
-            await asyncio.wait_for(client.connect(str(self.files.user_qmp)), QMP_TIMEOUT)
+            await bounded(client.connect(str(self.files.user_qmp)), QMP_TIMEOUT)
         except (asyncio.TimeoutError, QMPError, OSError) as e:
             raise self.error(
                 f"a new QMP connection to {self.files.user_qmp} failed ({type(e).__name__}: "
@@ -385,7 +386,7 @@ class Vm:
     async def _execute(self, command: str, arguments: dict[str, object] | None = None) -> object:
         """One QMP command, bounded: a wedged QEMU must not hang the harness."""
         try:
-            return await asyncio.wait_for(self.qemu.qmp.execute(command, arguments), QMP_TIMEOUT)
+            return await bounded(self.qemu.qmp.execute(command, arguments), QMP_TIMEOUT)
         except asyncio.TimeoutError:
             raise self.error(
                 f"QEMU did not answer the QMP command {command} within {QMP_TIMEOUT:g} s; "

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
+from lxd_agent.host.aio import bounded
 from lxd_agent.host.layouts import ReadingRule, Ring
 from lxd_agent.host.monitor import RingbufMonitor
 from lxd_agent.host.qemu import QemuProcess
@@ -31,11 +32,7 @@ TEST_DEADLINE = 60.0
 
 def run(awaitable: Awaitable[T], deadline: float = TEST_DEADLINE) -> T:
     """Run `awaitable` in a fresh event loop; fail rather than hang after `deadline` s."""
-
-    async def bounded() -> T:
-        return await asyncio.wait_for(awaitable, deadline)
-
-    return asyncio.run(bounded())
+    return asyncio.run(bounded(awaitable, deadline))
 
 
 def ring_qemu(*chardev_ids: str, size: int = 16, paused: bool = False) -> QemuProcess:

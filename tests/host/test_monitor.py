@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lxd_agent.host import monitor as monitor_module
+from lxd_agent.host.aio import bounded
 from lxd_agent.host.errors import MonitorError, MonitorTimeout
 from lxd_agent.host.layouts import BRIDGED, INCUS_RING_SIZE, ReadingRule, Ring
 from lxd_agent.host.monitor import EntryKind, RingbufMonitor, Timeline
@@ -198,13 +199,13 @@ def test_fuzz_rule_matches_a_live_qemu_utf8_read(size: int) -> None:
     loop = asyncio.new_event_loop()
     qemu = ring_qemu("ring", size=size)
     try:
-        loop.run_until_complete(asyncio.wait_for(qemu.__aenter__(), TEST_DEADLINE))
+        loop.run_until_complete(bounded(qemu.__aenter__(), TEST_DEADLINE))
 
         @settings(max_examples=400, deadline=None, database=None)
         @given(written=_GUEST_BYTES)
         def check(written: bytes) -> None:
             reply = loop.run_until_complete(
-                asyncio.wait_for(_utf8_reply(qemu, written, size), TEST_DEADLINE)
+                bounded(_utf8_reply(qemu, written, size), TEST_DEADLINE)
             )
             ring = written[-size:]
             assert reply == qemu_utf8_text(ring)
