@@ -6,21 +6,26 @@ boot (so one boot's boot entries never leak into the next); with secure boot, th
 build with Microsoft's keys enrolled (which Debian's shim is signed for) on SMM-protected
 pflash. BIOS is QEMU's default SeaBIOS. `DEAD_ENDS` are what the console shows when a boot
 cannot go on (a firmware shell, no bootable device, a refused signature, a GRUB or initramfs
-prompt), so a bad image fails at once with the reason instead of at the boot timeout.
+prompt); `watch_firmware_boot` raises as soon as the console shows one (or no kernel came in
+time), so a bad image fails at once with the reason instead of at the boot timeout.
 
-Host side only. It chooses files and arguments; it never starts QEMU (that is `vm.py`).
+Host side only. It chooses files and arguments and reads the console; it never starts QEMU
+(that is `vm.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NoReturn
 
-from lxd_agent.host.errors import VmError
+from lxd_agent.host.console import SerialConsole
+from lxd_agent.host.errors import BootStuck, VmError
 
 OVMF_DIR = Path("/usr/share/OVMF")
 
@@ -131,3 +136,27 @@ NO_KERNEL_IN_TIME = "no kernel started in time"
 # Under TCG on 2 cores, OVMF reaches the kernel in well under a minute; past this bound the
 # boot is stuck in the firmware (a network boot attempt, a hang), and waiting on is pointless.
 KERNEL_START_TIMEOUT = 180.0
+
+
+async def watch_firmware_boot(
+    console: SerialConsole, seconds: Callable[[], float], firmware: str
+) -> NoReturn:
+    """Raise `BootStuck` once the console shows a dead end or no kernel came in time.
+
+    `seconds` gives the time since QEMU started; `firmware` names the boot in the message.
+    """
+    while True:
+        for dead_end in DEAD_ENDS:
+            if console.search(dead_end.pattern, 0) is not None:
+                raise BootStuck(
+                    f"{dead_end.meaning} ({firmware}, {seconds():.0f} s after QEMU start); is "
+                    "the image a bootable cloud image for it? See the console tail",
+                    dead_end=dead_end.meaning,
+                )
+        if "kernel up" not in console.milestones and seconds() > KERNEL_START_TIMEOUT:
+            raise BootStuck(
+                f"no kernel started within {KERNEL_START_TIMEOUT:g} s of QEMU start "
+                f"({firmware}); the boot is stuck before Linux: see the console",
+                dead_end=NO_KERNEL_IN_TIME,
+            )
+        await asyncio.sleep(0.2)

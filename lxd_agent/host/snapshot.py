@@ -24,8 +24,6 @@ Host side only.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import json
 import tempfile
@@ -34,20 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPError
-
 from lxd_agent.host.accel import Accel
-from lxd_agent.host.aio import bounded
 from lxd_agent.host.disk import make_overlay
-from lxd_agent.host.errors import HarnessError, LayoutError, RestoreRefused, StepMismatch, VmError
+from lxd_agent.host.errors import HarnessError, LayoutError, RestoreRefused, StepMismatch
 from lxd_agent.host.image import GuestImage, Progress
 from lxd_agent.host.layouts import LXD_5_19, LXD_5_20, Layout, Ring, get_layout
 from lxd_agent.host.machine import DirectBoot, VmConfig
 from lxd_agent.host.migration import SavedState, is_specification_refusal
 from lxd_agent.host.monitor import RingbufMonitor, TimelineEntry
-from lxd_agent.host.qemu import bounded_qmp_client
 from lxd_agent.host.scenario import BootVerdict, boot_and_check, lxd_ring_port
-from lxd_agent.host.vm import QMP_TIMEOUT, Vm
+from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import DEFAULT_REFRESH_SECONDS, STARTED
 
 SAVED_ON = LXD_5_19
@@ -296,15 +290,13 @@ async def _host_upgrade(vm: Vm, timeout: float) -> StepVerdict:
         Step.HOST_UPGRADE, vm.config.layout.name, since="the new monitor's start", bound=ONE_REFRESH
     )
     begun = time.monotonic()
-    client = bounded_qmp_client("upgraded-host")
     try:
         rings = upgraded_host_rings(UPGRADED, vm.config.layout)
         # The old host's last read empties the ring: the new one needs a fresh line.
         await vm.monitor.read_rings("the old host's last read")
         await vm.monitor.stop()
         vm.note(f"the old host's monitor stopped; {UPGRADED.name}'s host attaches")
-        assert vm.files is not None
-        await _bounded(client.connect(str(vm.files.user_qmp)), "connect to QEMU's second QMP")
+        client = await vm.second_qmp("upgraded-host")
         async with RingbufMonitor(client, rings, t0=vm.t0, read_size=vm.ring_read_size) as new:
             attached = new.note(f"{UPGRADED.name}'s monitor attached on its own QMP connection")
             try:
@@ -316,9 +308,6 @@ async def _host_upgrade(vm: Vm, timeout: float) -> StepVerdict:
                 step.timeline = new.render_timeline()
     except HarnessError as e:
         step.error = e
-    finally:
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await client.disconnect()
     step.seconds = time.monotonic() - begun
     return step
 
@@ -414,12 +403,3 @@ def check_bound(step: StepVerdict) -> None:
 
 def _seconds(entry: TimelineEntry | None) -> float | None:
     return None if entry is None else entry.seconds
-
-
-async def _bounded(awaitable: Any, what: str) -> None:
-    try:
-        await bounded(awaitable, QMP_TIMEOUT)
-    except asyncio.TimeoutError:
-        raise VmError(f"could not {what} within {QMP_TIMEOUT:g} s; is QEMU wedged?") from None
-    except (QMPError, OSError, EOFError) as e:
-        raise VmError(f"could not {what}: {type(e).__name__}: {e}") from None

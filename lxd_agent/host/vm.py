@@ -24,20 +24,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Iterator
 
-from qemu.qmp import QMPError
+from qemu.qmp import QMPClient, QMPError
 
 from lxd_agent.host.aio import bounded
 from lxd_agent.host.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent.host.disk import make_overlay
 from lxd_agent.host.errors import BootStuck, GuestStopped, HarnessError, VmError
-from lxd_agent.host.firmware import (
-    DEAD_ENDS,
-    KERNEL_START_TIMEOUT,
-    NO_KERNEL_IN_TIME,
-    Firmware,
-    fresh_vars,
-    sercon_file,
-)
+from lxd_agent.host.firmware import Firmware, fresh_vars, sercon_file, watch_firmware_boot
 from lxd_agent.host.image import Progress
 from lxd_agent.host.machine import (
     CONSOLE_ID,
@@ -148,7 +141,7 @@ class Vm:
         wait = asyncio.ensure_future(self.monitor.wait_for(status, port=port, timeout=timeout))
         tasks = {watch, wait}
         if isinstance(self.config.boot, FirmwareBoot):
-            tasks.add(asyncio.ensure_future(self._watch_boot()))
+            tasks.add(asyncio.ensure_future(self._watch_boot(self.config.boot)))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -224,20 +217,14 @@ class Vm:
         """One QMP command on the harness's connection, bounded; a `VmError` if it fails."""
         return await self._execute(command, arguments)
 
-    async def restart_monitor(self) -> RingbufMonitor:
-        """Stop reading the rings, then read them again over a new QMP connection.
+    async def second_qmp(self, name: str) -> QMPClient:
+        """A new QMP connection to QEMU, as a second or restarted host makes; closed with the VM.
 
-        What a restarted LXD host does: the old reader is gone (what it read is consumed), a
-        new one connects to QEMU's QMP socket and must learn the state from what the agent
-        writes next. Needs `VmConfig.user_qmp` (the socket the new reader connects to). The
-        new monitor's timeline starts empty; the old one is returned for the record.
+        Needs `VmConfig.user_qmp`: the harness's own socket takes one client only.
         """
         if not self.config.user_qmp or self.files is None:
-            raise VmError("restart_monitor needs VmConfig(user_qmp=True): a socket to connect to")
-        old = self.monitor
-        await old.stop()
-        self.note("host monitor stopped (restart)")
-        client = bounded_qmp_client("restarted-host")
+            raise VmError("a second QMP connection needs VmConfig(user_qmp=True)")
+        client = bounded_qmp_client(name)
 
         async def disconnect() -> None:
             with contextlib.suppress(Exception):  # QEMU may be gone already at teardown
@@ -251,6 +238,20 @@ class Vm:
                 f"a new QMP connection to {self.files.user_qmp} failed ({type(e).__name__}: "
                 f"{e}); see QEMU's output"
             ) from None
+        return client
+
+    async def restart_monitor(self) -> RingbufMonitor:
+        """Read the rings over a new QMP connection, the old monitor stopped.
+
+        What a restarted LXD host does: the old reader is gone (what it read is consumed), a
+        new one connects to QEMU's QMP socket and must learn the state from what the agent
+        writes next. Needs `VmConfig.user_qmp`. The new monitor's timeline starts empty; the
+        old one is returned for the record.
+        """
+        client = await self.second_qmp("restarted-host")
+        old = self.monitor
+        await old.stop()
+        self.note("host monitor stopped (restart)")
         self._monitor = await self._stack.enter_async_context(
             RingbufMonitor(
                 client, self.config.layout.rings, t0=self.t0, read_size=self.ring_read_size
@@ -442,31 +443,13 @@ class Vm:
             status = await self._runstate()
             self._raise_if_stopped(status, powered_off="the guest powered off")
 
-    async def _watch_boot(self) -> None:
-        """Return only by raising: the console shows a dead end, or no kernel came in time."""
-        console = self.console
-        while True:
-            for dead_end in DEAD_ENDS:
-                if console.search(dead_end.pattern, 0) is not None:
-                    message = (
-                        f"{dead_end.meaning} ({self._firmware_name()}, {self.seconds():.0f} s "
-                        "after QEMU start); is the image a bootable cloud image for it? "
-                        "See the console tail"
-                    )
-                    raise self._filled(BootStuck(message, dead_end=dead_end.meaning))
-            if "kernel up" not in console.milestones and self.seconds() > KERNEL_START_TIMEOUT:
-                message = (
-                    f"no kernel started within {KERNEL_START_TIMEOUT:g} s of QEMU start "
-                    f"({self._firmware_name()}); the boot is stuck before Linux: see the console"
-                )
-                raise self._filled(BootStuck(message, dead_end=NO_KERNEL_IN_TIME))
-            await asyncio.sleep(0.2)
-
-    def _firmware_name(self) -> str:
-        boot = self.config.boot
-        if not isinstance(boot, FirmwareBoot):
-            return "direct kernel boot"
-        return f"{boot.firmware.value}{' with secure boot' if boot.secure_boot else ''}"
+    async def _watch_boot(self, boot: FirmwareBoot) -> None:
+        """Return only by raising `BootStuck` (filled): the boot cannot reach the kernel."""
+        name = f"{boot.firmware.value}{' with secure boot' if boot.secure_boot else ''}"
+        try:
+            await watch_firmware_boot(self.console, self.seconds, name)
+        except BootStuck as e:
+            raise self._filled(e) from None
 
     async def _watch_qemu(self) -> None:
         """Return only by raising: QEMU exited, or the guest stopped for good."""

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from lxd_agent.host.errors import VmError
+from lxd_agent.host.console import SerialConsole
+from lxd_agent.host.errors import BootStuck, VmError
 from lxd_agent.host.firmware import (
     DEAD_ENDS,
+    KERNEL_START_TIMEOUT,
+    NO_KERNEL_IN_TIME,
     Firmware,
     firmware_args,
     fresh_vars,
     machine_arg,
     ovmf_files,
     sercon_file,
+    watch_firmware_boot,
 )
 
 
@@ -88,3 +95,51 @@ def test_a_normal_boot_hits_no_dead_end() -> None:
         b"lxd-agent-guest login: root (automatic login)\r\nroot@lxd-agent-guest:~# "
     )
     assert [d.meaning for d in DEAD_ENDS if d.pattern.search(console)] == []
+
+
+class ConsoleSoFar:
+    """What `watch_firmware_boot` reads of a console: its text and the milestones it passed."""
+
+    def __init__(self, text: bytes, milestones: dict[str, float]) -> None:
+        self.text = text
+        self.milestones = milestones
+
+    def search(self, pattern: re.Pattern[bytes], start: int) -> re.Match[bytes] | None:
+        return pattern.search(self.text, start)
+
+
+@pytest.mark.parametrize(
+    ("text", "milestones", "seconds", "dead_end"),
+    [
+        (b"BdsDxe: No bootable option or device was found.", {}, 5.0, "nothing to boot"),
+        (b"BdsDxe: loading Boot0001", {}, KERNEL_START_TIMEOUT + 1, NO_KERNEL_IN_TIME),
+        # A dead end after the kernel came still counts.
+        (
+            b"Gave up waiting for root file system device.\r\n(initramfs) ",
+            {"kernel up": 9},
+            300,
+            "initramfs",
+        ),
+    ],
+    ids=["dead-end", "no-kernel-in-time", "dead-end-after-the-kernel"],
+)
+def test_the_firmware_boot_watcher_names_the_dead_end(
+    text: bytes, milestones: dict[str, float], seconds: float, dead_end: str
+) -> None:
+    console = cast(SerialConsole, ConsoleSoFar(text, milestones))
+    with pytest.raises(BootStuck) as caught:
+        asyncio.run(watch_firmware_boot(console, lambda: seconds, "uefi with secure boot"))
+    assert dead_end in caught.value.dead_end
+    assert "uefi with secure boot" in str(caught.value)
+
+
+def test_the_firmware_boot_watcher_waits_while_the_boot_goes_on() -> None:
+    console = cast(SerialConsole, ConsoleSoFar(b"Welcome to GRUB!", {"kernel up": 9}))
+
+    async def for_a_while() -> bool:
+        watcher = asyncio.ensure_future(watch_firmware_boot(console, lambda: 300.0, "bios"))
+        done, _ = await asyncio.wait({watcher}, timeout=0.5)
+        watcher.cancel()
+        return bool(done)
+
+    assert not asyncio.run(for_a_while())
