@@ -266,8 +266,10 @@ def test_refreshes_every_5_s_and_a_stuck_write_holds_the_stop_until_it_ends(
     with running_agent(port.path, manager) as agent:
         assert manager.next_message() == b"READY=1"
         assert read_lines(port.reader) == "STARTED\n"
-        fill(port.reader)  # the refresh 5 s later finds the port full and waits
-        time.sleep(6)
+        time.sleep(4)
+        assert read_lines(port.reader) == "", "a refresh came sooner than 5 s"
+        fill(port.reader)  # the refresh at 5 s finds the port full and waits
+        time.sleep(2)
         wait_until_sigterm_is_caught(agent)
         agent.send_signal(signal.SIGTERM)
         time.sleep(1)
