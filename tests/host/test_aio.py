@@ -33,7 +33,9 @@ async def cancelled_as_it_completes(inner: asyncio.Future[str], waiter: Any) -> 
     task.cancel()
     done, _ = await asyncio.wait({task}, timeout=5)
     assert done, "the cancelled task did not end"
-    return task.exception() if not task.cancelled() else asyncio.CancelledError()
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception() or task.result()
 
 
 def test_bounded_gives_the_result_or_a_timeout_after_which_the_inner_is_cancelled() -> None:
