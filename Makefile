@@ -34,10 +34,10 @@ apt:
 	fi
 
 # Debian's own python3 (not a pyenv one) so that python3-systemd is importable in the venv.
-$(VENV)/.installed: pyproject.toml | apt
+$(VENV)/.installed: pyproject.toml harness/pyproject.toml | apt
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[host,dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./harness
 	touch $@
 
 venv: $(VENV)/.installed

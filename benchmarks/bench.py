@@ -3,7 +3,7 @@
 Natively: exec -> READY=1 and peak RSS of the unit's own command line (`lxd-agent run
 --if-no-port=skip`, started as the package starts it: `/usr/bin/python3 -IS`) against a bare
 `/usr/bin/python3 -I -S -c pass`. In one real guest (TCG, LXD 5.20's layout, the .deb from
-out/ or $LXD_AGENT_TEST_DEB): the unit's start -> active and CPU to READY by systemd's own
+out/ or $LXD_AGENT_DEB): the unit's start -> active and CPU to READY by systemd's own
 accounting against a bare interpreter run the same way (`systemd-run`), whether the unit is on
 multi-user.target's critical chain, the idle agent's wake-ups and CPU against its 12 writes a
 minute, guest write -> host state change against QEMU's 1 s VSERPORT_CHANGE limit, and QEMU
@@ -32,14 +32,15 @@ import tty
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.image import ImageSpec, build_image
-from lxd_agent.host.layouts import get_layout
-from lxd_agent.host.machine import DirectBoot, VmConfig
-from lxd_agent.host.monitor import EntryKind
-from lxd_agent.host.package import find_test_deb
-from lxd_agent.host.vm import Vm
+from lxd_agent_harness.image.rootfs import ImageSpec, build_image
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.monitor import EntryKind
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, VmConfig
+from lxd_agent_harness.vm.instance import Vm
+
 from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
+from tests.repo import built_deb
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = "/usr/bin/python3"
@@ -275,7 +276,7 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 
 async def guest_rows(idle_seconds: float, writes: int) -> Rows:
-    image = build_image(ImageSpec(debs=(find_test_deb(),)), progress=lambda _: None)
+    image = build_image(ImageSpec(debs=(built_deb(),)), progress=lambda _: None)
     config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.TCG)
     rows: Rows = []
     async with Vm(config) as vm:
@@ -434,10 +435,10 @@ def main() -> None:
         type=Path,
         default=REPO,
         help="the source tree whose agent runs natively (default: this one; the guest runs "
-        "the .deb from out/ or $LXD_AGENT_TEST_DEB): an older checkout gives the before figures",
+        "the .deb from out/ or $LXD_AGENT_DEB): an older checkout gives the before figures",
     )
     options = parser.parse_args()
-    print(f"agent: {options.tree}; package: {'-' if options.native_only else find_test_deb()}")
+    print(f"agent: {options.tree}; package: {'-' if options.native_only else built_deb()}")
     rows = native_rows(options.runs, options.tree.resolve())
     if not options.native_only:
         rows += asyncio.run(guest_rows(options.idle, options.writes))

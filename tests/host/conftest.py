@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from lxd_agent_harness.image.deb import PackageNotFound
+from lxd_agent_harness.image.rootfs import ImageSpec, build_image
+from lxd_agent_harness.vm.config import GuestImage
 
-from lxd_agent.host.image import GuestImage, ImageSpec, build_image
-from lxd_agent.host.package import PackageNotFound, find_test_deb
 from tests.host.guests import TOOLS, Figures
+from tests.repo import built_deb
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +38,7 @@ def deb() -> Path:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not on PATH: the VM tests need it; run `make setup`")
     try:
-        return find_test_deb()
+        return built_deb()
     except PackageNotFound as e:
         pytest.fail(f"the VM tests need the package: {e}")
 

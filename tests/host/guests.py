@@ -11,15 +11,15 @@ import contextlib
 from pathlib import Path
 from typing import AsyncIterator, Dict
 
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.layouts import get_layout
-from lxd_agent.host.machine import Boot, DirectBoot, VmConfig
-from lxd_agent.host.monitor import EntryKind
-from lxd_agent.host.qemu import process_exists
-from lxd_agent.host.report import failure_lines
-from lxd_agent.host.scenario import BootVerdict, WithVm, boot_and_check
-from lxd_agent.host.vm import Vm
+from lxd_agent_harness.cli.report import failure_lines
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.monitor import EntryKind
+from lxd_agent_harness.qemu.process import process_exists
+from lxd_agent_harness.scenarios.boot import BootVerdict, WithVm, boot_and_check
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import Boot, DirectBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.instance import Vm
+
 from lxd_agent.protocol import STOPPED
 from tests.host.helpers import run
 

@@ -13,10 +13,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
-from lxd_agent.host.aio import bounded
-from lxd_agent.host.layouts import ReadingRule, Ring
-from lxd_agent.host.monitor import RingbufMonitor
-from lxd_agent.host.qemu import QemuProcess
+from lxd_agent_harness.base.aio import bounded
+from lxd_agent_harness.lxd.layouts import ReadingRule, Ring
+from lxd_agent_harness.lxd.monitor import RingbufMonitor
+from lxd_agent_harness.qemu.process import QemuProcess
+
 from lxd_agent.protocol import PORT_NAME
 
 T = TypeVar("T")

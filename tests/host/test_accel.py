@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host import accel
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.errors import GuestStopped, HarnessError, QemuError, VmError
-from lxd_agent.host.image import GuestImage
+from lxd_agent_harness.base.errors import GuestStopped, HarnessError, QemuError, VmError
+from lxd_agent_harness.vm import kvm_probe as accel
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import GuestImage
 
 
 def test_auto_without_usable_dev_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:

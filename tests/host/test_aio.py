@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from lxd_agent.host import vm
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.aio import bounded, wait_event
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.layouts import get_layout
-from lxd_agent.host.machine import DirectBoot, VmConfig
+from lxd_agent_harness.base.aio import bounded, wait_event
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.vm import instance as vm
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 
 
 async def cancelled_as_it_completes(inner: asyncio.Future[str], waiter: Any) -> Any:

@@ -9,10 +9,9 @@ unit could forget to log. On LXD 5.20's layout (the agent reports) and Incus's (
 from __future__ import annotations
 
 import pytest
+from lxd_agent_harness.vm.config import KERNEL_APPEND, DirectBoot, GuestImage
+from lxd_agent_harness.vm.instance import Vm
 
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.machine import KERNEL_APPEND, DirectBoot
-from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import PORT_NAME
 from tests.host.guests import Figures, checked_boot
 

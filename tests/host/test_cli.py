@@ -10,18 +10,33 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.base.errors import (
+    GuestStopped,
+    HarnessError,
+    MonitorTimeout,
+    QemuError,
+    VmError,
+)
+from lxd_agent_harness.cli import main as cli
+from lxd_agent_harness.cli import report
+from lxd_agent_harness.image.deb import DEB_PACKAGE, DEB_VARIABLE, PackageNotFound, find_deb
+from lxd_agent_harness.image.seed import make_seed_iso, user_data
+from lxd_agent_harness.lxd.layouts import get_layout, lxd_ring_port
+from lxd_agent_harness.qemu.migration import incoming_uri
+from lxd_agent_harness.scenarios.soak import soak_config
+from lxd_agent_harness.vm import instance as vm
+from lxd_agent_harness.vm import lock as vmlock
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import (
+    DirectBoot,
+    FirmwareBoot,
+    GuestImage,
+    VmConfig,
+    VmFiles,
+    qemu_args,
+)
+from lxd_agent_harness.vm.firmware import Firmware
 
-from lxd_agent.host import cli, report, scenario, vm, vmlock
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.errors import GuestStopped, HarnessError, MonitorTimeout, QemuError, VmError
-from lxd_agent.host.firmware import Firmware
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.layouts import get_layout
-from lxd_agent.host.machine import DirectBoot, FirmwareBoot, VmConfig, VmFiles, qemu_args
-from lxd_agent.host.migration import incoming_uri
-from lxd_agent.host.package import DEB_PACKAGE, PackageNotFound, find_deb
-from lxd_agent.host.seed import make_seed_iso, user_data
-from lxd_agent.host.soak import soak_config
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from tests.host.helpers import minimal_deb
 
@@ -84,10 +99,16 @@ def test_a_missing_deb_says_to_run_make_deb(
     assert "make deb" in capsys.readouterr().out
 
 
-def test_no_deb_anywhere_says_to_run_make_deb(tmp_path: Path) -> None:
-    with pytest.raises(PackageNotFound, match="run `make deb`") as caught:
+def test_no_deb_anywhere_names_deb_the_variable_and_make_deb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DEB_VARIABLE, raising=False)
+    with pytest.raises(PackageNotFound) as caught:
         find_deb(places=[tmp_path, tmp_path / "a"])
     assert caught.value.looked_in == [tmp_path / "out", tmp_path / "a" / "out"]
+    assert caught.value.given is None
+    for way in ("--deb PATH", DEB_VARIABLE, "`make deb`"):
+        assert way in str(caught.value)
 
 
 def test_the_default_deb_is_the_newest_of_ours_in_out(tmp_path: Path) -> None:
@@ -109,10 +130,10 @@ def test_a_given_deb_is_used_as_it_is(tmp_path: Path) -> None:
 
 
 def test_the_agent_is_expected_on_the_first_lxd_name_with_a_ring() -> None:
-    assert scenario.lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
-    assert scenario.lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
-    assert scenario.lxd_ring_port(get_layout("bridged")) == PORT_NAME
-    assert scenario.lxd_ring_port(get_layout("incus")) is None
+    assert lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
+    assert lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
+    assert lxd_ring_port(get_layout("bridged")) == PORT_NAME
+    assert lxd_ring_port(get_layout("incus")) is None
 
 
 def _config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:

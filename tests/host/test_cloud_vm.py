@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.base.errors import BootStuck
+from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_spec
+from lxd_agent_harness.image.seed import make_seed_iso
+from lxd_agent_harness.lxd.layouts import SPICE_AGENT_PORT_NAME, SPICE_WEBDAV_PORT_NAME, get_layout
+from lxd_agent_harness.scenarios.boot import boot_and_check
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import FirmwareBoot, VmConfig
+from lxd_agent_harness.vm.firmware import DEAD_ENDS, Firmware
+from lxd_agent_harness.vm.instance import Vm
 
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.cloudimage import CloudImage, build_cloud_image, cloud_spec
-from lxd_agent.host.errors import BootStuck
-from lxd_agent.host.firmware import DEAD_ENDS, Firmware
-from lxd_agent.host.layouts import SPICE_AGENT_PORT_NAME, SPICE_WEBDAV_PORT_NAME, get_layout
-from lxd_agent.host.machine import FirmwareBoot, VmConfig
-from lxd_agent.host.scenario import boot_and_check
-from lxd_agent.host.seed import make_seed_iso
-from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.guests import Figures, checked_boot
 from tests.host.helpers import run

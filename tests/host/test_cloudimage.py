@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host import cloudimage
-from lxd_agent.host.cloudimage import (
+from lxd_agent_harness.base.errors import ImageError
+from lxd_agent_harness.image import cloud as cloudimage
+from lxd_agent_harness.image.cloud import (
     BIOS_BOOT,
     ESP,
     GRUB_PC_DIR,
@@ -25,8 +25,7 @@ from lxd_agent.host.cloudimage import (
     grub_cfg,
     sfdisk_script,
 )
-from lxd_agent.host.errors import ImageError
-from lxd_agent.host.image import ImageSpec
+from lxd_agent_harness.image.rootfs import ImageSpec
 
 ROOT_UUID = "5430e961-493b-41fb-8b90-62d3accf895d"
 

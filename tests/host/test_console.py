@@ -9,9 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host.console import SerialConsole
-from lxd_agent.host.errors import VmError
+from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.vm.console import SerialConsole
 
 
 def test_a_console_wait_that_times_out_carries_the_console_tail(tmp_path: Path) -> None:

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-from lxd_agent.host.emulations import (
+from lxd_agent_harness.image.agents import (
     AGENT_SCRIPT,
     AGENTS,
     EMULATIONS_DIR,
     INSTALLED_AGENT,
     emulation_deb,
 )
+
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from tests.systemd.test_units import parse_unit
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-
-from lxd_agent.host.console import SerialConsole
-from lxd_agent.host.errors import BootStuck, VmError
-from lxd_agent.host.firmware import (
+from lxd_agent_harness.base.errors import BootStuck, VmError
+from lxd_agent_harness.vm.console import SerialConsole
+from lxd_agent_harness.vm.firmware import (
     DEAD_ENDS,
     KERNEL_START_TIMEOUT,
     NO_KERNEL_IN_TIME,

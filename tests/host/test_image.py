@@ -6,17 +6,20 @@ import os
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host import buildsteps, image
-from lxd_agent.host.aptsources import (
+from lxd_agent_harness.base.cache import cache_root
+from lxd_agent_harness.base.errors import BuildStepFailed, HarnessError, ImageError
+from lxd_agent_harness.image import buildsteps
+from lxd_agent_harness.image import rootfs as image
+from lxd_agent_harness.image.aptsources import (
     AptSourcesError,
     filter_apt_sources,
     host_release,
     source_suites,
 )
-from lxd_agent.host.errors import BuildStepFailed, HarnessError, ImageError
-from lxd_agent.host.image import GuestImage, ImageSpec, prune_images
-from lxd_agent.host.package import BadPackage
+from lxd_agent_harness.image.deb import BadPackage
+from lxd_agent_harness.image.rootfs import ImageSpec, prune_images
+from lxd_agent_harness.vm.config import GuestImage
+
 from tests.host.helpers import minimal_deb
 
 
@@ -90,7 +93,7 @@ def test_a_complete_cached_image_is_reused_without_building(tmp_path: Path) -> N
 
 def test_cache_root_follows_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert image.cache_root() == tmp_path / "lxd-agent"
+    assert cache_root() == tmp_path / "lxd-agent"
 
 
 SOURCES = """\

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.cli import main as cli
+from lxd_agent_harness.image.buildsteps import mounts_under
 
-from lxd_agent.host import cli
-from lxd_agent.host.buildsteps import mounts_under
-from lxd_agent.host.package import SOURCE_TREE, find_test_deb
+from tests.repo import REPO, built_deb
 
 # Bounds: an image build gets to any of its moments within a few minutes, a boot (after the
 # machine-wide VM lock, which other runs may hold) too; the cleanup after a signal is quick.
@@ -95,8 +95,8 @@ def interrupt_harness(
         cache = tmp_path / "cache"
         env["XDG_CACHE_HOME"] = str(cache)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lxd_agent.host.cli", *args],
-        cwd=SOURCE_TREE,
+        [sys.executable, "-m", "lxd_agent_harness", *args],
+        cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -143,7 +143,7 @@ def _check(result: Interrupted, signum: int) -> None:
 
 
 def _deb_args() -> list[str]:
-    return ["--deb", str(find_test_deb())]
+    return ["--deb", str(built_deb())]
 
 
 # -- image builds (real mmdebstrap) ------------------------------------------------------------

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from lxd_agent.host.errors import LayoutError, QemuError
-from lxd_agent.host.layouts import (
+from lxd_agent_harness.base.errors import LayoutError, QemuError
+from lxd_agent_harness.lxd.layouts import (
     BRIDGED,
     INCUS,
     LAYOUTS,
@@ -23,7 +22,8 @@ from lxd_agent.host.layouts import (
     describe_layouts,
     get_layout,
 )
-from lxd_agent.host.qemu import QemuProcess
+from lxd_agent_harness.qemu.process import QemuProcess
+
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
 from tests.host.helpers import MACHINE_NONE, MACHINE_PAUSED, run
 

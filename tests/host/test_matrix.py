@@ -12,15 +12,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host import cli, report, textfile
-from lxd_agent.host.accel import Accel, AccelChoice
-from lxd_agent.host.aptsources import DEFAULT_RELEASE
-from lxd_agent.host.emulations import AGENTS, OURS, agent_images
-from lxd_agent.host.errors import VmError
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.layouts import get_layout
-from lxd_agent.host.matrix import (
+from lxd_agent_harness.base import textfile
+from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.cli import main as cli
+from lxd_agent_harness.cli import report
+from lxd_agent_harness.image.agents import AGENTS, OURS, agent_images
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
+from lxd_agent_harness.scenarios.matrix import (
     MATRIX_LAYOUTS,
     Cell,
     MatrixVerdict,
@@ -28,13 +28,15 @@ from lxd_agent.host.matrix import (
     ours_problems,
     run_matrix,
 )
-from lxd_agent.host.monitor import EntryKind, TimelineEntry
-from lxd_agent.host.package import SOURCE_TREE
+from lxd_agent_harness.vm.accel import Accel, AccelChoice
+from lxd_agent_harness.vm.config import GuestImage
+
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.guests import BOOT_TIMEOUT, Figures
 from tests.host.helpers import minimal_deb, run
+from tests.repo import REPO
 
-README = SOURCE_TREE / "README.md"
+README = REPO / "README.md"
 
 RUNNING = """\
 ActiveState=active
@@ -267,7 +269,7 @@ def matrix(guest_image: GuestImage, deb: Path, figures: Figures) -> MatrixVerdic
         run_matrix(list(AGENTS.values()), layouts, images, Accel.TCG, BOOT_TIMEOUT, progress=print),
         MATRIX_DEADLINE,
     )
-    out = SOURCE_TREE / "out"
+    out = REPO / "out"
     out.mkdir(exist_ok=True)
     (out / "matrix.md").write_text("\n".join(report.matrix_markdown(verdict)) + "\n")
     print("\n".join(report.matrix_lines(verdict)))

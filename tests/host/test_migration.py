@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host.errors import QemuError, RestoreRefused, SaveFailed, VmError
-from lxd_agent.host.layouts import LXD_5_19, LXD_5_20, Layout, Port
-from lxd_agent.host.migration import (
+from lxd_agent_harness.base.errors import QemuError, RestoreRefused, SaveFailed, VmError
+from lxd_agent_harness.lxd.layouts import LXD_5_19, LXD_5_20, Layout, Port
+from lxd_agent_harness.qemu.migration import (
     as_refusal,
     incoming_uri,
     is_specification_refusal,
@@ -20,7 +19,8 @@ from lxd_agent.host.migration import (
     save_state,
     wait_incoming,
 )
-from lxd_agent.host.qemu import QemuProcess
+from lxd_agent_harness.qemu.process import QemuProcess
+
 from lxd_agent.protocol import PORT_NAME
 from tests.host.helpers import MACHINE_PAUSED, run
 

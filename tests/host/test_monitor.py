@@ -10,19 +10,19 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from lxd_agent.host import monitor as monitor_module
-from lxd_agent.host.aio import bounded
-from lxd_agent.host.errors import MonitorError, MonitorTimeout
-from lxd_agent.host.layouts import BRIDGED, INCUS_RING_SIZE, ReadingRule, Ring
-from lxd_agent.host.monitor import EntryKind, RingbufMonitor, Timeline
-from lxd_agent.host.qemu import QemuProcess
-from lxd_agent.host.ringrule import (
+from lxd_agent_harness.base.aio import bounded
+from lxd_agent_harness.base.errors import MonitorError, MonitorTimeout
+from lxd_agent_harness.lxd import monitor as monitor_module
+from lxd_agent_harness.lxd.layouts import BRIDGED, INCUS_RING_SIZE, ReadingRule, Ring
+from lxd_agent_harness.lxd.monitor import EntryKind, RingbufMonitor, Timeline
+from lxd_agent_harness.lxd.reading_rules import (
     RingRead,
     interpret_ring_read,
     interpret_ring_text,
     qemu_utf8_text,
 )
+from lxd_agent_harness.qemu.process import QemuProcess
+
 from lxd_agent.protocol import CONNECTED, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.helpers import TEST_DEADLINE, monitored_ring, ring_qemu, run, write_ring
 

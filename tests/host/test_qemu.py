@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.base.errors import QemuError
+from lxd_agent_harness.qemu.process import BoundedEventListener, QemuProcess, process_exists
 from qemu.qmp.message import Message
 
-from lxd_agent.host.errors import QemuError
-from lxd_agent.host.qemu import BoundedEventListener, QemuProcess, process_exists
 from tests.host.helpers import MACHINE_NONE, run
 
 

@@ -7,12 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from lxd_agent.host import report
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.errors import LayoutError, StepMismatch
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.layouts import (
+from lxd_agent_harness.base.errors import LayoutError, StepMismatch
+from lxd_agent_harness.cli import report
+from lxd_agent_harness.lxd.layouts import (
     INCUS,
     LXD_5_19,
     LXD_5_20,
@@ -22,9 +19,9 @@ from lxd_agent.host.layouts import (
     Layout,
     Port,
 )
-from lxd_agent.host.migration import SavedState, is_specification_refusal
-from lxd_agent.host.snapshot import (
-    ONE_REFRESH,
+from lxd_agent_harness.lxd.monitor import ONE_REFRESH
+from lxd_agent_harness.qemu.migration import SavedState, is_specification_refusal
+from lxd_agent_harness.scenarios.snapshot import (
     LayoutRecord,
     SnapshotVerdict,
     Step,
@@ -33,6 +30,9 @@ from lxd_agent.host.snapshot import (
     snapshot_and_restore,
     upgraded_host_rings,
 )
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import GuestImage
+
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from tests.host.guests import BOOT_TIMEOUT, Figures
 from tests.host.helpers import run

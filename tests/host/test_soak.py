@@ -5,13 +5,13 @@ tail and timeline are printed."""
 from __future__ import annotations
 
 import pytest
+from lxd_agent_harness.cli.report import failure_lines, soak_table
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.monitor import ONE_REFRESH
+from lxd_agent_harness.scenarios.soak import FAULTS, soak
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 
-from lxd_agent.host.accel import Accel
-from lxd_agent.host.image import GuestImage
-from lxd_agent.host.layouts import get_layout
-from lxd_agent.host.machine import DirectBoot, VmConfig
-from lxd_agent.host.report import failure_lines, soak_table
-from lxd_agent.host.soak import FAULTS, ONE_REFRESH, soak
 from tests.host.guests import BOOT_TIMEOUT
 from tests.host.helpers import run
 

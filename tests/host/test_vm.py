@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.image.deb import DEB_PACKAGE
+from lxd_agent_harness.image.rootfs import BASE_PACKAGES, CLOUD_INIT_PACKAGES, ImageSpec
+from lxd_agent_harness.image.rootfs import build_image as build_guest_image
+from lxd_agent_harness.image.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
+from lxd_agent_harness.qemu.process import process_exists
+from lxd_agent_harness.vm.config import GuestImage
+from lxd_agent_harness.vm.instance import Vm
 
-from lxd_agent.host.image import BASE_PACKAGES, CLOUD_INIT_PACKAGES, GuestImage, ImageSpec
-from lxd_agent.host.image import build_image as build_guest_image
-from lxd_agent.host.package import DEB_PACKAGE
-from lxd_agent.host.qemu import process_exists
-from lxd_agent.host.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
-from lxd_agent.host.vm import Vm
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.guests import (
     BOOT_TIMEOUT,
@@ -139,7 +140,7 @@ def test_a_guest_without_the_agent_never_reports_started(cloud_init_image: Guest
 
 
 def _harness(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lxd_agent.host.cli", *args]
+    return [sys.executable, "-m", "lxd_agent_harness", *args]
 
 
 def test_harness_boot_exits_0_after_started_then_stopped(

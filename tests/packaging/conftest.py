@@ -12,15 +12,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.image.deb import PackageNotFound
 
-from lxd_agent.host.package import PackageNotFound, find_test_deb
+from tests.repo import built_deb
 
 
 @pytest.fixture(scope="session")
 def deb() -> Path:
-    """The package under test: the newest in out/, or `$LXD_AGENT_TEST_DEB`."""
+    """The package under test: the newest in out/, or `$LXD_AGENT_DEB`."""
     try:
-        return find_test_deb()
+        return built_deb()
     except PackageNotFound as e:
         pytest.fail(str(e), pytrace=False)
 

@@ -19,8 +19,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from lxd_agent.host.aptsources import DEFAULT_RELEASE, filter_apt_sources
-from lxd_agent.host.buildsteps import detach_mounts_under, mounts_under
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, filter_apt_sources
+from lxd_agent_harness.image.buildsteps import detach_mounts_under, mounts_under
 
 MMDEBSTRAP_TIMEOUT = 300.0
 # What a chroot'ed command sees: dpkg's usual PATH, and no pyenv, venv or locale from the

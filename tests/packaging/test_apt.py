@@ -22,10 +22,11 @@ from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
+from lxd_agent_harness.image.aptsources import RELEASES
+from lxd_agent_harness.image.deb import DEB_PACKAGE
 
-from lxd_agent.host.aptsources import RELEASES
-from lxd_agent.host.package import DEB_PACKAGE, SOURCE_TREE
 from tests.packaging.rootfs import chroot, debian_root
+from tests.repo import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,7 @@ def lxd_agent_0_1_0(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = work / "source"
     source.mkdir()
     archive = subprocess.run(
-        ["git", "-C", str(SOURCE_TREE), "archive", LAST_RELEASE_AS_LXD_AGENT],
+        ["git", "-C", str(REPO), "archive", LAST_RELEASE_AS_LXD_AGENT],
         capture_output=True,
         check=False,
     )
@@ -129,7 +130,7 @@ def assert_clean(root: Path, result: CompletedProcess[str], package: str) -> Non
 
 def assert_ours_in_place(root: Path) -> None:
     """Our unit, under both of its names, and no diversion of ours left behind."""
-    shipped = (SOURCE_TREE / "systemd" / UNIT).read_bytes()
+    shipped = (REPO / "systemd" / UNIT).read_bytes()
     assert (root / UNIT_PATH.lstrip("/")).read_bytes() == shipped
     # The same file as the one above on merged /usr; never another package's left behind.
     alias = root / UNIT_ALIAS.lstrip("/")

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lxd_agent_harness.image.deb import DEB_PACKAGE
 
-from lxd_agent.host.package import DEB_PACKAGE
-from lxd_agent.host.package import SOURCE_TREE as REPO
+from tests.repo import REPO
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 DIST_INFO = f"{DIST_PACKAGES}/lxd_agent-{{version}}.dist-info"

@@ -1,0 +1,458 @@
+"""`lxd-agent-harness`: build the guest image, boot it with an LXD layout, see STARTED and STOPPED.
+
+`boot` builds or reuses the image, boots it under QEMU with the chosen layout, waits for the
+agent's `STARTED` on the ring LXD would read, presses the power button, waits for `STOPPED` and
+for the guest to be off, and prints the timeline. It exits 0 only when both lines were seen, in
+that order; 1 when the guest did not do it (the reason, the console tail and the timeline are
+printed); 2 on bad input, before anything is built or booted (a corrupt --deb, a ring size out
+of bounds, an --image without a partition table); 128+signum when interrupted (130 for Ctrl-C,
+143 for SIGTERM, 129 for SIGHUP), after QEMU, mounts, build and temporary directories are gone
+(`lxd_agent.host.interrupt`). `image` only builds or reuses the image and prints its directory;
+`soak`, `snapshot` and `matrix` run their scenarios and print their tables.
+
+Host side only: this is the one place that prints to the user and turns errors into exit codes;
+it holds no QEMU or image logic of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lxd_agent_harness.base.errors import HarnessError
+from lxd_agent_harness.base.textfile import read_text, write_whole
+from lxd_agent_harness.cli.interrupt import Interrupted, run_interruptible, signals_interrupt
+from lxd_agent_harness.cli.options import build_parser
+from lxd_agent_harness.cli.report import (
+    failure_lines,
+    interrupted_line,
+    matrix_lines,
+    matrix_markdown,
+    snapshot_lines,
+    soak_lines,
+    summary,
+    with_matrix,
+)
+from lxd_agent_harness.image.agents import AGENTS, agent_images
+from lxd_agent_harness.image.cloud import build_cloud_image, cloud_spec
+from lxd_agent_harness.image.deb import check_deb, find_deb
+from lxd_agent_harness.image.rootfs import (
+    BASE_PACKAGES,
+    CLOUD_INIT_PACKAGES,
+    ImageSpec,
+    build_image,
+)
+from lxd_agent_harness.image.seed import make_seed_iso
+from lxd_agent_harness.lxd.layouts import (
+    LAYOUTS,
+    Layout,
+    check_ring_size,
+    get_layout,
+    lxd_ring_port,
+)
+from lxd_agent_harness.qemu.disk import check_boot_sector, disk_format
+from lxd_agent_harness.scenarios.boot import boot_and_check
+from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MatrixVerdict, run_matrix
+from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, snapshot_and_restore
+from lxd_agent_harness.scenarios.soak import SoakVerdict, soak
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, FirmwareBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.firmware import Firmware
+from lxd_agent_harness.vm.instance import Vm
+from lxd_agent_harness.vm.kvm_probe import choose_accel, forget_verdict_after
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+# An interrupted command exits 128 + the signal's number (`Interrupted.exit_status`).
+
+DEFAULT_TIMEOUT = 120.0
+# cloud-init runs late in the boot and installs the package first.
+DEFAULT_SEED_TIMEOUT = 600.0
+
+
+class UsageError(HarnessError):
+    """Bad input on the command line: reported in one line, exit status 2."""
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and checking the input
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    layout: Layout
+    deb: Path
+    release: str
+    accel: Accel
+    ring_size: int | None
+    user_image: Path | None
+    user_image_format: str | None
+    firmware: Firmware
+    secure_boot: bool
+    seed: bool
+    timeout: float
+    keep: bool
+    verbose: bool
+    rebuild: bool
+
+
+def _failed(error: HarnessError) -> int:
+    """Print the error and what it carries; the exit status of a run that failed."""
+    for line in failure_lines(error):
+        say(line)
+    return EXIT_FAILED
+
+
+def _timeout(args: argparse.Namespace, default: float = DEFAULT_TIMEOUT) -> float:
+    """`--timeout` as seconds, or `default` when it was not given."""
+    return default if args.timeout is None else _positive_number(args.timeout, "--timeout")
+
+
+def _positive_number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not a number of seconds; give e.g. 120") from None
+    if not value > 0:
+        raise UsageError(f"{what} must be more than 0 seconds, not {text}")
+    return value
+
+
+def plan_boot(args: argparse.Namespace) -> BootPlan:
+    """Check every input before anything is built or booted."""
+    layout = get_layout(args.layout)
+    ring_size = None
+    if args.ring_size is not None:
+        try:
+            ring_size = int(args.ring_size)
+        except ValueError:
+            raise UsageError(
+                f"--ring-size {args.ring_size!r} is not an integer; give a power of two such as 16"
+            ) from None
+        check_ring_size(ring_size)
+    if args.image is not None and not args.image.is_file():
+        raise UsageError(f"looked for --image {args.image} and found nothing; give a cloud image")
+    if args.image is None and (args.firmware is not None or args.secure_boot):
+        raise UsageError(
+            "--firmware and --secure-boot choose how --image boots; the project's own image "
+            "boots its kernel directly: add --image FILE (e.g. from `image --cloud`)"
+        )
+    firmware = Firmware(args.firmware or Firmware.UEFI.value)
+    if args.secure_boot and firmware is not Firmware.UEFI:
+        raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
+    user_image_format = None
+    if args.image is not None:
+        # Before anything boots: a file no firmware can boot would fail only at the timeout.
+        user_image_format = disk_format(args.image)
+        check_boot_sector(args.image, user_image_format)
+    seed = bool(args.seed or args.image is not None)
+    timeout = _timeout(args, DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
+    deb = find_deb(args.deb)
+    check_deb(deb)
+    return BootPlan(
+        layout=layout,
+        deb=deb,
+        release=args.release,
+        accel=Accel(args.accel),
+        ring_size=ring_size,
+        user_image=args.image,
+        user_image_format=user_image_format,
+        firmware=firmware,
+        secure_boot=args.secure_boot,
+        seed=seed,
+        timeout=timeout,
+        keep=args.keep,
+        verbose=args.verbose,
+        rebuild=args.rebuild,
+    )
+
+
+def image_spec(deb: Path, release: str, seed: bool) -> ImageSpec:
+    """The project's image: the package built in, or cloud-init and no package (`--seed`)."""
+    if seed:
+        return ImageSpec(release=release, packages=BASE_PACKAGES + CLOUD_INIT_PACKAGES)
+    return ImageSpec(release=release, debs=(deb,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Booting
+
+
+async def _keep_running(vm: Vm) -> None:
+    """`--keep`: hand the console to the person and wait for Ctrl-C (or QEMU to exit)."""
+    vm.console.close()
+    assert vm.files is not None
+    say("the VM keeps running (--keep); press Ctrl-C to stop it and clean up")
+    say(f"  console:     pyserial-miniterm {vm.console_device} 115200   (or screen)")
+    say(f"  console log: {vm.files.console_log} (up to now)")
+    say(f"  QMP:         {vm.files.user_qmp}   (e.g. qmp-shell {vm.files.user_qmp})")
+    say(f"  QEMU pid:    {vm.qemu.pid}")
+    while vm.qemu.returncode is None:
+        await asyncio.sleep(0.5)
+    say(f"QEMU exited with status {vm.qemu.returncode}")
+
+
+async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | None) -> int:
+    accel = await choose_accel(plan.accel, image, say)
+    say(f"accel: {accel.reason}")
+    if plan.user_image is not None:
+        assert plan.user_image_format is not None
+        boot: DirectBoot | FirmwareBoot = FirmwareBoot(
+            plan.user_image, plan.user_image_format, plan.firmware, plan.secure_boot
+        )
+    else:
+        assert image is not None
+        boot = DirectBoot(image)
+    config = VmConfig(
+        layout=plan.layout,
+        boot=boot,
+        accel=accel.accel,
+        ring_size=plan.ring_size,
+        seed=seed_iso,
+        # A user's cloud image may need apt to fetch the package's dependencies.
+        network=plan.user_image is not None,
+        user_qmp=plan.keep,
+    )
+    say(f"boot: layout {plan.layout.name}: {plan.layout.description}")
+    verdict = await boot_and_check(
+        config, plan.timeout, progress=say, hold=_keep_running if plan.keep else None
+    )
+    if verdict.error is not None:
+        for line in failure_lines(verdict.error):
+            say(line)
+        if forget_verdict_after(verdict.error, accel.accel):
+            say("accel: KVM failed this boot; its cached verdict is forgotten")
+        return EXIT_FAILED
+    if verdict.held:
+        return EXIT_OK
+    say("timeline:")
+    for line in summary(verdict):
+        say(line)
+    if plan.verbose:
+        say("ring-buffer timeline (seconds since QEMU start):")
+        for line in verdict.timeline:
+            say(line)
+    if verdict.port is None:
+        say(f"OK: {plan.layout.name}: boot and power-off not held up by the agent")
+    else:
+        say(f"OK: STARTED then STOPPED on {verdict.port}")
+    return EXIT_OK
+
+
+def boot_command(args: argparse.Namespace) -> int:
+    try:
+        plan = plan_boot(args)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            image = None
+            seed_iso = None
+            if plan.user_image is None:
+                image = build_image(
+                    image_spec(plan.deb, plan.release, plan.seed), say, rebuild=plan.rebuild
+                )
+            if plan.seed:
+                tmp = Path(
+                    stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-seed-"))
+                )
+                seed_iso = make_seed_iso(plan.deb, tmp / "seed.iso")
+                say(f"seed: NoCloud seed with {plan.deb.name} ({seed_iso.stat().st_size} bytes)")
+            code = run_interruptible(run_boot(plan, image, seed_iso))
+    except HarnessError as e:
+        return _failed(e)
+    say(f"total {time.monotonic() - started:.1f} s")
+    return code
+
+
+def snapshot_command(args: argparse.Namespace) -> int:
+    try:
+        deb = find_deb(args.deb)
+        timeout = _positive_number(args.timeout, "--timeout") if args.timeout else DEFAULT_TIMEOUT
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+
+    async def run(image: GuestImage) -> SnapshotVerdict:
+        accel = await choose_accel(Accel(args.accel), image, say)
+        say(f"accel: {accel.reason}")
+        return await snapshot_and_restore(image, accel.accel, timeout, progress=say)
+
+    try:
+        image = build_image(image_spec(deb, args.release, False), say, rebuild=args.rebuild)
+        verdict = run_interruptible(run(image))
+    except HarnessError as e:
+        return _failed(e)
+    for line in snapshot_lines(verdict):
+        say(line)
+    say(f"total {time.monotonic() - started:.1f} s")
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
+def image_command(args: argparse.Namespace) -> int:
+    if args.cloud:
+        # The cloud image never carries the package: a NoCloud seed installs it at boot.
+        try:
+            cloud = build_cloud_image(cloud_spec(args.release), say, rebuild=args.rebuild)
+        except HarnessError as e:
+            say(f"FAILED: {e}")
+            return EXIT_FAILED
+        print(cloud.disk)
+        return EXIT_OK
+    try:
+        deb = find_deb(args.deb)
+        check_deb(deb)
+        spec = image_spec(deb, args.release, args.seed)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        image = build_image(spec, say, rebuild=args.rebuild)
+    except HarnessError as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    print(image.directory)
+    return EXIT_OK
+
+
+# More would hold the machine for a day: 50 cycles take about an hour here.
+MAX_SOAK_CYCLES = 1000
+
+
+def soak_command(args: argparse.Namespace) -> int:
+    try:
+        layout = get_layout(args.layout)
+        if lxd_ring_port(layout) is None:
+            raise UsageError(
+                f"layout {layout.name} has no ring on an LXD port: nothing to soak; "
+                "choose lxd-5.19 or lxd-5.20"
+            )
+        try:
+            cycles = int(args.cycles)
+        except ValueError:
+            raise UsageError(f"--cycles {args.cycles!r} is not a whole number") from None
+        if not 1 <= cycles <= MAX_SOAK_CYCLES:
+            raise UsageError(f"--cycles must be 1..{MAX_SOAK_CYCLES}, not {cycles}")
+        timeout = _timeout(args)
+        deb = find_deb(args.deb)
+        check_deb(deb)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        image = build_image(image_spec(deb, args.release, args.seed), say, rebuild=args.rebuild)
+    except HarnessError as e:
+        return _failed(e)
+
+    async def run() -> SoakVerdict:
+        accel = await choose_accel(Accel(args.accel), image, say)
+        say(f"accel: {accel.reason}")
+        config = VmConfig(layout=layout, boot=DirectBoot(image), accel=accel.accel)
+        return await soak(config, cycles, timeout, progress=say)
+
+    verdict = run_interruptible(run())
+    for line in soak_lines(verdict):
+        say(line)
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
+# A held cell costs this much; more than ten minutes is no longer a bound.
+MAX_BOUND = 600.0
+
+
+def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise UsageError(f"--{what} {text!r}: choose from {', '.join(valid)}, comma-separated")
+    return list(dict.fromkeys(names))
+
+
+def matrix_command(args: argparse.Namespace) -> int:
+    try:
+        agents = [AGENTS[name] for name in _names(args.agents, list(AGENTS), "agents")]
+        layouts = [get_layout(n) for n in _names(args.layouts, list(LAYOUTS), "layouts")]
+        timeout = _timeout(args)
+        bound = DEFAULT_BOUND if args.bound is None else _positive_number(args.bound, "--bound")
+        if bound > MAX_BOUND:
+            raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
+        for path in (args.readme, args.markdown):
+            if path is not None and not os.access(path.parent, os.W_OK | os.X_OK):
+                raise UsageError(f"{path}: cannot write into {path.parent}; give another path")
+        if args.markdown is not None and args.markdown.is_dir():
+            raise UsageError(f"--markdown {args.markdown} is a directory; give a file")
+        if args.readme is not None:
+            with_matrix(read_text(args.readme), [], str(args.readme))  # its markers: checked first
+        deb = find_deb(args.deb)
+        check_deb(deb)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    try:
+        images = agent_images(agents, deb, args.release, say, rebuild=args.rebuild)
+    except HarnessError as e:
+        return _failed(e)
+
+    async def run() -> MatrixVerdict:
+        accel = await choose_accel(Accel(args.accel), next(iter(images.values())), say)
+        say(f"accel: {accel.reason}")
+        return await run_matrix(agents, layouts, images, accel.accel, timeout, bound, say)
+
+    verdict = run_interruptible(run())
+    for line in matrix_lines(verdict):
+        say(line)
+    table = matrix_markdown(verdict)
+    try:
+        if args.markdown is not None:
+            write_whole(args.markdown, "\n".join(table) + "\n")
+            say(f"wrote {args.markdown}")
+        if args.readme is not None and verdict.harness_failures():
+            say(f"{args.readme} left as it was: a cell has no result (see above)")
+        elif args.readme is not None:
+            # Read again: the run took minutes, and the file may have been edited meanwhile.
+            text = read_text(args.readme)
+            write_whole(args.readme, with_matrix(text, table, str(args.readme)))
+            say(f"wrote {args.readme}")
+    except (OSError, HarnessError) as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # From here on a signal unwinds everything the command made, then ends it with 128+signum.
+    with signals_interrupt():
+        try:
+            if args.command == "image":
+                return image_command(args)
+            if args.command == "soak":
+                return soak_command(args)
+            if args.command == "snapshot":
+                return snapshot_command(args)
+            if args.command == "matrix":
+                return matrix_command(args)
+            return boot_command(args)
+        except Interrupted as interrupt:
+            say(interrupted_line(interrupt))
+            return interrupt.exit_status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`lxd-agent-harness`'s command line: its commands and options, and nothing that runs them.
+
+Host side only; `cli.py` checks the values and runs the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lxd_agent.protocol import DEFAULT_RING_SIZE
+from lxd_agent_harness.image.agents import AGENTS
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
+from lxd_agent_harness.lxd.layouts import INCUS_RING_SIZE, LAYOUTS
+from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.firmware import Firmware
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lxd-agent-harness",
+        description="Boot the lxd-agent in a real guest under QEMU with LXD's ring-buffer "
+        "layouts and show, from the host, what it reported and when.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def image_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
+        p.add_argument(
+            "--release",
+            default=DEFAULT_RELEASE,
+            choices=list(RELEASES),
+            help="Debian release of the guest, from the host's own mirror "
+            f"(default {DEFAULT_RELEASE})",
+        )
+        p.add_argument(
+            "--seed",
+            action="store_true",
+            help="build the image with cloud-init and without the package, "
+            "and install the package at boot through a NoCloud seed",
+        )
+        p.add_argument("--rebuild", action="store_true", help="build the image even if cached")
+
+    def scenario_options(p: argparse.ArgumentParser, timeout_help: str) -> None:
+        """What a scenario on the project's own image takes (no --seed: it needs the package)."""
+        p.add_argument("--deb", type=Path, help="our package (default: newest out/*.deb)")
+        p.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
+        p.add_argument("--rebuild", action="store_true", help="build the images even if cached")
+        p.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+        p.add_argument("--timeout", type=str, help=timeout_help)
+
+    boot = sub.add_parser(
+        "boot", help="boot a guest, wait for STARTED, power off, wait for STOPPED"
+    )
+    layouts = ", ".join(f"{name} ({layout.description})" for name, layout in LAYOUTS.items())
+    boot.add_argument("--layout", default="lxd-5.20", help=f"one of: {layouts}")
+    image_options(boot)
+    boot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    boot.add_argument(
+        "--ring-size",
+        help=f"bytes, power of two (default: the layout's, {DEFAULT_RING_SIZE} for LXD, "
+        f"{INCUS_RING_SIZE} for Incus)",
+    )
+    boot.add_argument(
+        "--image",
+        type=Path,
+        help="boot this qcow2/raw cloud image through its firmware instead "
+        "(e.g. the one `image --cloud` prints)",
+    )
+    boot.add_argument(
+        "--firmware",
+        choices=[f.value for f in Firmware],
+        help="firmware for --image: uefi (OVMF, LXD's; the default) or bios (SeaBIOS)",
+    )
+    boot.add_argument(
+        "--secure-boot",
+        action="store_true",
+        help="UEFI secure boot with Microsoft's keys, as LXD's default (--image, uefi only)",
+    )
+    boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
+    boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
+    boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
+
+    soak = sub.add_parser(
+        "soak",
+        help="boot N times; each boot: reboot, port replug, host reader restart, agent kill, "
+        "power-off; print a table of each fault x cycle",
+    )
+    soak.add_argument("--cycles", default="3", help="how many boots (default 3)")
+    soak.add_argument("--layout", default="lxd-5.20", help="lxd-5.19 or lxd-5.20")
+    image_options(soak)
+    soak.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    soak.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
+
+    snapshot = sub.add_parser(
+        "snapshot",
+        help="save a guest's state on lxd-5.19 and restore it after the upgrade: refused on "
+        "lxd-5.20, resumed with the saved layout, then restarted on lxd-5.20",
+    )
+    scenario_options(snapshot, timeout_help="seconds for each wait (default 120)")
+
+    matrix = sub.add_parser(
+        "matrix",
+        help="boot each agent (ours, emulations of LXD 5.0's and 5.21's) in each layout and "
+        "print a Markdown table of what the host and systemd saw",
+    )
+    matrix.add_argument(
+        "--agents", default=",".join(AGENTS), help=f"comma-separated (default {','.join(AGENTS)})"
+    )
+    matrix.add_argument(
+        "--layouts",
+        default=",".join(MATRIX_LAYOUTS),
+        help=f"comma-separated (default {','.join(MATRIX_LAYOUTS)})",
+    )
+    scenario_options(matrix, timeout_help="seconds for the boot (default 120)")
+    matrix.add_argument(
+        "--bound",
+        type=str,
+        help=f"seconds a boot or a power-off may take before its cell says held "
+        f"(default {DEFAULT_BOUND:g})",
+    )
+    matrix.add_argument("--markdown", type=Path, help="also write the table to this file")
+    matrix.add_argument(
+        "--readme",
+        type=Path,
+        help="put the table into this file, between its matrix markers (e.g. README.md)",
+    )
+
+    image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
+    image_options(image)
+    image.add_argument(
+        "--cloud",
+        action="store_true",
+        help="build a GPT cloud disk (BIOS and UEFI GRUB, cloud-init) like Debian's "
+        "genericcloud and print its qcow2 file",
+    )
+    return parser

@@ -1,0 +1,378 @@
+"""Build (or reuse) a cloud disk like Debian's `genericcloud`, offline, from Debian's packages.
+
+The image is a qcow2 GPT disk laid out as Debian's genericcloud images are: partition 14 is a
+BIOS boot partition holding GRUB's core.img, 15 an EFI system partition (FAT32) and 1 the ext4
+root. GRUB boots it both ways: under BIOS from boot.img in the MBR and core.img in partition 14
+(`grub-pc-bin`); under UEFI through Debian's signed shim as `EFI/BOOT/BOOTX64.EFI`, which loads
+Debian's signed GRUB (`shim-signed`, `grub-efi-amd64-signed`), so secure boot can be tried. The
+root carries the cloud kernel, cloud-init (NoCloud only) and a console on ttyS0, from the same
+mmdebstrap tree as the root image (`image.py`, the host's own apt sources).
+
+Nothing is mounted and no loop device is used: sfdisk writes the partition table into a file,
+`mkfs.vfat --offset` and mtools fill the ESP in place, `mke2fs -E offset= -d` writes the root
+from the tree, and GRUB's boot.img and core.img are written where grub-bios-setup puts them. Images
+are cached under `<cache>/cloud-images/<key>/`, keyed by everything that goes into them
+(packages, this module's layout, the host's boot loader binaries); a build happens in a
+temporary directory renamed into place at the end, so a failed build leaves nothing behind.
+
+Host side only. It must not boot anything (that is `vm.py`) and must never write a built image:
+boots use an overlay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxd_agent_harness.base.cache import cache_root
+from lxd_agent_harness.base.errors import ImageError
+from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, filter_apt_sources
+from lxd_agent_harness.image.buildsteps import build_directory, remove_tree, run_build_step
+from lxd_agent_harness.image.rootfs import (
+    BASE_PACKAGES,
+    CLOUD_INIT_PACKAGES,
+    ImageSpec,
+    debian_tree,
+    file_sha256,
+    kernel_version,
+    prune_images,
+)
+
+# Bump when the way a cloud image is made changes in a way the inputs below do not show.
+CLOUD_FORMAT_VERSION = 1
+
+SECTOR = 512
+MIB = 1 << 20
+DISK_BYTES = 3 << 30  # sparse; genericcloud's is 2 GiB, cloud-init and the .deb want headroom
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    start: int  # in sectors
+    sectors: int
+    type_guid: str
+    name: str
+
+    @property
+    def offset(self) -> int:
+        return self.start * SECTOR
+
+    @property
+    def size(self) -> int:
+        return self.sectors * SECTOR
+
+
+# GPT type GUIDs: BIOS boot, EFI system, Linux root (x86-64), as genericcloud uses them.
+BIOS_BOOT = Partition(14, 2048, 4 * MIB // SECTOR, "21686148-6449-6E6F-744E-656564454649", "bios")
+ESP = Partition(15, 10240, 124 * MIB // SECTOR, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "efi")
+_ROOT_START = ESP.start + ESP.sectors
+# The backup GPT takes the disk's last 33 sectors; leave the last MiB free.
+ROOT = Partition(
+    1,
+    _ROOT_START,
+    (DISK_BYTES - MIB) // SECTOR - _ROOT_START,
+    "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    "root",
+)
+PARTITIONS = (BIOS_BOOT, ESP, ROOT)
+
+# The host's boot loaders, from Debian's packages (Makefile: APT_PACKAGES).
+GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
+SHIM = Path("/usr/lib/shim/shimx64.efi.signed")
+MOK_MANAGER = Path("/usr/lib/shim/mmx64.efi.signed")
+GRUB_EFI_SIGNED = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
+BOOT_BINARIES = {
+    "shim-signed": SHIM,
+    "shim-signed (MokManager)": MOK_MANAGER,
+    "grub-efi-amd64-signed": GRUB_EFI_SIGNED,
+    "grub-pc-bin": GRUB_PC_DIR / "boot.img",
+}
+TOOLS = {
+    "mmdebstrap": "mmdebstrap",
+    "sfdisk": "fdisk",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "mke2fs": "e2fsprogs",
+    "grub-mkimage": "grub-common",
+    "qemu-img": "qemu-utils",
+}
+
+# GRUB modules built into core.img, so BIOS GRUB needs nothing from the root but grub.cfg.
+CORE_MODULES = (
+    "biosdisk", "part_gpt", "ext2", "search", "search_fs_uuid", "configfile", "normal",
+    "linux", "echo", "test", "serial", "terminal", "gzio",
+)  # fmt: skip
+
+KERNEL_CONSOLE = "console=tty0 console=ttyS0,115200"
+
+# Each cloud image is about 1 GB.
+KEEP_CLOUD_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class CloudImage:
+    """A built cloud image in the cache: one qcow2 disk and its manifest."""
+
+    directory: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / "disk.qcow2"
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / "manifest.json"
+
+    def is_complete(self) -> bool:
+        return self.disk.is_file() and self.manifest.is_file()
+
+
+def cloud_spec(release: str = DEFAULT_RELEASE) -> ImageSpec:
+    """The cloud image's tree: the base packages and cloud-init; our .deb comes from the seed."""
+    return ImageSpec(release=release, packages=BASE_PACKAGES + CLOUD_INIT_PACKAGES)
+
+
+def cloud_key(spec: ImageSpec) -> str:
+    """A short hash of every input: the tree's, this layout's, and the host's boot loaders."""
+    inputs = {
+        "format": CLOUD_FORMAT_VERSION,
+        "tree": spec.key(),
+        "partitions": [vars(p) for p in PARTITIONS],
+        "disk": DISK_BYTES,
+        "modules": CORE_MODULES,
+        "console": KERNEL_CONSOLE,
+        "boot": {name: file_sha256(path) for name, path in sorted(BOOT_BINARIES.items())},
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def require_cloud_tools() -> None:
+    """Every tool and boot loader file the build needs, or one error naming what to install."""
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    missing += sorted(name for name, path in BOOT_BINARIES.items() if not path.is_file())
+    if missing:
+        raise ImageError(
+            f"looked for the cloud image's build tools and boot loaders and did not find: "
+            f"{', '.join(sorted(set(missing)))}; run `make setup` (it installs these Debian "
+            "packages)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# What goes into the image
+
+
+def sfdisk_script() -> str:
+    """The GPT as sfdisk reads it; partition numbers as genericcloud's (1 root, 14, 15)."""
+    lines = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
+    for p in sorted(PARTITIONS, key=lambda p: p.number):
+        lines.append(
+            f"disk.raw{p.number} : start={p.start}, size={p.sectors}, "
+            f'type={p.type_guid}, name="{p.name}"'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def grub_cfg(root_uuid: str, kernel_version: str) -> str:
+    """The one GRUB menu both boot paths end in: /boot/grub/grub.cfg on the root."""
+    return f"""\
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+set timeout=1
+menuentry 'Debian GNU/Linux ({kernel_version})' {{
+  search --no-floppy --fs-uuid --set=root {root_uuid}
+  linux /boot/vmlinuz-{kernel_version} root=UUID={root_uuid} ro {KERNEL_CONSOLE}
+  initrd /boot/initrd.img-{kernel_version}
+}}
+"""
+
+
+def find_root_cfg(root_uuid: str) -> str:
+    """What core.img (BIOS) and the ESP's grub.cfg (UEFI) run: find the root, read its menu."""
+    return (
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        "set prefix=($root)/boot/grub\n"
+        "configfile $prefix/grub.cfg\n"
+    )
+
+
+def fstab(root_uuid: str, esp_id: str) -> str:
+    esp_uuid = f"{esp_id[:4]}-{esp_id[4:]}".upper()
+    return (
+        f"UUID={root_uuid} / ext4 rw,discard,errors=remount-ro 0 1\n"
+        f"UUID={esp_uuid} /boot/efi vfat umask=0077,nofail 0 1\n"
+    )
+
+
+def _prepare_tree(tree: Path, root_uuid: str, esp_id: str) -> str:
+    """Write the files that name this disk into the tree; the kernel version."""
+    version = kernel_version(tree)
+    (tree / "etc" / "fstab").write_text(fstab(root_uuid, esp_id))
+    (tree / "boot" / "efi").mkdir(parents=True, exist_ok=True)
+    grub = tree / "boot" / "grub"
+    grub.mkdir(parents=True, exist_ok=True)
+    (grub / "grub.cfg").write_text(grub_cfg(root_uuid, version))
+    return version
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _fill_esp(raw: Path, work: Path, esp_id: str, root_uuid: str, progress: Progress) -> None:
+    """FAT32 in partition 15, written in place; shim as the removable-media boot loader.
+
+    One sector per cluster: with the default size 124 MiB has too few clusters for FAT32,
+    and mtools refuses to read it.
+    """
+    run_build_step(
+        ["mkfs.vfat", "-F", "32", "-s", "1", "-n", "EFI", "-i", esp_id, f"--offset={ESP.start}",
+         str(raw), str(ESP.size // 1024)],
+        progress, "making the EFI system partition",
+    )  # fmt: skip
+    image = f"{raw}@@{ESP.offset}"
+    cfg = work / "esp-grub.cfg"
+    cfg.write_text(find_root_cfg(root_uuid))
+    run_build_step(
+        ["mmd", "-i", image, "::/EFI", "::/EFI/BOOT", "::/EFI/debian"], progress, "ESP dirs"
+    )
+    # shim loads grubx64.efi from its own directory; Debian's signed GRUB reads its config
+    # from EFI/debian (its built-in prefix), so the same small config goes to both.
+    copies = [
+        (SHIM, "::/EFI/BOOT/BOOTX64.EFI"),
+        (GRUB_EFI_SIGNED, "::/EFI/BOOT/grubx64.efi"),
+        (MOK_MANAGER, "::/EFI/BOOT/mmx64.efi"),
+        (cfg, "::/EFI/BOOT/grub.cfg"),
+        (cfg, "::/EFI/debian/grub.cfg"),
+    ]
+    for source, target in copies:
+        run_build_step(["mcopy", "-i", image, str(source), target], progress, f"ESP {target}")
+
+
+def _install_bios_grub(raw: Path, work: Path, root_uuid: str, progress: Progress) -> None:
+    """core.img into the BIOS boot partition and boot.img into the MBR, as grub-bios-setup does.
+
+    Not grub-bios-setup itself: it insists on finding the OS device of its GRUB directory among
+    the device map's disks, which for a file image means naming the host's own disk.
+    """
+    early = work / "core.cfg"
+    early.write_text(find_root_cfg(root_uuid))
+    core_path = work / "core.img"
+    run_build_step(
+        ["grub-mkimage", "-O", "i386-pc", "-d", str(GRUB_PC_DIR), "-o", str(core_path),
+         "-c", str(early), "-p", "/boot/grub", *CORE_MODULES],
+        progress, "making GRUB's core.img",
+    )  # fmt: skip
+    embed_bios_grub(raw, (GRUB_PC_DIR / "boot.img").read_bytes(), core_path.read_bytes())
+
+
+# Offsets in GRUB's i386-pc boot.img and core.img (grub/include/grub/i386/pc/boot.h).
+BOOT_KERNEL_SECTOR = 0x5C  # u64: where core.img starts on the disk
+BOOT_DRIVE = 0x64  # 0xff: the drive the BIOS booted from
+BOOT_DRIVE_CHECK = 0x66  # a jump that grub-bios-setup turns into two NOPs on a hard disk
+MBR_KEEP = slice(0x1B8, 0x200)  # disk signature, partition table and 0x55AA, from sfdisk
+CORE_BLOCKLIST = SECTOR - 12  # u64 start, u16 length: the rest of core.img after sector 1
+
+
+def embed_bios_grub(raw: Path, boot_img: bytes, core_img: bytes) -> None:
+    """Write `core_img` at the start of the BIOS boot partition and `boot_img` into the MBR."""
+    sectors = -(-len(core_img) // SECTOR)
+    if len(boot_img) != SECTOR or sectors > BIOS_BOOT.sectors:
+        raise ImageError(
+            f"GRUB's boot.img is {len(boot_img)} bytes (want {SECTOR}) and core.img "
+            f"{sectors} sectors (room: {BIOS_BOOT.sectors}); check the grub-pc-bin package"
+        )
+    core = bytearray(core_img.ljust(sectors * SECTOR, b"\0"))
+    struct.pack_into("<QH", core, CORE_BLOCKLIST, BIOS_BOOT.start + 1, sectors - 1)
+    with raw.open("r+b") as disk:
+        mbr = disk.read(SECTOR)
+        boot = bytearray(boot_img)
+        boot[MBR_KEEP] = mbr[MBR_KEEP]
+        struct.pack_into("<Q", boot, BOOT_KERNEL_SECTOR, BIOS_BOOT.start)
+        boot[BOOT_DRIVE] = 0xFF
+        boot[BOOT_DRIVE_CHECK : BOOT_DRIVE_CHECK + 2] = b"\x90\x90"
+        disk.seek(0)
+        disk.write(boot)
+        disk.seek(BIOS_BOOT.offset)
+        disk.write(core)
+
+
+def _write_disk(tree: Path, work: Path, raw: Path, progress: Progress) -> dict[str, str]:
+    root_uuid = str(uuid.uuid4())
+    esp_id = os.urandom(4).hex()
+    kernel_version = _prepare_tree(tree, root_uuid, esp_id)
+    with raw.open("wb") as f:
+        f.truncate(DISK_BYTES)
+    script = work / "gpt.sfdisk"
+    script.write_text(sfdisk_script())
+    progress("cloud image: GPT, ESP (shim + signed GRUB), ext4 root, BIOS GRUB")
+    with script.open() as stdin_file:
+        run_build_step(["sfdisk", "--quiet", str(raw)], progress, "partitioning", stdin=stdin_file)
+    _fill_esp(raw, work, esp_id, root_uuid, progress)
+    run_build_step(
+        ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-U", root_uuid,
+         "-E", f"offset={ROOT.offset}", "-d", str(tree), str(raw), f"{ROOT.size // 1024}k"],
+        progress, "making the root file system",
+    )  # fmt: skip
+    _install_bios_grub(raw, work, root_uuid, progress)
+    return {"root_uuid": root_uuid, "esp_id": esp_id, "kernel": kernel_version}
+
+
+def build_cloud_image(
+    spec: ImageSpec,
+    progress: Progress = print,
+    cache: Path | None = None,
+    rebuild: bool = False,
+) -> CloudImage:
+    """Return the cached cloud image for `spec`, building it first if it is not there yet."""
+    require_cloud_tools()
+    images = (cache or cache_root()) / "cloud-images"
+    key = cloud_key(spec)
+    final = CloudImage(images / key)
+    if final.is_complete() and not rebuild:
+        progress(f"cloud image: reusing {final.disk}")
+        os.utime(final.directory)  # most recently used: kept by prune_images
+        return final
+    sources = filter_apt_sources(spec.release)
+    images.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    progress(f"cloud image: building {key} (Debian {spec.release}); this takes a few minutes")
+    with build_directory(images, key, progress) as work:
+        staged = CloudImage(work / "image")
+        staged.directory.mkdir()
+        raw = work / "disk.raw"
+        with debian_tree(spec, sources, work, progress, "cloud image") as tree:
+            facts = _write_disk(tree, work, raw, progress)
+        run_build_step(
+            ["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(staged.disk)],
+            progress,
+            "converting to qcow2",
+        )
+        manifest = {
+            "key": key,
+            "release": spec.release,
+            "packages": list(spec.packages),
+            "partitions": {p.name: p.number for p in PARTITIONS},
+            **facts,
+            "boot": {name: str(path) for name, path in BOOT_BINARIES.items()},
+            "build_seconds": round(time.monotonic() - started, 1),
+        }
+        staged.manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.directory.exists():
+            remove_tree(final.directory)
+        os.rename(staged.directory, final.directory)
+    progress(f"cloud image: built {final.disk} in {time.monotonic() - started:.0f} s")
+    for pruned in prune_images(images, KEEP_CLOUD_IMAGES, lambda d: CloudImage(d).is_complete()):
+        progress(f"cloud image: removed {pruned} (least recently used)")
+    return final

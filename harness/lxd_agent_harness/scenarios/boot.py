@@ -1,0 +1,193 @@
+"""What the harness proves, one function per scenario, each returning a verdict.
+
+A scenario boots a guest (through `vm.Vm`), drives it, and returns what it saw and when: a
+verdict that says pass or fail and why, with the failure's own data (the error and its fields).
+It never prints and never exits: `cli.py` turns a verdict into lines and an exit code, and the
+VM tests assert on verdicts. Progress goes to an optional callback.
+
+Host side only. Scenarios hold the flow; how QEMU runs, how rings are read and how the console
+is driven belong to the modules below (vm, monitor, console).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from lxd_agent.protocol import STARTED, STOPPED
+from lxd_agent_harness.base.errors import HarnessError, VmError
+from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.lxd.layouts import lxd_ring_port
+from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
+from lxd_agent_harness.vm.config import VmConfig
+from lxd_agent_harness.vm.instance import POWEROFF_TIMEOUT, Vm
+
+# Without a ring (Incus) the power-off time is the proof: off in 1-3 s here, while an agent
+# stuck on the dead stub would hold it for systemd's 90 s stop timeout.
+STUB_POWEROFF_BOUND = 20.0
+
+# What a caller does with the running VM: after STARTED and before the power button
+# (`while_up`), or instead of the power button (`hold`, the CLI's `--keep`).
+WithVm = Callable[[Vm], Awaitable[None]]
+
+
+class PowerOffFigures:
+    """How long after the power button `STOPPED` was seen and the guest was off.
+
+    For a verdict that has these three (times in seconds since QEMU started; None: not reached).
+    """
+
+    stopped: TimelineEntry | None
+    powered_down: float | None
+    guest_off: float | None
+
+    @property
+    def stopped_after_power_off(self) -> float | None:
+        if self.stopped is None or self.powered_down is None:
+            return None
+        return self.stopped.seconds - self.powered_down
+
+    @property
+    def off_after_power_off(self) -> float | None:
+        if self.guest_off is None or self.powered_down is None:
+            return None
+        return self.guest_off - self.powered_down
+
+
+@dataclass
+class BootVerdict(PowerOffFigures):
+    """What `boot_and_check` saw. Times are seconds since QEMU started; None: not reached."""
+
+    layout: str
+    port: str | None
+    """The LXD port with a ring that the agent must report on; None for Incus (no such ring)."""
+    error: HarnessError | None = None
+    """Why the scenario failed, with its fields (console tail, QEMU's output, timeline)."""
+    started: TimelineEntry | None = None
+    stopped: TimelineEntry | None = None
+    kernel_up: float | None = None
+    powered_down: float | None = None
+    guest_off: float | None = None
+    unit_state: str = ""
+    """For a layout without an LXD ring: the agent unit's state after boot, as systemd says."""
+    held: bool = False
+    """The VM was handed to `hold` (`--keep`) instead of being powered off."""
+    entries: list[TimelineEntry] = field(default_factory=list)
+    """The monitor's timeline: QMP events, ring reads, state changes, notes."""
+    timeline: list[str] = field(default_factory=list)
+    """The same, rendered for a person."""
+
+    def state_changes(self, port: str) -> list[str]:
+        """`port`'s state changes in order, e.g. `unknown -> STARTED`."""
+        return [e.text for e in self.entries if e.kind is EntryKind.STATE and e.port == port]
+
+    def reads(self, port: str) -> list[str]:
+        """What the reads of `port`'s ring returned, where they returned anything."""
+        return [e.text for e in self.entries if e.kind is EntryKind.READ and e.port == port]
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None
+
+
+async def check_agent_stood_aside(vm: Vm, timeout: float) -> str:
+    """With no LXD ring (Incus), the boot must complete and the agent must be skipped.
+
+    Returns the unit's state; raises a `VmError` saying which of the two did not hold.
+    """
+    await vm.login(timeout=timeout)
+    state = await vm.run("systemctl is-system-running --wait", timeout=timeout)
+    vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
+    if state.output.strip() != "running":
+        raise vm.error(
+            f"the guest's boot did not complete cleanly: is-system-running says "
+            f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
+        )
+    unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result,NRestarts,StatusText")
+    shown = " ".join(unit.output.split())
+    vm.note(f"guest: lxd-agent: {shown}")
+    props = dict(line.split("=", 1) for line in unit.output.splitlines() if "=" in line)
+    skipped = (
+        props.get("ActiveState") == "inactive"
+        and props.get("Result") == "success"
+        and props.get("NRestarts", "0") == "0"
+        and props.get("StatusText", "").startswith("skipped, no usable port")
+    )
+    if not skipped:
+        raise vm.error(
+            "lxd-agent was not skipped cleanly although no LXD port has a ring behind it: "
+            f"{shown}; see `journalctl -u lxd-agent` in the guest (--keep)"
+        )
+    return shown
+
+
+async def boot_and_check(
+    config: VmConfig,
+    timeout: float,
+    progress: Progress | None = None,
+    while_up: WithVm | None = None,
+    hold: WithVm | None = None,
+) -> BootVerdict:
+    """Boot, see STARTED on the LXD ring, press the power button, see STOPPED, see it off.
+
+    On a layout without an LXD ring (Incus) the proof is instead that the boot completes, the
+    agent is skipped, and the guest powers off within `STUB_POWEROFF_BOUND`. Every wait is
+    bounded by `timeout`. `while_up` runs between STARTED and the power button (a caller's own
+    checks; its `HarnessError` fails the verdict); `hold` instead of the power button.
+    """
+    port = lxd_ring_port(config.layout)
+    verdict = BootVerdict(layout=config.layout.name, port=port)
+    vm = Vm(config, progress=progress)
+    try:
+        async with vm:
+            try:
+                await _boot_and_check(vm, port, timeout, while_up, hold, verdict)
+            finally:
+                _record(vm, verdict)
+    except HarnessError as e:  # from the boot, or from starting or stopping QEMU
+        verdict.error = e
+    return verdict
+
+
+async def _boot_and_check(
+    vm: Vm,
+    port: str | None,
+    timeout: float,
+    while_up: WithVm | None,
+    hold: WithVm | None,
+    verdict: BootVerdict,
+) -> None:
+    if port is not None:
+        verdict.started = await vm.wait_for_state(STARTED, port, timeout=timeout)
+    else:
+        vm.note(f"{vm.config.layout.name} has no ring on an LXD port; checking the boot")
+        verdict.unit_state = await check_agent_stood_aside(vm, timeout)
+    if while_up is not None:
+        await while_up(vm)
+    if hold is not None:
+        verdict.held = True
+        await hold(vm)
+        return
+    if port is not None and vm.monitor.state(port) != STARTED:
+        raise vm.error(f"{port} went from STARTED to {vm.monitor.state(port)} early")
+    await vm.power_off()
+    if port is not None:
+        verdict.stopped = await vm.wait_for_state(STOPPED, port, timeout=timeout)
+    bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
+    await vm.wait_guest_off(timeout=min(timeout, bound))
+
+
+def _record(vm: Vm, verdict: BootVerdict) -> None:
+    """Copy what the VM saw into the verdict, while it still has it."""
+
+    def since_start(monotonic: float | None) -> float | None:
+        return None if monotonic is None else monotonic - vm.t0
+
+    with contextlib.suppress(VmError):  # a VM that failed to start has no console or monitor
+        verdict.kernel_up = since_start(vm.console.milestones.get("kernel up"))
+    with contextlib.suppress(VmError):
+        verdict.entries = list(vm.monitor.timeline.entries)
+        verdict.timeline = vm.render_timeline()
+    verdict.powered_down = since_start(vm.powerdown_at)
+    verdict.guest_off = since_start(vm.guest_off_at)

@@ -1,0 +1,350 @@
+"""The compatibility matrix: every agent booted in every layout, and what the host saw.
+
+One boot per cell (an agent's image in a QEMU layout). Each cell records, as data: when the host
+first saw `STARTED` (and on which ring), whether the agent held up the boot (how long
+`multi-user.target` waited for its start, or that it was still waiting at the bound), the
+agent unit's state as systemd says, how long the power button took to power the guest off, and
+whether `STOPPED` was seen. A hang is a value, not a harness hang: every wait is bounded by the
+cell's `bound`, and a guest still up then is recorded as "held" (with the stop job systemd
+printed) and killed. `run_matrix` returns a `MatrixVerdict`; it never prints. `report.py`
+renders the table; `ours_problems` says where our agent fell short of what it must do.
+
+Host side only; how QEMU, the rings and the console work belongs to vm, monitor and console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from lxd_agent.protocol import STARTED, STOPPED
+from lxd_agent_harness.base.errors import GuestStopped, HarnessError, MonitorTimeout, VmError
+from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.image.agents import OURS, MatrixAgent
+from lxd_agent_harness.lxd.layouts import Layout, get_layout, lxd_ring_port
+from lxd_agent_harness.lxd.monitor import ONE_REFRESH, EntryKind, TimelineEntry
+from lxd_agent_harness.scenarios.boot import PowerOffFigures
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.instance import Vm
+
+MATRIX_LAYOUTS = ("lxd-5.19", "lxd-5.20", "incus", "bridged")
+
+# How long a cell waits for the boot to finish and for the guest to power off before it calls
+# it "held". systemd itself gives up on a start or stop job after 90 s (DefaultTimeout*Sec);
+# an agent that holds anything for 20 s under TCG here holds it until systemd's timeout.
+DEFAULT_BOUND = 20.0
+
+UNIT = "lxd-agent.service"
+_UNIT_PROPERTIES = (
+    "ActiveState",
+    "SubState",
+    "Result",
+    "NRestarts",
+    "ConditionResult",
+    "StatusText",
+    "Before",
+    "InactiveExitTimestampMonotonic",
+    "ActiveEnterTimestampMonotonic",
+)
+# What systemd prints on the console while a job keeps it waiting.
+_JOB_RUNNING = re.compile(rb"A (start|stop) job is running for (.+?) \(\d")
+
+
+@dataclass(frozen=True)
+class UnitFacts:
+    """The agent unit as `systemctl show` describes it after the boot."""
+
+    active: str
+    sub: str
+    result: str
+    restarts: int
+    condition_met: bool
+    status_text: str
+    before: tuple[str, ...]
+    start_began_us: int
+    """When its start job began (CLOCK_MONOTONIC µs); 0: never started."""
+    active_at_us: int
+    """When it became active (after READY=1 for Type=notify); 0: never."""
+
+    @classmethod
+    def parse(cls, shown: str) -> UnitFacts:
+        props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+
+        def number(name: str) -> int:
+            try:
+                return int(props.get(name, "0") or "0")
+            except ValueError:
+                return 0
+
+        return cls(
+            active=props.get("ActiveState", ""),
+            sub=props.get("SubState", ""),
+            result=props.get("Result", ""),
+            restarts=number("NRestarts"),
+            condition_met=props.get("ConditionResult", "yes") != "no",
+            status_text=props.get("StatusText", ""),
+            before=tuple(props.get("Before", "").split()),
+            start_began_us=number("InactiveExitTimestampMonotonic"),
+            active_at_us=number("ActiveEnterTimestampMonotonic"),
+        )
+
+    def summary(self) -> str:
+        """e.g. `active (running)`, `inactive (dead), condition failed`, `failed, NRestarts=3`."""
+        parts = [f"{self.active} ({self.sub})"]
+        if not self.condition_met:
+            parts.append("condition failed")
+        if self.result not in ("", "success"):
+            parts.append(f"Result={self.result}")
+        if self.restarts:
+            parts.append(f"NRestarts={self.restarts}")
+        if self.status_text:
+            parts.append(self.status_text.split(":", 1)[0])
+        return ", ".join(parts)
+
+
+@dataclass
+class Cell(PowerOffFigures):
+    """One agent in one layout. Times are seconds since QEMU started; None: not reached."""
+
+    agent: str
+    layout: str
+    bound: float
+    started: TimelineEntry | None = None
+    """The first `STARTED` the host saw, on any ring."""
+    stopped: TimelineEntry | None = None
+    """The first `STOPPED` the host saw after the power button."""
+    system_state: str = ""
+    """`systemctl is-system-running --wait`, cut off at `bound`: `starting` means still booting."""
+    unit: UnitFacts | None = None
+    target_reached_us: int = 0
+    """When multi-user.target became active (CLOCK_MONOTONIC µs); 0: not within the bound."""
+    powered_down: float | None = None
+    guest_off: float | None = None
+    power_off_held: bool = False
+    job_running: str = ""
+    """What systemd said it was waiting for on the console (`stop job ... for LXD - agent`)."""
+    error: HarnessError | None = None
+    """A failure of the harness itself (not of the agent): the cell has no result."""
+    entries: list[TimelineEntry] = field(default_factory=list)
+    timeline: list[str] = field(default_factory=list)
+
+    @property
+    def boot_held(self) -> float | None:
+        """Seconds multi-user.target waited for the agent's start; None when it did not wait.
+
+        It waits when the unit is ordered `Before=multi-user.target` and was started in the boot;
+        for how long is the unit's start (job begun to active, i.e. `READY=1`). A start still
+        running when the bound ran out gives `bound`: see `boot_held_past_bound`.
+        """
+        unit = self.unit
+        if unit is None or "multi-user.target" not in unit.before or not unit.start_began_us:
+            return None
+        if self.boot_held_past_bound:
+            return self.bound
+        if unit.active_at_us and (
+            not self.target_reached_us or self.target_reached_us >= unit.active_at_us
+        ):
+            return (unit.active_at_us - unit.start_began_us) / 1e6
+        return None
+
+    @property
+    def boot_held_past_bound(self) -> bool:
+        unit = self.unit
+        return (
+            unit is not None
+            and "multi-user.target" in unit.before
+            and unit.active == "activating"
+            and not self.target_reached_us
+        )
+
+
+@dataclass
+class MatrixVerdict:
+    agents: list[MatrixAgent]
+    layouts: list[str]
+    cells: list[Cell] = field(default_factory=list)
+
+    def cell(self, agent: str, layout: str) -> Cell:
+        return next(c for c in self.cells if c.agent == agent and c.layout == layout)
+
+    def harness_failures(self) -> list[Cell]:
+        return [c for c in self.cells if c.error is not None]
+
+    def our_problems(self) -> list[tuple[Cell, list[str]]]:
+        """Our cells that fell short, each with what fell short."""
+        found = []
+        for cell in self.cells:
+            if cell.agent == OURS and cell.error is None:  # those are harness failures
+                problems = ours_problems(cell, lxd_ring_port_of(cell.layout))
+                if problems:
+                    found.append((cell, problems))
+        return found
+
+    @property
+    def passed(self) -> bool:
+        return not self.harness_failures() and not self.our_problems()
+
+
+def lxd_ring_port_of(layout_name: str) -> str | None:
+    return lxd_ring_port(get_layout(layout_name))
+
+
+def ours_problems(cell: Cell, ring_port: str | None) -> list[str]:
+    """What our agent must do in every layout, as a list of what it did not do.
+
+    With a ring on an LXD port (`ring_port`): the host sees STARTED on it, and STOPPED after the
+    power button. Without one (Incus): the unit is skipped cleanly. Always: the boot does not
+    wait for it, the power-off is not held, the unit never restarted.
+    """
+    if cell.error is not None:
+        return [f"no result: {cell.error}"]
+    problems = []
+    if ring_port is not None:
+        if cell.started is None or cell.started.port != ring_port:
+            seen = f"on {cell.started.port}" if cell.started else "never"
+            problems.append(f"STARTED not seen on {ring_port} ({seen})")
+        if cell.stopped is None:
+            problems.append("STOPPED not seen after the power button")
+    elif cell.unit is None or (cell.unit.active, cell.unit.result) != ("inactive", "success"):
+        shown = cell.unit.summary() if cell.unit else "unknown"
+        problems.append(f"no LXD ring, yet the unit was not skipped cleanly ({shown})")
+    if cell.boot_held is not None:
+        problems.append(f"the boot waited for the agent ({cell.boot_held:.2f} s)")
+    if cell.unit is not None and cell.unit.active == "activating":
+        problems.append(f"the unit was still starting {cell.bound:g} s after the login")
+    if cell.power_off_held:
+        problems.append(f"the power-off was held for more than {cell.bound:g} s")
+    if cell.unit is not None and cell.unit.restarts:
+        problems.append(f"the unit restarted {cell.unit.restarts} times")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+async def run_matrix(
+    agents: Sequence[MatrixAgent],
+    layouts: Sequence[Layout],
+    images: dict[str, GuestImage],
+    accel: Accel,
+    timeout: float,
+    bound: float = DEFAULT_BOUND,
+    progress: Progress | None = None,
+) -> MatrixVerdict:
+    """Boot each agent's image (`images[agent.name]`) in each layout, one cell at a time.
+
+    Every cell runs under `accel`. A harness failure in one cell is kept in that cell and the
+    matrix goes on.
+    """
+    verdict = MatrixVerdict(agents=list(agents), layouts=[layout.name for layout in layouts])
+    for agent in agents:
+        for layout in layouts:
+            if progress is not None:
+                progress(f"matrix: {agent.name} on {layout.name}")
+            cell_config = VmConfig(layout=layout, boot=DirectBoot(images[agent.name]), accel=accel)
+            verdict.cells.append(await run_cell(cell_config, agent.name, timeout, bound, progress))
+    return verdict
+
+
+async def run_cell(
+    config: VmConfig,
+    agent: str,
+    timeout: float,
+    bound: float = DEFAULT_BOUND,
+    progress: Progress | None = None,
+) -> Cell:
+    """Boot once and fill one `Cell`; only the harness's own failures go into `Cell.error`."""
+    cell = Cell(agent=agent, layout=config.layout.name, bound=bound)
+    vm = Vm(config, progress=progress)
+    try:
+        async with vm:
+            try:
+                await _observe(vm, cell, timeout)
+            finally:
+                _record(vm, cell)
+    except HarnessError as e:
+        cell.error = e
+    return cell
+
+
+async def _observe(vm: Vm, cell: Cell, timeout: float) -> None:
+    bound = cell.bound
+    await vm.login(timeout=timeout)
+    # The state after at most `bound` s of waiting: `starting` while a start job still runs.
+    state = await vm.run(
+        f"timeout {bound:g} systemctl is-system-running --wait >/dev/null; "
+        "systemctl is-system-running",
+        timeout=bound + timeout,
+    )
+    cell.system_state = state.output.strip()
+    vm.note(f"guest: is-system-running: {cell.system_state}")
+    shown = await vm.run(f"systemctl show {UNIT} -p {','.join(_UNIT_PROPERTIES)}")
+    cell.unit = UnitFacts.parse(shown.output)
+    vm.note(f"guest: {UNIT}: {cell.unit.summary()}")
+    target = await vm.run(
+        "systemctl show multi-user.target -p ActiveEnterTimestampMonotonic --value"
+    )
+    with contextlib.suppress(ValueError):
+        cell.target_reached_us = int(target.output.strip())
+    # An agent that reports at all has written a line by now or does within one refresh
+    # (`_record` takes the first STARTED from the timeline).
+    await _wait_unless_timeout(vm, STARTED, ONE_REFRESH)
+    mark = vm.console.received
+    await vm.power_off()
+    try:
+        await vm.wait_guest_off(timeout=bound)
+    except VmError:
+        try:
+            await vm.check_running()  # QEMU died or the guest crashed: not a hang
+        except GuestStopped as stopped:
+            if stopped.run_state != "shutdown":
+                raise
+            await vm.wait_guest_off(timeout=1.0)  # off just as the bound ran out: a time
+        else:
+            cell.power_off_held = True
+            match = vm.console.search(_JOB_RUNNING, mark)
+            if match is not None:
+                kind, unit = (group.decode(errors="replace") for group in match.groups())
+                cell.job_running = f"{kind} job for {unit}"
+            vm.note(
+                f"power-off held for {bound:g} s; {cell.job_running or 'no job on the console'}"
+            )
+    with contextlib.suppress(HarnessError):  # the last line may still be in a ring
+        await vm.monitor.read_rings("after power-off")
+
+
+async def _wait_unless_timeout(vm: Vm, status: str, timeout: float) -> None:
+    """Wait for `status` on any ring; a timeout is an answer ("never"), other failures raise."""
+    try:
+        await vm.wait_for_state(status, None, timeout=timeout)
+    except VmError as e:
+        if not isinstance(e.__cause__, MonitorTimeout):
+            raise  # the rings could not be read, or the guest stopped: no answer, not "never"
+
+
+def _first_state(entries: list[TimelineEntry], status: str, after: float) -> TimelineEntry | None:
+    return next(
+        (
+            e
+            for e in entries
+            if e.kind is EntryKind.STATE and e.text.endswith(f"-> {status}") and e.seconds >= after
+        ),
+        None,
+    )
+
+
+def _record(vm: Vm, cell: Cell) -> None:
+    """Copy what the VM saw into the cell, while it still has it."""
+    with contextlib.suppress(VmError):  # a VM that failed to start has no monitor
+        cell.entries = list(vm.monitor.timeline.entries)
+        cell.timeline = vm.render_timeline()
+    cell.started = _first_state(cell.entries, STARTED, 0.0)
+    if vm.powerdown_at is not None:
+        cell.powered_down = vm.powerdown_at - vm.t0
+        cell.stopped = _first_state(cell.entries, STOPPED, cell.powered_down)
+    if vm.guest_off_at is not None:
+        cell.guest_off = vm.guest_off_at - vm.t0

@@ -1,0 +1,193 @@
+"""The guest's machine: what it boots, its devices, and QEMU's whole command line in one place.
+
+`VmConfig` says what a boot is made of (the layout, the boot path, the accelerator, the seed);
+`qemu_args` turns it into QEMU's arguments, top to bottom. Host side only: it runs nothing
+(`lxd_agent.host.vm` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.lxd.layouts import Layout
+from lxd_agent_harness.qemu.migration import incoming_uri
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.firmware import Firmware, firmware_args, machine_arg
+
+CONSOLE_ID = "console"
+KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
+DEFAULT_MEMORY_MIB = 1024
+# Two vCPUs use both host cores under multi-threaded TCG: login in 11 s instead of 22 s.
+DEFAULT_CPUS = 2
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built image: a raw ext4 root filesystem, its kernel and its initrd (`image.rootfs` makes
+    and caches them; the VM only boots them)."""
+
+    directory: Path
+    disk: Path = field(init=False)
+    kernel: Path = field(init=False)
+    initrd: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disk", self.directory / "disk.raw")
+        object.__setattr__(self, "kernel", self.directory / "vmlinuz")
+        object.__setattr__(self, "initrd", self.directory / "initrd.img")
+
+    def is_complete(self) -> bool:
+        return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
+
+
+@dataclass(frozen=True)
+class DirectBoot:
+    """The project's image: QEMU loads its kernel and initrd; the disk is a bare ext4 root."""
+
+    image: GuestImage
+    append: str = KERNEL_APPEND
+
+
+@dataclass(frozen=True)
+class FirmwareBoot:
+    """A cloud image (ours or a user's), booted through the firmware from its own boot loader."""
+
+    disk: Path
+    disk_format: str
+    firmware: Firmware = Firmware.UEFI
+    secure_boot: bool = False
+
+
+Boot = Union[DirectBoot, FirmwareBoot]
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    layout: Layout
+    boot: Boot
+    accel: Accel = Accel.TCG
+    ring_size: int | None = None
+    """The status rings' size; None: the layout's own (LXD's 16 B, Incus's 16 KiB)."""
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    cpus: int = DEFAULT_CPUS
+    seed: Path | None = None
+    network: bool = False
+    # A second QMP socket for a person (`--keep`), a second host reader (the soak's monitor
+    # restart, a host upgraded while the VM runs): the harness's own is taken by the harness.
+    user_qmp: bool = False
+    allow_reboot: bool = False
+    """Let a guest reboot inside the same QEMU (the soak). Otherwise a reboot powers it off,
+    so nothing boots again behind the harness's back."""
+    overlay: Path | None = None
+    """The disk's qcow2 overlay, kept by the caller across QEMUs (a snapshot's disk); None: a
+    fresh one in the VM's temporary directory, gone with it. Direct boot only."""
+    incoming: Path | None = None
+    """A saved state to restore (`-incoming`) instead of booting; it belongs to `overlay`."""
+
+    def disk(self, files: VmFiles) -> Path:
+        """The overlay this boot runs on."""
+        return self.overlay if self.overlay is not None else files.overlay
+
+
+@dataclass(frozen=True)
+class VmFiles:
+    """Where one boot's files go, all inside its temporary directory."""
+
+    workdir: Path
+
+    @property
+    def overlay(self) -> Path:
+        return self.workdir / "overlay.qcow2"
+
+    @property
+    def user_qmp(self) -> Path:
+        return self.workdir / "qmp-user.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def spice_socket(self) -> Path:
+        return self.workdir / "spice.sock"
+
+    @property
+    def uefi_vars(self) -> Path:
+        return self.workdir / "OVMF_VARS.fd"
+
+    @property
+    def sercon(self) -> Path:
+        return self.workdir / "seabios-sercon-port"
+
+
+def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
+    """QEMU's whole command line after the binary, top to bottom.
+
+    The harness's own QMP socket is added by `QemuProcess` (it listens before QEMU starts).
+    """
+    if config.accel is Accel.AUTO:
+        raise VmError("qemu_args needs a decided accelerator; call choose_accel() first")
+    kvm = config.accel is Accel.KVM
+    boot = config.boot
+    machine = "q35"
+    if isinstance(boot, FirmwareBoot):
+        if config.overlay is not None or config.incoming is not None:
+            raise VmError(
+                "a kept overlay or a restored state needs the direct boot of the project's "
+                "image: the firmware's variables are not kept from one QEMU to the next"
+            )
+        machine = machine_arg(boot.firmware, boot.secure_boot)
+    args = [
+        # Start paused: the console reader and the monitor attach before the first byte.
+        "-S",
+        "-name", f"lxd-agent-harness-{config.layout.name}",
+        "-machine", machine,
+        "-accel", "kvm" if kvm else "tcg",
+        # Under TCG the plain default model boots faster than `max` (fewer features to emulate).
+        "-cpu", "host" if kvm else "qemu64",
+        "-m", str(config.memory_mib),
+        "-smp", str(config.cpus),
+        "-nodefaults",
+        "-display", "none",
+        # A powered-off guest stays (paused) so the final ring can still be read; a reboot
+        # counts as a power-off unless the caller asked for reboots (see VmConfig).
+        "-action", f"shutdown=pause,reboot={'reset' if config.allow_reboot else 'shutdown'}",
+    ]  # fmt: skip
+    if isinstance(boot, DirectBoot):
+        args += [
+            "-kernel", str(boot.image.kernel),
+            "-initrd", str(boot.image.initrd),
+            "-append", boot.append,
+        ]  # fmt: skip
+    else:
+        args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
+    # LXD's template gives every VM a virtio RNG fed from the host's /dev/urandom: guests
+    # start with entropy instead of gathering it under a slow emulated CPU.
+    args += [
+        "-object", "rng-random,id=qemu_rng,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,id=dev-qemu_rng,rng=qemu_rng",
+    ]  # fmt: skip
+    # The overlay takes every write; the base image under it is never opened for writing.
+    args += [
+        "-drive",
+        f"file={config.disk(files)},format=qcow2,if=virtio,cache=unsafe,discard=unmap",
+    ]
+    if config.seed is not None:
+        args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
+    if config.network:
+        # No option ROM: the BIOS must not try a network boot before it gives up on the disk.
+        args += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="]
+    args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
+    if config.user_qmp:
+        args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
+    if config.incoming is not None:
+        # The saved devices must match these (QEMU checks the count of serial ports).
+        args += ["-incoming", incoming_uri(config.incoming)]
+    args += [
+        "-chardev", f"pty,id={CONSOLE_ID}",
+        "-serial", f"chardev:{CONSOLE_ID}",
+    ]  # fmt: skip
+    return args

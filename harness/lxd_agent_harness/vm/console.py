@@ -1,0 +1,237 @@
+"""The guest's serial console, read from the host: a log file, milestones, waiting for text.
+
+`SerialConsole` reads the pty QEMU gives the guest's first serial port with pyserial, in a thread,
+into a log file (everything) and memory (bounded), notes the boot's milestones as they show, and
+lets async callers wait for a pattern and write keystrokes. The patterns of what a boot prints
+live here too.
+
+It knows nothing of QEMU, layouts or ring buffers: the VM (`lxd_agent.host.vm`) opens it on the
+pty it asked QEMU for. Host side only: the guest agent never imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Callable
+
+import serial
+
+from lxd_agent_harness.base.errors import VmError
+
+# What the console shows at each step of a boot, for the timeline.
+CONSOLE_MILESTONES = (
+    ("kernel up", re.compile(rb"Linux version \d")),
+    ("systemd up", re.compile(rb"Welcome to ")),
+    ("login prompt", re.compile(rb"login: ")),
+)
+SHELL_PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n]*# ")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
+
+# A guest can print without end: keep this much of the console in memory (the log has it all).
+CONSOLE_MEMORY_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    status: int
+    output: str
+
+
+class SerialConsole:
+    """The guest's serial console on a pty, read by a thread into a log file and memory.
+
+    A context manager: the reader thread stops and the port closes on exit.
+    """
+
+    def __init__(
+        self, device: str, log_path: Path, on_milestone: Callable[[str], None] | None = None
+    ) -> None:
+        self.device = device
+        self.log_path = log_path
+        self._on_milestone = on_milestone
+        self._port: serial.Serial | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._data = bytearray()
+        self._base = 0  # offset of _data[0] in everything ever received
+        self._pending_milestones = list(CONSOLE_MILESTONES)
+        self.milestones: dict[str, float] = {}
+
+    def __enter__(self) -> SerialConsole:
+        try:
+            self._port = serial.Serial(self.device, baudrate=115200, timeout=0.1)
+        except serial.SerialException as e:
+            raise VmError(f"could not open the guest console {self.device}: {e}") from None
+        self._thread = threading.Thread(target=self._read_loop, name="console", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop reading and close the pty (a person can then attach to it). Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._port is not None:
+            self._port.close()
+
+    @property
+    def received(self) -> int:
+        """Bytes received so far: an offset for `wait_for(..., start=)`."""
+        with self._lock:
+            return self._base + len(self._data)
+
+    def _read_loop(self) -> None:
+        assert self._port is not None
+        with self.log_path.open("ab") as log:
+            while not self._stop.is_set():
+                try:
+                    chunk = self._port.read(max(1, self._port.in_waiting))
+                except (serial.SerialException, OSError):
+                    return  # QEMU went away and closed the pty
+                if not chunk:
+                    continue
+                log.write(chunk)
+                log.flush()
+                with self._lock:
+                    self._data += chunk
+                    if len(self._data) > CONSOLE_MEMORY_BYTES:
+                        cut = len(self._data) - CONSOLE_MEMORY_BYTES // 2
+                        del self._data[:cut]
+                        self._base += cut
+                    self._check_milestones()
+
+    def _check_milestones(self) -> None:
+        # Milestones come in boot order; only the tail of the buffer needs looking at.
+        while self._pending_milestones:
+            name, pattern = self._pending_milestones[0]
+            if not pattern.search(self._data, max(0, len(self._data) - 64 * 1024)):
+                return
+            self._pending_milestones.pop(0)
+            self.milestones[name] = time.monotonic()
+            if self._on_milestone is not None:
+                self._on_milestone(name)
+
+    def search(self, pattern: re.Pattern[bytes], start: int) -> re.Match[bytes] | None:
+        with self._lock:
+            return pattern.search(self._data, max(0, start - self._base))
+
+    def text_between(self, start: int, end: int) -> str:
+        with self._lock:
+            raw = bytes(self._data[max(0, start - self._base) : max(0, end - self._base)])
+        return ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace"))
+
+    async def wait_for(
+        self, pattern: re.Pattern[bytes], timeout: float, start: int = 0, what: str = ""
+    ) -> tuple[int, int]:
+        """Wait until `pattern` shows after offset `start`; its (start, end) offsets."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = self.search(pattern, start)
+            if match is not None:
+                return self._base + match.start(), self._base + match.end()
+            if time.monotonic() > deadline:
+                raise VmError(
+                    f"waited {timeout:g} s for {what or pattern.pattern!r} on the guest console "
+                    "and did not see it; see the console tail",
+                    console_tail=self.tail_lines(),
+                )
+            if self._thread is not None and not self._thread.is_alive():
+                raise VmError(
+                    f"the guest console closed while waiting for {what or pattern.pattern!r} "
+                    "(QEMU exited?)",
+                    console_tail=self.tail_lines(),
+                )
+            await asyncio.sleep(0.05)
+
+    def write(self, text: str) -> None:
+        assert self._port is not None
+        self._port.write(text.encode())
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.tail_lines(lines))
+
+    def tail_lines(self, lines: int = 30) -> list[str]:
+        """The console's last `lines` lines, escape sequences removed."""
+        with self._lock:
+            raw = bytes(self._data[-64 * 1024 :])
+        text = ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace"))
+        return text.splitlines()[-lines:]
+
+
+class ConsoleShell:
+    """The root shell the guest's autologin gives on the console: log in once, run commands.
+
+    Each command's end is found by a marker its own shell prints, with its exit status.
+    `note` records the login in the caller's timeline.
+    """
+
+    def __init__(self, console: SerialConsole, note: Callable[[str], None]) -> None:
+        self.console = console
+        self._note = note
+        self._logged_in = False
+        self._prompt_after = 0  # a console offset: the prompt to log in at comes after it
+
+    async def login(self, timeout: float) -> None:
+        """Wait for the autologin shell on the console and make it quiet and parseable."""
+        if self._logged_in:
+            return
+        await self.console.wait_for(
+            SHELL_PROMPT, timeout, start=self._prompt_after, what="the root shell prompt"
+        )
+        self._logged_in = True
+        # No echo, no prompt, no colours, no pager, no kernel messages in the output.
+        await self.run(
+            "stty -echo; PS1=''; PS2=''; export TERM=dumb SYSTEMD_COLORS=0 SYSTEMD_PAGER='' "
+            "PAGER=cat; bind 'set enable-bracketed-paste off' 2>/dev/null; dmesg -n 1",
+            timeout=30,
+        )
+        self._note("logged in on the console")
+
+    def send(self, command: str) -> None:
+        """Type `command` into the logged-in shell without waiting for it (e.g. `reboot`)."""
+        if not self._logged_in:
+            raise VmError(f"cannot send `{command}`: not logged in on the console yet")
+        self.console.write(f"{command}\n")
+
+    def logged_out(self) -> None:
+        """The guest is rebooting: the next `login` waits for a prompt that comes after now."""
+        self._logged_in = False
+        self._prompt_after = self.console.received
+
+    async def run(self, command: str, timeout: float) -> CommandResult:
+        """Run a shell command in the logged-in shell; its status and output."""
+        if not self._logged_in:
+            raise VmError(f"cannot run `{command}`: not logged in on the console yet")
+        token = secrets.token_hex(6)
+        # The marker is assembled by the guest's shell, so the typed (echoed) line never
+        # matches it: only the command's end does.
+        marker = re.compile(rb"@@LXDH:(\d+):" + token.encode() + rb"@@")
+        start = self.console.received
+        self.console.write(f"{command}; printf '\\n%s:%s:%s@@\\n' '@@LXDH' \"$?\" {token}\n")
+        begin, _end = await self.console.wait_for(
+            marker, timeout, start=start, what=f"the end of `{command}`"
+        )
+        match = self.console.search(marker, begin)
+        assert match is not None
+        output = self.console.text_between(start, begin)
+        lines = output.split("\n")
+        if lines and f"{token}" in lines[0]:
+            lines = lines[1:]  # the echoed command line, before `stty -echo` took effect
+        return CommandResult(command, int(match.group(1)), "\n".join(lines).strip("\n"))
