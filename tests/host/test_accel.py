@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.accel: choosing KVM or TCG, the probe's verdict and its cache."""
+"""Tests for the harness's vm.kvm_probe: choosing KVM or TCG, the probe's verdict and its cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.aio: bounded waits, and a cancellation that lands as the answer does.
+"""Tests for base.aio: bounded waits, and a cancellation that lands as the answer does.
 
 The race these guard against hung a CI run: a `wait_for_state` whose STARTED had come cancelled
 its QEMU watcher just as a `query-status` answer landed; `asyncio.wait_for` (Python 3.11) gave

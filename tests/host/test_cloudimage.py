@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.cloudimage: the GPT layout, GRUB's BIOS embedding, the boot config.
+"""Tests for the harness's image.cloud: the GPT layout, GRUB's BIOS embedding, the boot config.
 
 The whole build (mmdebstrap) is exercised by the VM tests in test_cloud_vm.py; these check each
 piece on small files, with the real sfdisk, mtools and GRUB images from Debian's packages.

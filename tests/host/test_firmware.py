@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.firmware: OVMF's files and arguments, and the boot's dead ends."""
+"""Tests for the harness's vm.firmware: OVMF's files and arguments, and the boot's dead ends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.layouts: the arguments each layout gives QEMU, and QEMU's verdict."""
+"""Tests for the harness's lxd.layouts: the arguments each layout gives QEMU, and QEMU's verdict."""
 
 from __future__ import annotations
 

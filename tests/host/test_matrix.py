@@ -24,12 +24,12 @@ from lxd_agent_harness.scenarios.matrix import (
     MATRIX_LAYOUTS,
     Cell,
     MatrixVerdict,
-    UnitFacts,
     ours_problems,
     run_matrix,
 )
 from lxd_agent_harness.vm.accel import Accel, AccelChoice
 from lxd_agent_harness.vm.config import GuestImage
+from lxd_agent_harness.vm.units import UnitFacts
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.host.guests import BOOT_TIMEOUT, Figures

@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.migration: save a state, load it back, and QEMU's refusal as data.
+"""Tests for the harness's qemu.migration: save a state, load it back, and QEMU's refusal as data.
 
 Every QEMU here is a paused q35 (`-S`, never continued): its devices are saved and loaded, and
 no guest code ever runs, so no VM lock is needed.

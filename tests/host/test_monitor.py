@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.monitor: LXD's reading rule, then the monitor against a real QEMU."""
+"""Tests for the harness's lxd.monitor: LXD's reading rule, then the monitor against a real QEMU."""
 
 from __future__ import annotations
 

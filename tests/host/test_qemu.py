@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.qemu: QEMU starts with QMP, and is always killed and reaped."""
+"""Tests for the harness's qemu.process: QEMU starts with QMP, and is always killed and reaped."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for lxd_agent.host.snapshot: the specification's lines, the layout record, what an
+"""Tests for the harness's scenarios.snapshot: the specification's lines, the layout record, what an
 upgraded host reads and how the command line renders a verdict (no guest); then the whole
 scenario on real guests (marked vm)."""
 

@@ -1,7 +1,7 @@
 """The built .deb, as the packaging tests see it.
 
 The tests check the artefact that `make deb` (packaging/build-deb) leaves in out/, found as
-the harness finds it (`lxd_agent.host.package`); they never build it themselves. A missing
+the harness finds it (`lxd_agent_harness.image.deb`); they never build it themselves. A missing
 .deb is a failure that says how to make one, never a skip.
 """
 

@@ -1,6 +1,6 @@
 """A throw-away Debian root for installing the .deb, built with mmdebstrap.
 
-The root's apt sources are the harness's (`lxd_agent.host.aptsources.filter_apt_sources`): the
+The root's apt sources are the harness's (`image.aptsources.filter_apt_sources`): the
 machine's own mirror, with the suites of the release asked for, so no mirror is named anywhere
 in the project and the root can run apt against the archive (its package lists are kept).
 Everything lives in a temporary directory that is removed on every exit path, after making sure

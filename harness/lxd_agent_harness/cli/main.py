@@ -7,8 +7,8 @@ that order; 1 when the guest did not do it (the reason, the console tail and the
 printed); 2 on bad input, before anything is built or booted (a corrupt --deb, a ring size out
 of bounds, an --image without a partition table); 128+signum when interrupted (130 for Ctrl-C,
 143 for SIGTERM, 129 for SIGHUP), after QEMU, mounts, build and temporary directories are gone
-(`lxd_agent.host.interrupt`). `image` only builds or reuses the image and prints its directory;
-`soak`, `snapshot` and `matrix` run their scenarios and print their tables.
+(`cli.interrupt`). `image` only builds or reuses the image and prints its directory; `soak`,
+`snapshot` and `matrix` run their scenarios and print their tables.
 
 Host side only: this is the one place that prints to the user and turns errors into exit codes;
 it holds no QEMU or image logic of its own.

@@ -1,6 +1,6 @@
 """`lxd-agent-harness`'s command line: its commands and options, and nothing that runs them.
 
-Host side only; `cli.py` checks the values and runs the commands.
+Host side only; `cli.main` checks the values and runs the commands.
 """
 
 from __future__ import annotations

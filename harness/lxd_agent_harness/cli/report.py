@@ -1,6 +1,6 @@
 """The harness's results as lines for a person: verdicts, failures and their data, soak tables.
 
-Pure functions from a verdict or an error to text; `cli.py` prints them, and so do the VM tests
+Pure functions from a verdict or an error to text; `cli.main` prints them, and so do the VM tests
 when something fails. Host side only.
 """
 

@@ -1,4 +1,4 @@
-"""Build steps and build directories, for the image builders (`image.py`, `cloudimage.py`).
+"""Build steps and build directories, for the image builders (`image.rootfs`, `image.cloud`).
 
 A build step is a child process (mmdebstrap, mke2fs...) run in its own session, its output
 passed on line by line, stopped with its whole process group on any exit. A build directory is

@@ -6,7 +6,7 @@ root. GRUB boots it both ways: under BIOS from boot.img in the MBR and core.img 
 (`grub-pc-bin`); under UEFI through Debian's signed shim as `EFI/BOOT/BOOTX64.EFI`, which loads
 Debian's signed GRUB (`shim-signed`, `grub-efi-amd64-signed`), so secure boot can be tried. The
 root carries the cloud kernel, cloud-init (NoCloud only) and a console on ttyS0, from the same
-mmdebstrap tree as the root image (`image.py`, the host's own apt sources).
+mmdebstrap tree as the root image (`image.rootfs`, the host's own apt sources).
 
 Nothing is mounted and no loop device is used: sfdisk writes the partition table into a file,
 `mkfs.vfat --offset` and mtools fill the ESP in place, `mke2fs -E offset= -d` writes the root
@@ -15,8 +15,8 @@ are cached under `<cache>/cloud-images/<key>/`, keyed by everything that goes in
 (packages, this module's layout, the host's boot loader binaries); a build happens in a
 temporary directory renamed into place at the end, so a failed build leaves nothing behind.
 
-Host side only. It must not boot anything (that is `vm.py`) and must never write a built image:
-boots use an overlay.
+Host side only. It must not boot anything (that is `vm.instance`) and must never write a built
+image: boots use an overlay.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ mirror. Images are cached under `${XDG_CACHE_HOME:-~/.cache}/lxd-agent/images/<k
 by everything that goes into them; a build happens in a temporary directory that is renamed into
 place at the end, so an interrupted build leaves nothing half-written.
 
-Host side only. It must not boot anything (that is `vm.py`) and must never write the cached image
-after it is built: boots use an overlay.
+Host side only. It must not boot anything (that is `vm.instance`) and must never write the cached
+image after it is built: boots use an overlay.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ so no network and no second disk is needed) and installs it in `runcmd`; the pac
 replays the udev "add" event, which starts the agent in the running guest.
 
 Host side only. It writes the seed file it is given a path for and nothing else; it never boots
-anything (that is `vm.py`).
+anything (that is `vm.instance`).
 """
 
 from __future__ import annotations

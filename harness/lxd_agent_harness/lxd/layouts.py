@@ -8,7 +8,7 @@ the one place the arguments are built. Device and chardev ids follow LXD's templ
 come from `lxd_agent.protocol`, never retyped here.
 
 Host side only: the guest agent never imports this module. It builds arguments and checks them;
-it does not start QEMU (see `lxd_agent.host.qemu`).
+it does not start QEMU (see `lxd_agent_harness.qemu.process`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Watch a VM's status ring buffers over QMP and tell, as LXD's host would, whether the agent is up.
 
 The rule a host applies to what one `ringbuf-read` returns (LXD's, or Incus's) is
-`lxd_agent.host.ringrule.interpret_ring_read`, and lives there and nowhere else.
+`lxd_agent_harness.lxd.reading_rules.interpret_ring_read`, and lives there and nowhere else.
 
 `RingbufMonitor` reads `base64` (so the timeline shows the bytes as they were) and applies the
 rule to what a utf8 read would have returned. It reads when LXD's host does: once at start,
@@ -13,7 +13,7 @@ changes that callers can await and print.
 What the ring holds comes from an untrusted guest: binary junk, lines longer than the ring, and
 floods of events must never crash or stall the monitor, nor grow its memory without bound.
 Host side only: the guest agent never imports this module. It reads rings; it never writes
-to them and never starts or stops QEMU (see `lxd_agent.host.qemu`).
+to them and never starts or stops QEMU (see `lxd_agent_harness.qemu.process`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A stateful snapshot is taken the way LXD takes one: QMP `stop`, then `migrate` to a command that
 writes the stream to a file. A restore is a new QEMU started with `-incoming` reading that file
-back (`incoming_uri`, put on the command line by `lxd_agent.host.machine`), then `cont`. The
+back (`incoming_uri`, put on the command line by `lxd_agent_harness.vm.config`), then `cont`. The
 stream holds the guest's memory and devices, not its disk: the caller keeps the disk the state
 belongs to. Ring-buffer contents are not in it either, so after a restore the host needs a
 fresh line from the agent.
@@ -12,7 +12,7 @@ ports, not their names): a layout with one port more refuses the state, and QEMU
 its reasons on its output. `wait_incoming` turns that into a `RestoreRefused` carrying them.
 
 Host side only. It drives QEMU over QMP and waits, bounded; it never starts or stops QEMU
-(`lxd_agent.host.qemu` does) and never builds its command line.
+(`lxd_agent_harness.qemu.process` does) and never builds its command line.
 """
 
 from __future__ import annotations

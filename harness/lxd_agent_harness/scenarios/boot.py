@@ -2,7 +2,7 @@
 
 A scenario boots a guest (through `vm.Vm`), drives it, and returns what it saw and when: a
 verdict that says pass or fail and why, with the failure's own data (the error and its fields).
-It never prints and never exits: `cli.py` turns a verdict into lines and an exit code, and the
+It never prints and never exits: `cli.main` turns a verdict into lines and an exit code, and the
 VM tests assert on verdicts. Progress goes to an optional callback.
 
 Host side only. Scenarios hold the flow; how QEMU runs, how rings are read and how the console
@@ -11,48 +11,29 @@ is driven belong to the modules below (vm, monitor, console).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from lxd_agent.protocol import STARTED, STOPPED
-from lxd_agent_harness.base.errors import HarnessError, VmError
+from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.layouts import lxd_ring_port
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
+from lxd_agent_harness.scenarios.observed import PowerOffFigures, record
 from lxd_agent_harness.vm.config import VmConfig
 from lxd_agent_harness.vm.instance import POWEROFF_TIMEOUT, Vm
+from lxd_agent_harness.vm.units import AGENT_UNIT, unit_properties
 
 # Without a ring (Incus) the power-off time is the proof: off in 1-3 s here, while an agent
 # stuck on the dead stub would hold it for systemd's 90 s stop timeout.
 STUB_POWEROFF_BOUND = 20.0
 
+# What the unit of an agent that stood aside (no LXD ring) must show.
+STOOD_ASIDE_PROPERTIES = ("ActiveState", "Result", "NRestarts", "StatusText")
+
 # What a caller does with the running VM: after STARTED and before the power button
 # (`while_up`), or instead of the power button (`hold`, the CLI's `--keep`).
 WithVm = Callable[[Vm], Awaitable[None]]
-
-
-class PowerOffFigures:
-    """How long after the power button `STOPPED` was seen and the guest was off.
-
-    For a verdict that has these three (times in seconds since QEMU started; None: not reached).
-    """
-
-    stopped: TimelineEntry | None
-    powered_down: float | None
-    guest_off: float | None
-
-    @property
-    def stopped_after_power_off(self) -> float | None:
-        if self.stopped is None or self.powered_down is None:
-            return None
-        return self.stopped.seconds - self.powered_down
-
-    @property
-    def off_after_power_off(self) -> float | None:
-        if self.guest_off is None or self.powered_down is None:
-            return None
-        return self.guest_off - self.powered_down
 
 
 @dataclass
@@ -104,14 +85,13 @@ async def check_agent_stood_aside(vm: Vm, timeout: float) -> str:
             f"the guest's boot did not complete cleanly: is-system-running says "
             f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
         )
-    unit = await vm.run("systemctl show lxd-agent -p ActiveState,Result,NRestarts,StatusText")
-    shown = " ".join(unit.output.split())
+    props = await unit_properties(vm, AGENT_UNIT, STOOD_ASIDE_PROPERTIES)
+    shown = " ".join(f"{name}={' '.join(value.split())}" for name, value in props.items())
     vm.note(f"guest: lxd-agent: {shown}")
-    props = dict(line.split("=", 1) for line in unit.output.splitlines() if "=" in line)
     skipped = (
         props.get("ActiveState") == "inactive"
         and props.get("Result") == "success"
-        and props.get("NRestarts", "0") == "0"
+        and props.get("NRestarts") in ("", "0")
         and props.get("StatusText", "").startswith("skipped, no usable port")
     )
     if not skipped:
@@ -144,7 +124,7 @@ async def boot_and_check(
             try:
                 await _boot_and_check(vm, port, timeout, while_up, hold, verdict)
             finally:
-                _record(vm, verdict)
+                record(vm, verdict)
     except HarnessError as e:  # from the boot, or from starting or stopping QEMU
         verdict.error = e
     return verdict
@@ -176,18 +156,3 @@ async def _boot_and_check(
         verdict.stopped = await vm.wait_for_state(STOPPED, port, timeout=timeout)
     bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
     await vm.wait_guest_off(timeout=min(timeout, bound))
-
-
-def _record(vm: Vm, verdict: BootVerdict) -> None:
-    """Copy what the VM saw into the verdict, while it still has it."""
-
-    def since_start(monotonic: float | None) -> float | None:
-        return None if monotonic is None else monotonic - vm.t0
-
-    with contextlib.suppress(VmError):  # a VM that failed to start has no console or monitor
-        verdict.kernel_up = since_start(vm.console.milestones.get("kernel up"))
-    with contextlib.suppress(VmError):
-        verdict.entries = list(vm.monitor.timeline.entries)
-        verdict.timeline = vm.render_timeline()
-    verdict.powered_down = since_start(vm.powerdown_at)
-    verdict.guest_off = since_start(vm.guest_off_at)

@@ -6,7 +6,7 @@ first saw `STARTED` (and on which ring), whether the agent held up the boot (how
 agent unit's state as systemd says, how long the power button took to power the guest off, and
 whether `STOPPED` was seen. A hang is a value, not a harness hang: every wait is bounded by the
 cell's `bound`, and a guest still up then is recorded as "held" (with the stop job systemd
-printed) and killed. `run_matrix` returns a `MatrixVerdict`; it never prints. `report.py`
+printed) and killed. `run_matrix` returns a `MatrixVerdict`; it never prints. `cli.report`
 renders the table; `ours_problems` says where our agent fell short of what it must do.
 
 Host side only; how QEMU, the rings and the console work belongs to vm, monitor and console.
@@ -24,11 +24,12 @@ from lxd_agent_harness.base.errors import GuestStopped, HarnessError, MonitorTim
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.agents import OURS, MatrixAgent
 from lxd_agent_harness.lxd.layouts import Layout, get_layout, lxd_ring_port
-from lxd_agent_harness.lxd.monitor import ONE_REFRESH, EntryKind, TimelineEntry
-from lxd_agent_harness.scenarios.boot import PowerOffFigures
+from lxd_agent_harness.lxd.monitor import ONE_REFRESH, TimelineEntry
+from lxd_agent_harness.scenarios.observed import PowerOffFigures, first_state, record
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
+from lxd_agent_harness.vm.units import AGENT_UNIT, UnitFacts, agent_unit, unit_properties
 
 MATRIX_LAYOUTS = ("lxd-5.19", "lxd-5.20", "incus", "bridged")
 
@@ -37,72 +38,8 @@ MATRIX_LAYOUTS = ("lxd-5.19", "lxd-5.20", "incus", "bridged")
 # an agent that holds anything for 20 s under TCG here holds it until systemd's timeout.
 DEFAULT_BOUND = 20.0
 
-UNIT = "lxd-agent.service"
-_UNIT_PROPERTIES = (
-    "ActiveState",
-    "SubState",
-    "Result",
-    "NRestarts",
-    "ConditionResult",
-    "StatusText",
-    "Before",
-    "InactiveExitTimestampMonotonic",
-    "ActiveEnterTimestampMonotonic",
-)
 # What systemd prints on the console while a job keeps it waiting.
 _JOB_RUNNING = re.compile(rb"A (start|stop) job is running for (.+?) \(\d")
-
-
-@dataclass(frozen=True)
-class UnitFacts:
-    """The agent unit as `systemctl show` describes it after the boot."""
-
-    active: str
-    sub: str
-    result: str
-    restarts: int
-    condition_met: bool
-    status_text: str
-    before: tuple[str, ...]
-    start_began_us: int
-    """When its start job began (CLOCK_MONOTONIC µs); 0: never started."""
-    active_at_us: int
-    """When it became active (after READY=1 for Type=notify); 0: never."""
-
-    @classmethod
-    def parse(cls, shown: str) -> UnitFacts:
-        props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
-
-        def number(name: str) -> int:
-            try:
-                return int(props.get(name, "0") or "0")
-            except ValueError:
-                return 0
-
-        return cls(
-            active=props.get("ActiveState", ""),
-            sub=props.get("SubState", ""),
-            result=props.get("Result", ""),
-            restarts=number("NRestarts"),
-            condition_met=props.get("ConditionResult", "yes") != "no",
-            status_text=props.get("StatusText", ""),
-            before=tuple(props.get("Before", "").split()),
-            start_began_us=number("InactiveExitTimestampMonotonic"),
-            active_at_us=number("ActiveEnterTimestampMonotonic"),
-        )
-
-    def summary(self) -> str:
-        """e.g. `active (running)`, `inactive (dead), condition failed`, `failed, NRestarts=3`."""
-        parts = [f"{self.active} ({self.sub})"]
-        if not self.condition_met:
-            parts.append("condition failed")
-        if self.result not in ("", "success"):
-            parts.append(f"Result={self.result}")
-        if self.restarts:
-            parts.append(f"NRestarts={self.restarts}")
-        if self.status_text:
-            parts.append(self.status_text.split(":", 1)[0])
-        return ", ".join(parts)
 
 
 @dataclass
@@ -121,6 +58,7 @@ class Cell(PowerOffFigures):
     unit: UnitFacts | None = None
     target_reached_us: int = 0
     """When multi-user.target became active (CLOCK_MONOTONIC µs); 0: not within the bound."""
+    kernel_up: float | None = None
     powered_down: float | None = None
     guest_off: float | None = None
     power_off_held: bool = False
@@ -282,14 +220,11 @@ async def _observe(vm: Vm, cell: Cell, timeout: float) -> None:
     )
     cell.system_state = state.output.strip()
     vm.note(f"guest: is-system-running: {cell.system_state}")
-    shown = await vm.run(f"systemctl show {UNIT} -p {','.join(_UNIT_PROPERTIES)}")
-    cell.unit = UnitFacts.parse(shown.output)
-    vm.note(f"guest: {UNIT}: {cell.unit.summary()}")
-    target = await vm.run(
-        "systemctl show multi-user.target -p ActiveEnterTimestampMonotonic --value"
-    )
+    cell.unit = await agent_unit(vm)
+    vm.note(f"guest: {AGENT_UNIT}: {cell.unit.summary()}")
+    target = await unit_properties(vm, "multi-user.target", ["ActiveEnterTimestampMonotonic"])
     with contextlib.suppress(ValueError):
-        cell.target_reached_us = int(target.output.strip())
+        cell.target_reached_us = int(target["ActiveEnterTimestampMonotonic"])
     # An agent that reports at all has written a line by now or does within one refresh
     # (`_record` takes the first STARTED from the timeline).
     await _wait_unless_timeout(vm, STARTED, ONE_REFRESH)
@@ -326,25 +261,10 @@ async def _wait_unless_timeout(vm: Vm, status: str, timeout: float) -> None:
             raise  # the rings could not be read, or the guest stopped: no answer, not "never"
 
 
-def _first_state(entries: list[TimelineEntry], status: str, after: float) -> TimelineEntry | None:
-    return next(
-        (
-            e
-            for e in entries
-            if e.kind is EntryKind.STATE and e.text.endswith(f"-> {status}") and e.seconds >= after
-        ),
-        None,
-    )
-
-
 def _record(vm: Vm, cell: Cell) -> None:
-    """Copy what the VM saw into the cell, while it still has it."""
-    with contextlib.suppress(VmError):  # a VM that failed to start has no monitor
-        cell.entries = list(vm.monitor.timeline.entries)
-        cell.timeline = vm.render_timeline()
-    cell.started = _first_state(cell.entries, STARTED, 0.0)
-    if vm.powerdown_at is not None:
-        cell.powered_down = vm.powerdown_at - vm.t0
-        cell.stopped = _first_state(cell.entries, STOPPED, cell.powered_down)
-    if vm.guest_off_at is not None:
-        cell.guest_off = vm.guest_off_at - vm.t0
+    """What every scenario records, then the first STARTED, and the first STOPPED after the
+    power button."""
+    record(vm, cell)
+    cell.started = first_state(cell.entries, STARTED, 0.0)
+    if cell.powered_down is not None:
+        cell.stopped = first_state(cell.entries, STOPPED, cell.powered_down)

@@ -353,8 +353,9 @@ async def _restore_pinned(run: _Run, verdict: SnapshotVerdict) -> None:
     resumed: list[float] = []
 
     async def note_resume(vm: Vm) -> None:
-        assert vm.running_at is not None
-        resumed.append(vm.running_at - vm.t0)
+        since = vm.since_start(vm.running_at)
+        assert since is not None
+        resumed.append(since)
 
     config = run.config(layout, incoming=run.state)
     result = await boot_and_check(config, run.timeout, run.progress, while_up=note_resume)

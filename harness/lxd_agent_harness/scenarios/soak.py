@@ -28,6 +28,7 @@ from lxd_agent_harness.lxd.layouts import SERIAL_BUS, Layout, lxd_ring_port
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH
 from lxd_agent_harness.vm.config import VmConfig
 from lxd_agent_harness.vm.instance import POWEROFF_TIMEOUT, Vm
+from lxd_agent_harness.vm.units import AGENT_UNIT, unit_properties
 
 # The unit restarts the agent 5 s after it died (RestartSec=5s); under TCG it starts in 1-3 s.
 AGENT_RESTART_TIMEOUT = 30.0
@@ -72,11 +73,11 @@ class SoakVerdict:
 
 async def main_pid(vm: Vm) -> int:
     """The agent's process id, as systemd says (0: not running)."""
-    result = await vm.run("systemctl show -p MainPID --value lxd-agent")
+    main_pid = (await unit_properties(vm, AGENT_UNIT, ["MainPID"]))["MainPID"]
     try:
-        return int(result.output.strip())
+        return int(main_pid)
     except ValueError:
-        raise vm.error(f"systemctl gave no MainPID for lxd-agent: {result.output!r}") from None
+        raise vm.error(f"systemctl gave no MainPID for lxd-agent: {main_pid!r}") from None
 
 
 async def _since(start: float, awaitable: Awaitable[object]) -> float:

@@ -2,7 +2,7 @@
 
 `VmConfig` says what a boot is made of (the layout, the boot path, the accelerator, the seed);
 `qemu_args` turns it into QEMU's arguments, top to bottom. Host side only: it runs nothing
-(`lxd_agent.host.vm` does).
+(`lxd_agent_harness.vm.instance` does).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ into a log file (everything) and memory (bounded), notes the boot's milestones a
 lets async callers wait for a pattern and write keystrokes. The patterns of what a boot prints
 live here too.
 
-It knows nothing of QEMU, layouts or ring buffers: the VM (`lxd_agent.host.vm`) opens it on the
+It knows nothing of QEMU, layouts or ring buffers: the VM (`vm.instance`) opens it on the
 pty it asked QEMU for. Host side only: the guest agent never imports this module.
 """
 

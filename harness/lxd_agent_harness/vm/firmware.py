@@ -10,7 +10,7 @@ prompt); `watch_firmware_boot` raises as soon as the console shows one (or no ke
 time), so a bad image fails at once with the reason instead of at the boot timeout.
 
 Host side only. It chooses files and arguments and reads the console; it never starts QEMU
-(that is `vm.py`).
+(that is `vm.instance`).
 """
 
 from __future__ import annotations

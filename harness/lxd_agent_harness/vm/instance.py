@@ -1,13 +1,13 @@
 """Boot a guest under QEMU with one of LXD's device layouts and drive it from the host.
 
 The guest's machine (`VmConfig`) and QEMU's command line (`qemu_args`) are in
-`lxd_agent.host.machine`. `Vm` is an async
+`lxd_agent_harness.vm.config`. `Vm` is an async
 context manager around one running guest: it starts QEMU paused (so no console byte is lost),
-opens the serial console (`lxd_agent.host.console`), starts the ring-buffer monitor, lets the
+opens the serial console (`lxd_agent_harness.vm.console`), starts the ring-buffer monitor, lets the
 guest run, and offers what the harness and the tests need: wait for a ring state, power the guest
 off, wait for it to be off, run a command through the console, and the timeline. Everything it
 makes (QEMU, sockets, the disk overlay, the console reader) is released on every exit path.
-Which accelerator to run with is decided before, by `lxd_agent.host.accel`.
+Which accelerator to run with is decided before, by `lxd_agent_harness.vm.kvm_probe`.
 
 Host side only. It must never write the base image (boots use a qcow2 overlay in a temporary
 directory), and it runs one guest at a time on a machine: every `Vm` holds a lock in the cache
@@ -117,7 +117,12 @@ class Vm:
         return self._qemu is not None
 
     def seconds(self) -> float:
+        """Seconds since QEMU started (this VM's t0), now."""
         return time.monotonic() - self.t0
+
+    def since_start(self, monotonic: float | None) -> float | None:
+        """`monotonic` (a `time.monotonic()` moment) in seconds since QEMU started; None stays."""
+        return None if monotonic is None else monotonic - self.t0
 
     def error(self, message: str) -> VmError:
         """A `VmError` for `message` that carries what the VM has seen so far."""
