@@ -19,7 +19,7 @@ APT_PACKAGES := \
 	grub-efi-amd64-signed shim-signed ovmf \
 	systemd
 
-.PHONY: all setup apt venv lint test unit vm deb demo soak matrix bench clean
+.PHONY: all setup apt venv lint test unit vm deb wheels demo soak matrix bench clean
 
 all: test
 
@@ -51,6 +51,14 @@ lint: setup
 
 deb: setup
 	packaging/build-deb
+
+# The two Python distributions as wheels, for installing the harness without this clone:
+# out/wheels/lxd_agent-*.whl (the agent, whose protocol names the harness imports) and
+# out/wheels/lxd_agent_harness-*.whl.
+wheels: setup
+	rm -rf out/wheels
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w out/wheels . ./harness
+	@ls out/wheels/*.whl
 
 # Everything: lint, the package, unit tests, then the VM tests under QEMU.
 test: setup

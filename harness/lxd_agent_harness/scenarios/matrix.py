@@ -116,7 +116,7 @@ class MatrixVerdict:
         found = []
         for cell in self.cells:
             if cell.agent == OURS and cell.error is None:  # those are harness failures
-                problems = ours_problems(cell, lxd_ring_port_of(cell.layout))
+                problems = ours_problems(cell, lxd_ring_port(get_layout(cell.layout)))
                 if problems:
                     found.append((cell, problems))
         return found
@@ -124,10 +124,6 @@ class MatrixVerdict:
     @property
     def passed(self) -> bool:
         return not self.harness_failures() and not self.our_problems()
-
-
-def lxd_ring_port_of(layout_name: str) -> str | None:
-    return lxd_ring_port(get_layout(layout_name))
 
 
 def ours_problems(cell: Cell, ring_port: str | None) -> list[str]:
