@@ -1,4 +1,5 @@
-"""Fixtures every VM test shares: the package under test, its image, the measured figures."""
+"""Fixtures every VM test shares (tests/guests and the harness's VM tests in tests/harness): the
+package under test, its image, the measured figures."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from lxd_agent_harness.image.deb import PackageNotFound
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
 from lxd_agent_harness.vm.config import GuestImage
 
-from tests.host.guests import TOOLS, Figures
 from tests.repo import built_deb
+from tests.vms import TOOLS, Figures
 
 
 @pytest.fixture(scope="session")

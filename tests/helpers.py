@@ -1,4 +1,5 @@
-"""Shared pieces of the host tests: run a coroutine with a deadline, talk to a QEMU ring.
+"""Shared pieces of the harness's and the guests' tests: run a coroutine with a deadline, talk
+to a QEMU ring, make a stand-in .deb.
 
 Every QEMU here is cheap: `-machine none` (chardevs only) or a paused `-S` q35 (devices, but
 no guest code ever runs). `QemuProcess` kills and reaps it on every exit path.

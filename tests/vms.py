@@ -1,4 +1,5 @@
-"""What the VM tests share: booting a guest with a layout, powering it off, reading its timeline.
+"""What the VM tests share (tests/guests, and those of tests/harness marked `vm`): booting a
+guest with a layout, powering it off, reading its timeline.
 
 Each VM test boots one guest (never two at once) and checks, from the host's side, what the
 agent reported on the ring buffers and when. On failure the console tail and the ring-buffer
@@ -21,7 +22,7 @@ from lxd_agent_harness.vm.config import Boot, DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
 
 from lxd_agent.protocol import STOPPED
-from tests.host.helpers import run
+from tests.helpers import run
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
 

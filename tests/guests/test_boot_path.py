@@ -13,7 +13,7 @@ from lxd_agent_harness.vm.config import KERNEL_APPEND, DirectBoot, GuestImage
 from lxd_agent_harness.vm.instance import Vm
 
 from lxd_agent.protocol import PORT_NAME
-from tests.host.guests import Figures, checked_boot
+from tests.vms import Figures, checked_boot
 
 pytestmark = pytest.mark.vm
 

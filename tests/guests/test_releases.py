@@ -22,7 +22,8 @@ from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.instance import Vm
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.host.guests import (
+from tests.helpers import run
+from tests.vms import (
     BOOT_TIMEOUT,
     POWER_OFF_BOUND,
     STOP_TIMEOUT,
@@ -33,7 +34,6 @@ from tests.host.guests import (
     power_off_and_wait_stopped,
     state_changes,
 )
-from tests.host.helpers import run
 
 pytestmark = pytest.mark.vm
 

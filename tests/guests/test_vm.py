@@ -9,10 +9,7 @@ printed (pytest shows them under "Captured stdout"). The figures measured are pr
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +18,12 @@ from lxd_agent_harness.image.deb import DEB_PACKAGE
 from lxd_agent_harness.image.rootfs import BASE_PACKAGES, CLOUD_INIT_PACKAGES, ImageSpec
 from lxd_agent_harness.image.rootfs import build_image as build_guest_image
 from lxd_agent_harness.image.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
-from lxd_agent_harness.qemu.process import process_exists
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.instance import Vm
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.host.guests import (
+from tests.helpers import run
+from tests.vms import (
     BOOT_TIMEOUT,
     SEED_BOOT_TIMEOUT,
     STOP_TIMEOUT,
@@ -37,7 +34,6 @@ from tests.host.guests import (
     multi_user_after,
     nonempty_reads,
 )
-from tests.host.helpers import run
 
 pytestmark = pytest.mark.vm
 
@@ -77,7 +73,7 @@ def test_lxd_5_19_falls_back_to_the_legacy_port(guest_image: GuestImage, figures
     ]
 
 
-# Ours on `bridged`: a cell of the compatibility matrix (test_matrix.py).
+# Ours on `bridged`: a cell of the compatibility matrix (tests/harness/scenarios/test_matrix.py).
 
 
 # -- the NoCloud install path ------------------------------------------------------------------
@@ -137,55 +133,6 @@ def test_a_guest_without_the_agent_never_reports_started(cloud_init_image: Guest
 
 
 # -- the command line ----------------------------------------------------------------------------
-
-
-def _harness(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lxd_agent_harness", *args]
-
-
-def test_harness_boot_exits_0_after_started_then_stopped(
-    deb: Path, guest_image: GuestImage
-) -> None:
-    result = subprocess.run(
-        _harness("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb)),
-        capture_output=True, text=True, timeout=TEST_DEADLINE, cwd=REPO,
-    )  # fmt: skip
-    print(result.stdout, result.stderr)
-    assert result.returncode == 0
-    assert f"OK: STARTED then STOPPED on {PORT_NAME}" in result.stdout
-    assert re.search(r"STARTED +[0-9.]+ s +on com\.canonical\.lxd", result.stdout)
-
-
-def test_harness_keep_cleans_up_after_ctrl_c(deb: Path, guest_image: GuestImage) -> None:
-    proc = subprocess.Popen(
-        _harness("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb), "--keep"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    lines: list[str] = []
-    pid = qmp = None
-    try:
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        for line in proc.stdout:
-            lines.append(line)
-            if m := re.search(r"QEMU pid: +(\d+)", line):
-                pid = int(m.group(1))
-            if m := re.search(r"QMP: +(\S+)", line):
-                qmp = Path(m.group(1))
-            if pid is not None or time.monotonic() > deadline:
-                break
-        assert pid is not None and qmp is not None, "".join(lines)
-        assert process_exists(pid) and qmp.is_socket()
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    print("".join(lines), rest)
-    assert proc.returncode == 130, rest
-    assert not process_exists(pid), f"QEMU {pid} survived Ctrl-C"
-    assert not qmp.parent.exists(), f"{qmp.parent} survived Ctrl-C"
 
 
 def test_no_vm_test_left_a_qemu_behind() -> None:

@@ -1,4 +1,5 @@
-"""Interrupting the real `lxd-agent-harness` (a subprocess) leaves nothing behind.
+"""Tests for lxd_agent_harness.cli.interrupt: interrupting the real `lxd-agent-harness` (a
+subprocess) leaves nothing behind.
 
 Each test starts the command line, waits for a line of its output that marks a moment (QEMU up,
 mmdebstrap installing with the host's /proc and /sys mounted in its tree, mke2fs), sends SIGINT
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -24,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from lxd_agent_harness.cli import main as cli
 from lxd_agent_harness.image.buildsteps import mounts_under
+from lxd_agent_harness.qemu.process import process_exists
+from lxd_agent_harness.vm.config import GuestImage
 
 from tests.repo import REPO, built_deb
+from tests.vms import BOOT_TIMEOUT
 
 # Bounds: an image build gets to any of its moments within a few minutes, a boot (after the
 # machine-wide VM lock, which other runs may hold) too; the cleanup after a signal is quick.
@@ -177,16 +181,6 @@ def test_an_interrupted_cloud_image_build_leaves_nothing(tmp_path: Path) -> None
     _check(result, signal.SIGTERM)
 
 
-def test_a_corrupt_deb_is_refused_before_any_build_with_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    corrupt = tmp_path / "lxd-status-agent_9_all.deb"
-    corrupt.write_bytes(os.urandom(2048))
-    assert cli.main(["image", "--deb", str(corrupt)]) == cli.EXIT_USAGE
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "is not a Debian format archive" in out[0], out
-
-
 # -- boots ---------------------------------------------------------------------------------------
 
 
@@ -205,3 +199,40 @@ def test_an_interrupted_boot_leaves_nothing(at: str, signum: int, tmp_path: Path
         ["boot", *_deb_args(), "--accel", "tcg"], at, signum, tmp_path, private_cache=False
     )
     _check(result, signum)
+
+
+def _harness(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lxd_agent_harness", *args]
+
+
+@pytest.mark.vm
+def test_harness_keep_cleans_up_after_ctrl_c(deb: Path, guest_image: GuestImage) -> None:
+    proc = subprocess.Popen(
+        _harness("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb), "--keep"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    pid = qmp = None
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.search(r"QEMU pid: +(\d+)", line):
+                pid = int(m.group(1))
+            if m := re.search(r"QMP: +(\S+)", line):
+                qmp = Path(m.group(1))
+            if pid is not None or time.monotonic() > deadline:
+                break
+        assert pid is not None and qmp is not None, "".join(lines)
+        assert process_exists(pid) and qmp.is_socket()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print("".join(lines), rest)
+    assert proc.returncode == 130, rest
+    assert not process_exists(pid), f"QEMU {pid} survived Ctrl-C"
+    assert not qmp.parent.exists(), f"{qmp.parent} survived Ctrl-C"

@@ -1,4 +1,5 @@
-"""The emulations of LXD's agent: their packages, and the emulated agent run natively.
+"""Tests for lxd_agent_harness.image.agents: the emulations of LXD's agent, their packages, and the
+emulated agent run natively.
 
 The agent's port is a FIFO here: like a virtio port it is opened O_RDWR and written a line at a
 time, and when it is full a blocking write waits, as on a port with no host behind it. READY=1

@@ -1,7 +1,8 @@
-"""Tests for the harness's image.cloud: the GPT layout, GRUB's BIOS embedding, the boot config.
+"""Tests for lxd_agent_harness.image.cloud: the GPT layout, GRUB's BIOS embedding, the boot config.
 
-The whole build (mmdebstrap) is exercised by the VM tests in test_cloud_vm.py; these check each
-piece on small files, with the real sfdisk, mtools and GRUB images from Debian's packages.
+The whole build (mmdebstrap) is exercised by the VM tests in tests/guests/test_cloud_vm.py; these
+check each piece on small files, with the real sfdisk, mtools and GRUB images from Debian's
+packages.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests for the harness's lxd.layouts: the arguments each layout gives QEMU, and QEMU's verdict."""
+"""Tests for lxd_agent_harness.lxd.layouts: the arguments each layout gives QEMU, and QEMU's
+verdict."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from lxd_agent_harness.lxd.layouts import (
     check_ring_size,
     describe_layouts,
     get_layout,
+    lxd_ring_port,
 )
 from lxd_agent_harness.qemu.process import QemuProcess
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
-from tests.host.helpers import MACHINE_NONE, MACHINE_PAUSED, run
+from tests.helpers import MACHINE_NONE, MACHINE_PAUSED, run
 
 BUS = ["-device", "virtio-serial-pci,id=dev-qemu_serial"]
 SOCKET = Path("/tmp/vm/spice.sock")
@@ -162,6 +164,13 @@ def test_ring_for_finds_the_ring_behind_a_port_and_refuses_a_stub() -> None:
     assert LXD_5_20.ring_for(PORT_NAME).chardev_id == "qemu_serial-chardev"
     with pytest.raises(LayoutError, match="no ring buffer on port"):
         LXD_5_20.ring_for(LEGACY_PORT_NAME)
+
+
+def test_the_agent_is_expected_on_the_first_lxd_name_with_a_ring() -> None:
+    assert lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
+    assert lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
+    assert lxd_ring_port(get_layout("bridged")) == PORT_NAME
+    assert lxd_ring_port(get_layout("incus")) is None
 
 
 # -- QEMU's verdict -----------------------------------------------------------------------------

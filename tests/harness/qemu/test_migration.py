@@ -1,4 +1,5 @@
-"""Tests for the harness's qemu.migration: save a state, load it back, and QEMU's refusal as data.
+"""Tests for lxd_agent_harness.qemu.migration: save a state, load it back, and QEMU's refusal as
+data.
 
 Every QEMU here is a paused q35 (`-S`, never continued): its devices are saved and loaded, and
 no guest code ever runs, so no VM lock is needed.
@@ -22,7 +23,7 @@ from lxd_agent_harness.qemu.migration import (
 from lxd_agent_harness.qemu.process import QemuProcess
 
 from lxd_agent.protocol import PORT_NAME
-from tests.host.helpers import MACHINE_PAUSED, run
+from tests.helpers import MACHINE_PAUSED, run
 
 # The specification's own lines ("Limitations"), as `lxc info --show-log` shows them.
 SPECIFICATION_LINES = [

@@ -1,4 +1,5 @@
-"""Tests for the harness's qemu.process: QEMU starts with QMP, and is always killed and reaped."""
+"""Tests for lxd_agent_harness.qemu.process: QEMU starts with QMP, and is always killed and
+reaped."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from lxd_agent_harness.base.errors import QemuError
 from lxd_agent_harness.qemu.process import BoundedEventListener, QemuProcess, process_exists
 from qemu.qmp.message import Message
 
-from tests.host.helpers import MACHINE_NONE, run
+from tests.helpers import MACHINE_NONE, run
 
 
 def test_qemu_process_connects_qmp_and_leaves_nothing_behind() -> None:

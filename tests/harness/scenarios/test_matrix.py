@@ -1,4 +1,5 @@
-"""The compatibility matrix: its cells' logic and table without a VM, then the real matrix.
+"""Tests for lxd_agent_harness.scenarios.matrix: its cells' logic without a VM, then the real
+matrix.
 
 The VM part boots every agent in every layout once (a module fixture), writes the table to
 out/matrix.md, and checks the cells: ours must do what it must in every layout (a regression
@@ -12,9 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from lxd_agent_harness.base import textfile
 from lxd_agent_harness.base.errors import VmError
-from lxd_agent_harness.cli import main as cli
 from lxd_agent_harness.cli import report
 from lxd_agent_harness.image.agents import AGENTS, OURS, agent_images
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
@@ -27,28 +26,17 @@ from lxd_agent_harness.scenarios.matrix import (
     ours_problems,
     run_matrix,
 )
-from lxd_agent_harness.vm.accel import Accel, AccelChoice
+from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.units import UnitFacts
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.host.guests import BOOT_TIMEOUT, Figures
-from tests.host.helpers import minimal_deb, run
+from tests.harness.vm.test_units import RUNNING
+from tests.helpers import run
 from tests.repo import REPO
+from tests.vms import BOOT_TIMEOUT, Figures
 
 README = REPO / "README.md"
-
-RUNNING = """\
-ActiveState=active
-SubState=running
-Result=success
-NRestarts=0
-ConditionResult=yes
-StatusText=
-Before=multi-user.target cloud-init.service
-InactiveExitTimestampMonotonic=5000000
-ActiveEnterTimestampMonotonic=5400000
-"""
 
 
 def state(seconds: float, status: str, port: str) -> TimelineEntry:
@@ -74,16 +62,6 @@ def good_cell(layout: str = "lxd-5.20") -> Cell:
 
 
 # -- cells, without a VM ------------------------------------------------------------------------
-
-
-def test_unit_facts_read_systemctl_show() -> None:
-    facts = UnitFacts.parse(RUNNING)
-    assert (facts.active, facts.sub, facts.restarts) == ("active", "running", 0)
-    assert facts.before == ("multi-user.target", "cloud-init.service")
-    assert (facts.start_began_us, facts.active_at_us) == (5_000_000, 5_400_000)
-    assert facts.summary() == "active (running)"
-    skipped = UnitFacts.parse("ActiveState=inactive\nSubState=dead\nConditionResult=no\n")
-    assert skipped.summary() == "inactive (dead), condition failed"
 
 
 def test_the_boot_is_held_only_by_a_unit_ordered_before_multi_user_for_its_start() -> None:
@@ -135,123 +113,12 @@ def test_without_an_lxd_ring_ours_must_be_skipped_cleanly() -> None:
     ]
 
 
-def test_the_table_has_a_row_per_cell_and_says_held_in_bold() -> None:
-    held = replace(
-        good_cell(),
-        agent="lxd-5.0",
-        started=None,
-        stopped=None,
-        guest_off=None,
-        power_off_held=True,
-        job_running="stop job for LXD - agent",
-    )
-    verdict = MatrixVerdict(
-        agents=[AGENTS[OURS], AGENTS["lxd-5.0"]], layouts=["lxd-5.20"], cells=[good_cell(), held]
-    )
-    table = report.matrix_markdown(verdict)
-    rows = [line for line in table if line.startswith(f"| {AGENTS['lxd-5.0'].title} |")]
-    assert rows == [
-        f"| {AGENTS['lxd-5.0'].title} | `lxd-5.20` | never | no | active (running) "
-        "| **held > 20 s** (stop job for LXD - agent) | no |"
-    ]
-    ours = next(line for line in table if line.startswith(f"| {AGENTS[OURS].title} |"))
-    assert f"11.0 s, `{PORT_NAME}`" in ours and "| 1.2 s | 0.7 s after power-off |" in ours
-    assert any(AGENTS["lxd-5.0"].follows in line for line in table)
-    assert verdict.passed  # the emulation's hang is data, not a failure
-    assert report.matrix_lines(verdict)[-1].startswith("OK:")
-
-
-def test_the_table_goes_between_the_markers_and_nothing_else_changes() -> None:
-    text = f"intro\n{report.MATRIX_BEGIN}\nold table\n{report.MATRIX_END}\noutro\n"
-    new = report.with_matrix(text, ["| a |", "| b |"], "README.md")
-    assert new == f"intro\n{report.MATRIX_BEGIN}\n\n| a |\n| b |\n\n{report.MATRIX_END}\noutro\n"
-    assert report.with_matrix(new, ["| a |", "| b |"], "README.md") == new
-    with pytest.raises(report.MissingMarkers) as raised:
-        report.with_matrix("no markers\n", [], "notes.md")
-    assert raised.value.path == "notes.md"
-
-
 def test_the_readme_shows_a_generated_row_for_every_agent_and_layout() -> None:
     text = README.read_text()
     block = text.split(report.MATRIX_BEGIN, 1)[1].split(report.MATRIX_END, 1)[0]
     for agent in AGENTS.values():
         for layout in MATRIX_LAYOUTS:
             assert f"| {agent.title} | `{layout}` |" in block, (agent.name, layout)
-
-
-@pytest.mark.parametrize(
-    ("argv", "says"),
-    [
-        (["--agents", "ours,lxd-6"], "--agents 'ours,lxd-6': choose from ours, lxd-5.0, lxd-5.21"),
-        (["--layouts", ","], "--layouts ',': choose from lxd-5.19"),
-        (["--bound", "0"], "--bound must be more than 0 seconds"),
-        (["--bound", "601"], "--bound must be at most 600 s"),
-        (["--timeout", "soon"], "--timeout 'soon' is not a number"),
-        (["--readme", "/nonexistent/README.md"], "cannot write into /nonexistent"),
-        (["--markdown", "/nonexistent/dir/m.md"], "cannot write into /nonexistent/dir"),
-        (["--markdown", "/tmp"], "--markdown /tmp is a directory"),
-    ],
-)
-def test_bad_matrix_input_is_one_line_and_exit_2_before_anything_is_built(
-    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    deb = minimal_deb(tmp_path)
-    assert cli.main(["matrix", "--deb", str(deb), *argv]) == cli.EXIT_USAGE
-    out = capsys.readouterr().out
-    assert says in out and len(out.splitlines()) == 1
-
-
-def test_a_readme_without_markers_is_refused_and_left_as_it_was(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (tmp_path / "docs").mkdir()
-    readme = tmp_path / "docs" / "README.md"
-    readme.write_text("# no table here\n")
-    deb = minimal_deb(tmp_path)
-    assert cli.main(["matrix", "--deb", str(deb), "--readme", str(readme)]) == cli.EXIT_USAGE
-    assert "has no line" in capsys.readouterr().out
-    assert readme.read_text() == "# no table here\n"
-    assert [p.name for p in readme.parent.iterdir()] == ["README.md"]  # no temporary file left
-
-
-def test_matrix_writes_the_table_into_the_readme_keeping_its_mode_and_the_rest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The command's write path, with the boots faked (the real ones are the VM tests below)."""
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n{report.MATRIX_BEGIN}\nold\n{report.MATRIX_END}\nend\n")
-    readme.chmod(0o644)
-    verdict = MatrixVerdict(agents=[AGENTS[OURS]], layouts=["lxd-5.20"], cells=[good_cell()])
-
-    async def fake_accel(*args: object) -> AccelChoice:
-        return AccelChoice(Accel.TCG, "faked")
-
-    async def fake_matrix(*args: object) -> MatrixVerdict:
-        return verdict
-
-    monkeypatch.setattr(cli, "agent_images", lambda *args, **kwargs: {OURS: None})
-    monkeypatch.setattr(cli, "choose_accel", fake_accel)
-    monkeypatch.setattr(cli, "run_matrix", fake_matrix)
-    argv = ["matrix", "--deb", str(minimal_deb(tmp_path)), "--readme", str(readme)]
-    assert cli.main([*argv, "--agents", OURS, "--layouts", "lxd-5.20"]) == cli.EXIT_OK
-    text = readme.read_text()
-    assert text.startswith(f"# title\n{report.MATRIX_BEGIN}\n\n") and text.endswith("end\n")
-    assert "\n".join(report.matrix_markdown(verdict)) in text and "old" not in text
-    assert readme.stat().st_mode & 0o777 == 0o644
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".README")]
-    # A cell without a result leaves the README as it was.
-    verdict.cells[0] = replace(good_cell(), error=VmError("no login prompt"))
-    assert cli.main([*argv, "--agents", OURS, "--layouts", "lxd-5.20"]) == cli.EXIT_FAILED
-    assert readme.read_text() == text
-    assert "left as it was" in capsys.readouterr().out
-
-
-def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
-    target = tmp_path / "table.md"
-    target.mkdir()  # os.replace of a file onto a directory fails
-    with pytest.raises(OSError):
-        textfile.write_whole(target, "new\n")
-    assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
 
 
 # -- the real matrix ----------------------------------------------------------------------------

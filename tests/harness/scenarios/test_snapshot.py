@@ -1,6 +1,6 @@
-"""Tests for the harness's scenarios.snapshot: the specification's lines, the layout record, what an
-upgraded host reads and how the command line renders a verdict (no guest); then the whole
-scenario on real guests (marked vm)."""
+"""Tests for lxd_agent_harness.scenarios.snapshot: the layout record, what an upgraded host reads
+and a step's bound (no guest); then the whole scenario on real guests (marked vm). How the
+command line renders its verdict is cli/test_report.py."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from lxd_agent_harness.lxd.layouts import (
     Port,
 )
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH
-from lxd_agent_harness.qemu.migration import SavedState, is_specification_refusal
+from lxd_agent_harness.qemu.migration import is_specification_refusal
 from lxd_agent_harness.scenarios.snapshot import (
     LayoutRecord,
-    SnapshotVerdict,
     Step,
     StepVerdict,
     check_bound,
@@ -34,9 +33,8 @@ from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import GuestImage
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
-from tests.host.guests import BOOT_TIMEOUT, Figures
-from tests.host.helpers import run
-from tests.host.test_migration import SPECIFICATION_LINES
+from tests.helpers import run
+from tests.vms import BOOT_TIMEOUT, Figures
 
 
 def test_the_layout_record_round_trips_and_pins_the_saved_layout(tmp_path: Path) -> None:
@@ -88,48 +86,6 @@ def test_started_later_than_one_refresh_fails_the_step(after: float, passes: boo
     assert step.passed is passes
     if not passes:
         assert isinstance(step.error, StepMismatch) and step.error.expected == step.expected
-
-
-def _passed_verdict(tmp_path: Path) -> SnapshotVerdict:
-    steps = [StepVerdict(step, "lxd-5.19", seconds=1.0) for step in Step]
-    steps[1].port, steps[1].started_after, steps[1].since = LEGACY_PORT_NAME, 4.2, "x"
-    steps[1].bound = ONE_REFRESH
-    steps[2].saved = SavedState(tmp_path / "state", 123_000_000, 1.5)
-    steps[3].qemu_output, steps[3].exit_status = SPECIFICATION_LINES, 1
-    steps[5].timeline = ["   12.000s  state  com.canonical.lxd: unknown -> STARTED"]
-    return SnapshotVerdict(steps=steps)
-
-
-def test_every_step_is_printed_with_its_figures_qemus_lines_and_timeline(tmp_path: Path) -> None:
-    verdict = _passed_verdict(tmp_path)
-    assert verdict.passed
-    text = "\n".join(report.snapshot_lines(verdict))
-    for number, step in enumerate(Step, 1):
-        assert f"step {number}: {step.value} (lxd-5.19): OK" in text
-    assert f"on {LEGACY_PORT_NAME}, 4.20 s after x (bound {ONE_REFRESH:g} s)" in text
-    assert "123.0 MB written in 1.50 s" in text
-    assert "QEMU exited with status 1; its own lines:" in text
-    assert all(f"    {line}" in text for line in SPECIFICATION_LINES)
-    assert "unknown -> STARTED" in text
-    assert text.endswith("OK: every step behaved as the specification describes")
-
-
-def test_a_failed_step_fails_the_verdict_and_says_why(tmp_path: Path) -> None:
-    verdict = _passed_verdict(tmp_path)
-    verdict.steps[4].error = StepMismatch(
-        "STARTED came 9.00 s after the resume", expected="", seen=""
-    )
-    assert not verdict.passed
-    text = "\n".join(report.snapshot_lines(verdict))
-    assert "step 5: restore with the saved layout pinned (lxd-5.19): FAILED" in text
-    assert "FAILED: STARTED came 9.00 s after the resume" in text
-
-
-def test_steps_never_run_fail_the_verdict(tmp_path: Path) -> None:
-    verdict = _passed_verdict(tmp_path)
-    del verdict.steps[3:]
-    assert not verdict.passed
-    assert "step 6: restart on lxd-5.20: not run" in report.snapshot_lines(verdict)
 
 
 # Four QEMUs, each of which may wait for another harness VM on this machine first.

@@ -1,19 +1,32 @@
-"""The soak scenario in real guests: a short soak (2 cycles) through the scenario, as the CLI runs
-it; `make soak` runs 50 through the command line. On failure each failed fault's error, console
-tail and timeline are printed."""
+"""Tests for lxd_agent_harness.scenarios.soak: the soak's VM configuration, then the scenario in
+real guests: a short soak (2 cycles) through the scenario, as the CLI runs it; `make soak` runs
+50 through the command line. On failure each failed fault's error, console tail and timeline
+are printed."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from lxd_agent_harness.cli.report import failure_lines, soak_table
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH
-from lxd_agent_harness.scenarios.soak import FAULTS, soak
+from lxd_agent_harness.scenarios.soak import FAULTS, soak, soak_config
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig, VmFiles, qemu_args
 
-from tests.host.guests import BOOT_TIMEOUT
-from tests.host.helpers import run
+from tests.helpers import run
+from tests.vms import BOOT_TIMEOUT
+
+
+def test_a_soak_vm_may_reboot_inside_its_qemu_and_others_may_not(tmp_path: Path) -> None:
+    image = GuestImage(tmp_path)
+    base = VmConfig(get_layout("lxd-5.20"), DirectBoot(image), Accel.TCG)
+    files = VmFiles(tmp_path)
+    assert "shutdown=pause,reboot=shutdown" in qemu_args(base, files)
+    assert "shutdown=pause,reboot=reset" in qemu_args(soak_config(base), files)
+    assert "-qmp" in qemu_args(soak_config(base), files)  # the restarted reader's socket
+
 
 SHORT_SOAK_CYCLES = 2
 # Per cycle: a boot, a reboot, the faults and a power-off, under TCG: about 2 minutes.

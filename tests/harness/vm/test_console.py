@@ -1,4 +1,4 @@
-"""Tests for the harness's vm.console: the serial console on a pty, without a guest."""
+"""Tests for lxd_agent_harness.vm.console: the serial console on a pty, without a guest."""
 
 from __future__ import annotations
 

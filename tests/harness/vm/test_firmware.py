@@ -1,14 +1,20 @@
-"""Tests for the harness's vm.firmware: OVMF's files and arguments, and the boot's dead ends."""
+"""Tests for lxd_agent_harness.vm.firmware: OVMF's files and arguments, and the boot's dead ends
+(on a console, and in a real boot of a disk with nothing to boot, marked vm)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import cast
 
 import pytest
 from lxd_agent_harness.base.errors import BootStuck, VmError
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.scenarios.boot import boot_and_check
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import FirmwareBoot, VmConfig
 from lxd_agent_harness.vm.console import SerialConsole
 from lxd_agent_harness.vm.firmware import (
     DEAD_ENDS,
@@ -22,6 +28,9 @@ from lxd_agent_harness.vm.firmware import (
     sercon_file,
     watch_firmware_boot,
 )
+
+from tests.helpers import run
+from tests.vms import Figures
 
 
 def test_uefi_maps_ovmf_code_read_only_and_a_per_boot_vars_copy(tmp_path: Path) -> None:
@@ -142,3 +151,36 @@ def test_the_firmware_boot_watcher_waits_while_the_boot_goes_on() -> None:
         return bool(done)
 
     assert not asyncio.run(for_a_while())
+
+
+# -- a real boot of a disk with nothing to boot (marked vm) ------------------------------------
+
+SEED_BOOT_TIMEOUT = 420.0
+# A bad image must fail well before the boot timeout: the firmware's dead end shows in seconds.
+BAD_IMAGE_BOUND = 120.0
+TEST_DEADLINE = 600.0
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("firmware", [Firmware.UEFI, Firmware.BIOS], ids=["uefi", "bios"])
+def test_a_disk_with_nothing_to_boot_fails_fast_with_the_firmwares_reason(
+    firmware: Firmware,
+    tmp_path: Path,
+    figures: Figures,
+) -> None:
+    blank = tmp_path / "blank.raw"
+    blank.write_bytes(b"\0" * (4 << 20))
+    started = time.monotonic()
+    config = VmConfig(get_layout("lxd-5.20"), FirmwareBoot(blank, "raw", firmware), Accel.TCG)
+    verdict = run(boot_and_check(config, SEED_BOOT_TIMEOUT, progress=print), TEST_DEADLINE)
+    took = time.monotonic() - started
+    figures[f"blank disk, {firmware.value}: QEMU start -> failure"] = f"{took:.1f} s"
+    error = verdict.error
+    assert isinstance(error, BootStuck), error
+    assert took < BAD_IMAGE_BOUND, str(error)
+    # OVMF says it in one of its ways (its shell, no boot option, a network boot after the
+    # disks); SeaBIOS in one.
+    firmwares_words = {d.meaning for d in DEAD_ENDS if firmware.value.upper() in d.meaning}
+    assert firmwares_words and error.dead_end in firmwares_words, error.dead_end
+    assert error.console_tail, "the error carries the console's last lines"
+    assert verdict.started is None

@@ -1,4 +1,5 @@
-"""Tests for the harness's vm.kvm_probe: choosing KVM or TCG, the probe's verdict and its cache."""
+"""Tests for lxd_agent_harness.vm.kvm_probe: choosing KVM or TCG, the probe's verdict and its
+cache."""
 
 from __future__ import annotations
 

@@ -1,0 +1,208 @@
+"""Tests for lxd_agent_harness.cli.main: the command's input checks (one line, exit 2, before
+anything is built or booted), what `matrix` writes into a README, and one real `boot` (marked
+vm)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.cli import main as cli
+from lxd_agent_harness.cli import report
+from lxd_agent_harness.image.agents import AGENTS, OURS
+from lxd_agent_harness.scenarios.matrix import MatrixVerdict
+from lxd_agent_harness.vm.accel import Accel, AccelChoice
+from lxd_agent_harness.vm.config import GuestImage
+
+from lxd_agent.protocol import PORT_NAME
+from tests.harness.scenarios.test_matrix import good_cell
+from tests.helpers import minimal_deb
+from tests.repo import REPO
+from tests.vms import TEST_DEADLINE
+
+
+@pytest.fixture
+def fake_deb(tmp_path: Path) -> Path:
+    return minimal_deb(tmp_path)
+
+
+@pytest.fixture
+def random_image(tmp_path: Path) -> Path:
+    """What qemu-img takes for a raw disk, with no partition table: nothing could boot it."""
+    path = tmp_path / "random.img"
+    data = bytearray(os.urandom(1 << 20))
+    data[510:512] = b"\x00\x00"  # never the boot signature by chance
+    path.write_bytes(bytes(data))
+    return path
+
+
+# -- boot -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layout", "lxd-6"], "unknown layout 'lxd-6'; choose one of: lxd-5.19"),
+        (["--ring-size", "24"], "not a positive power of two"),
+        (["--ring-size", "big"], "is not an integer"),
+        # 4 B can never hold STARTED\n; QEMU silently shrinks 2^40 B.
+        (["--ring-size", "4"], "outside 16..1048576 bytes"),
+        (["--ring-size", str(1 << 40)], "outside 16..1048576 bytes"),
+        (["--image", "{random}"], "has no partition table (no boot signature 55aa"),
+        (["--deb", "{corrupt}"], "is not a Debian format archive"),
+        (["--timeout", "0"], "must be more than 0 seconds"),
+        (["--timeout", "soon"], "is not a number of seconds"),
+        (["--image", "/nonexistent/cloud.qcow2"], "looked for --image"),
+        (["--firmware", "bios"], "add --image FILE"),
+        (["--secure-boot"], "add --image FILE"),
+        (["--image", "{deb}", "--firmware", "bios", "--secure-boot"], "needs UEFI firmware"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str],
+    message: str,
+    fake_deb: Path,
+    random_image: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    corrupt = tmp_path / "corrupt_all.deb"
+    corrupt.write_bytes(os.urandom(4096))
+    args = [arg.format(deb=fake_deb, random=random_image, corrupt=corrupt) for arg in args]
+    assert cli.main(["boot", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out
+    assert message in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_a_missing_deb_says_to_run_make_deb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["boot", "--deb", str(tmp_path / "none.deb")]) == cli.EXIT_USAGE
+    assert "make deb" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cycles", "0"], "--cycles must be 1..1000"),
+        (["--cycles", "many"], "is not a whole number"),
+        (["--layout", "incus"], "nothing to soak"),
+    ],
+)
+def test_bad_soak_input_is_one_line_and_exit_2(
+    args: list[str], message: str, fake_deb: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["soak", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and message in out[0], out
+
+
+# -- matrix -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--agents", "ours,lxd-6"], "--agents 'ours,lxd-6': choose from ours, lxd-5.0, lxd-5.21"),
+        (["--layouts", ","], "--layouts ',': choose from lxd-5.19"),
+        (["--bound", "0"], "--bound must be more than 0 seconds"),
+        (["--bound", "601"], "--bound must be at most 600 s"),
+        (["--timeout", "soon"], "--timeout 'soon' is not a number"),
+        (["--readme", "/nonexistent/README.md"], "cannot write into /nonexistent"),
+        (["--markdown", "/nonexistent/dir/m.md"], "cannot write into /nonexistent/dir"),
+        (["--markdown", "/tmp"], "--markdown /tmp is a directory"),
+    ],
+)
+def test_bad_matrix_input_is_one_line_and_exit_2_before_anything_is_built(
+    argv: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deb = minimal_deb(tmp_path)
+    assert cli.main(["matrix", "--deb", str(deb), *argv]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out
+    assert says in out and len(out.splitlines()) == 1
+
+
+def test_a_readme_without_markers_is_refused_and_left_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "docs").mkdir()
+    readme = tmp_path / "docs" / "README.md"
+    readme.write_text("# no table here\n")
+    deb = minimal_deb(tmp_path)
+    assert cli.main(["matrix", "--deb", str(deb), "--readme", str(readme)]) == cli.EXIT_USAGE
+    assert "has no line" in capsys.readouterr().out
+    assert readme.read_text() == "# no table here\n"
+    assert [p.name for p in readme.parent.iterdir()] == ["README.md"]  # no temporary file left
+
+
+def test_matrix_writes_the_table_into_the_readme_keeping_its_mode_and_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command's write path, with the boots faked (the real ones are the VM tests below)."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{report.MATRIX_BEGIN}\nold\n{report.MATRIX_END}\nend\n")
+    readme.chmod(0o644)
+    verdict = MatrixVerdict(agents=[AGENTS[OURS]], layouts=["lxd-5.20"], cells=[good_cell()])
+
+    async def fake_accel(*args: object) -> AccelChoice:
+        return AccelChoice(Accel.TCG, "faked")
+
+    async def fake_matrix(*args: object) -> MatrixVerdict:
+        return verdict
+
+    monkeypatch.setattr(cli, "agent_images", lambda *args, **kwargs: {OURS: None})
+    monkeypatch.setattr(cli, "choose_accel", fake_accel)
+    monkeypatch.setattr(cli, "run_matrix", fake_matrix)
+    argv = ["matrix", "--deb", str(minimal_deb(tmp_path)), "--readme", str(readme)]
+    assert cli.main([*argv, "--agents", OURS, "--layouts", "lxd-5.20"]) == cli.EXIT_OK
+    text = readme.read_text()
+    assert text.startswith(f"# title\n{report.MATRIX_BEGIN}\n\n") and text.endswith("end\n")
+    assert "\n".join(report.matrix_markdown(verdict)) in text and "old" not in text
+    assert readme.stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".README")]
+    # A cell without a result leaves the README as it was.
+    verdict.cells[0] = replace(good_cell(), error=VmError("no login prompt"))
+    assert cli.main([*argv, "--agents", OURS, "--layouts", "lxd-5.20"]) == cli.EXIT_FAILED
+    assert readme.read_text() == text
+    assert "left as it was" in capsys.readouterr().out
+
+
+# -- image ------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_deb_is_refused_before_any_build_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corrupt = tmp_path / "lxd-status-agent_9_all.deb"
+    corrupt.write_bytes(os.urandom(2048))
+    assert cli.main(["image", "--deb", str(corrupt)]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "is not a Debian format archive" in out[0], out
+
+
+# -- a real boot -------------------------------------------------------------------------------
+
+
+def _harness(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lxd_agent_harness", *args]
+
+
+@pytest.mark.vm
+def test_harness_boot_exits_0_after_started_then_stopped(
+    deb: Path, guest_image: GuestImage
+) -> None:
+    result = subprocess.run(
+        _harness("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb)),
+        capture_output=True, text=True, timeout=TEST_DEADLINE, cwd=REPO,
+    )  # fmt: skip
+    print(result.stdout, result.stderr)
+    assert result.returncode == 0
+    assert f"OK: STARTED then STOPPED on {PORT_NAME}" in result.stdout
+    assert re.search(r"STARTED +[0-9.]+ s +on com\.canonical\.lxd", result.stdout)

@@ -1,0 +1,123 @@
+"""Tests for lxd_agent_harness.image.aptsources: the host's apt sources, filtered and renamed for
+the release an image is built for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lxd_agent_harness.image.aptsources import (
+    AptSourcesError,
+    filter_apt_sources,
+    host_release,
+    source_suites,
+)
+
+SOURCES = """\
+Types: deb deb-src
+# a comment the filter must drop
+URIs: http://mirror.invalid/debian
+Suites: bookworm bookworm-updates trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.invalid/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+URIs: http://other.invalid/
+Suites: nodistro
+Components: main
+
+Types: deb
+Enabled: no
+URIs: http://off.invalid/
+Suites: bookworm
+Components: main
+"""
+
+
+def _sources_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "debian.sources").write_text(SOURCES)
+    (d / "thirdparty.sources.disabled-by-farm").write_text(
+        "Types: deb\nURIs: http://disabled.invalid/\nSuites: bookworm\nComponents: main\n"
+    )
+    (d / "old.list").write_text(
+        "deb [signed-by=/k.gpg arch=amd64] http://list.invalid/debian bookworm-backports main\n"
+        "deb-src http://list.invalid/debian bookworm main\n"
+        "deb http://list.invalid/debian bullseye main  # another release\n"
+    )
+    return d
+
+
+def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "bookworm", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    stanzas = [s for s in text.split("\n\n") if s.strip()]
+    assert "Suites: bookworm bookworm-updates\n" in stanzas[0]
+    assert "Types: deb\n" in stanzas[0]
+    assert "trixie" not in text
+    assert "comment" not in text
+    assert "Suites: bookworm-security" in text
+    assert "nodistro" not in text
+    assert "off.invalid" not in text
+    assert "disabled.invalid" not in text
+    assert "bullseye" not in text
+    assert "Signed-By: /k.gpg" in text and "Suites: bookworm-backports" in text
+    assert len(stanzas) == 3
+
+
+def test_sources_for_another_release_swap_only_the_hosts_codename(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "trixie", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    stanzas = [s for s in text.split("\n\n") if s.strip()]
+    # The host's URIs, components and keys; its suites renamed, and its own `trixie` once.
+    assert "URIs: http://mirror.invalid/debian\n" in stanzas[0]
+    assert "Suites: trixie trixie-updates\n" in stanzas[0]
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in stanzas[0]
+    assert "Suites: trixie-security\n" in stanzas[1]
+    assert "Suites: trixie-backports\n" in stanzas[2] and "Signed-By: /k.gpg" in stanzas[2]
+    assert source_suites(text) == [
+        "trixie",
+        "trixie-updates",
+        "trixie-security",
+        "trixie-backports",
+    ]
+    assert "bookworm" not in text and "bullseye" not in text and "nodistro" not in text
+    assert len(stanzas) == 3
+
+
+def test_sources_for_bullseye_come_from_the_same_mirror(tmp_path: Path) -> None:
+    text = filter_apt_sources(
+        "bullseye", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
+    )
+    # old.list's own bullseye line is kept too: it is a source for the release asked for.
+    assert source_suites(text) == [
+        "bullseye",
+        "bullseye-updates",
+        "bullseye-security",
+        "bullseye-backports",
+        "bullseye",
+    ]
+
+
+def test_sources_on_a_host_of_unknown_release_name_what_was_found(tmp_path: Path) -> None:
+    with pytest.raises(AptSourcesError) as caught:
+        filter_apt_sources("sid", _sources_dir(tmp_path), tmp_path / "missing.list", host="")
+    assert caught.value.release == "sid"
+    assert "bookworm" in caught.value.found_suites and "nodistro" in caught.value.found_suites
+
+
+def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:
+    os_release = tmp_path / "os-release"
+    os_release.write_text(
+        'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nVERSION_CODENAME=bookworm\n'
+    )
+    assert host_release(os_release) == "bookworm"
+    assert host_release(tmp_path / "missing") == ""

@@ -1,0 +1,1 @@
+"""Tests for lxd_agent_harness.scenarios."""
