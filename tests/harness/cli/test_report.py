@@ -1,5 +1,6 @@
 """Tests for lxd_agent_harness.cli.report: what the command prints of a failure, a snapshot
-verdict and the matrix, and where the matrix's table goes in a README (no guest)."""
+verdict, the matrix and a boot's verdict, and where the matrix's table goes in a README (no
+guest)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from lxd_agent_harness.base.errors import (
 )
 from lxd_agent_harness.cli import report
 from lxd_agent_harness.image.agents import AGENTS, OURS
-from lxd_agent_harness.lxd.monitor import ONE_REFRESH
+from lxd_agent_harness.lxd.monitor import ONE_REFRESH, EntryKind, TimelineEntry
 from lxd_agent_harness.qemu.migration import SavedState
+from lxd_agent_harness.scenarios.boot import BootVerdict
 from lxd_agent_harness.scenarios.matrix import MatrixVerdict
 from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, Step, StepVerdict
 
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.harness.qemu.test_migration import SPECIFICATION_LINES
 from tests.harness.scenarios.test_matrix import good_cell
 
@@ -131,3 +133,36 @@ def test_the_table_goes_between_the_markers_and_nothing_else_changes() -> None:
     with pytest.raises(report.MissingMarkers) as raised:
         report.with_matrix("no markers\n", [], "notes.md")
     assert raised.value.path == "notes.md"
+
+
+# -- a boot's verdict ----------------------------------------------------------------------------
+
+
+def test_a_boots_summary_shows_each_moment_and_the_seconds_after_the_power_off() -> None:
+    verdict = BootVerdict(
+        layout="lxd-5.20",
+        port=PORT_NAME,
+        started=TimelineEntry(11.0, EntryKind.STATE, f"unknown -> {STARTED}", PORT_NAME),
+        stopped=TimelineEntry(21.0, EntryKind.STATE, f"{STARTED} -> {STOPPED}", PORT_NAME),
+        kernel_up=2.5,
+        powered_down=20.25,
+        guest_off=21.5,
+    )
+    assert report.summary(verdict) == [
+        "  QEMU start           0.00 s",
+        "  kernel up            2.50 s",
+        f"  STARTED             11.00 s   on {PORT_NAME}",
+        "  power-off           20.25 s   (system_powerdown)",
+        f"  STOPPED             21.00 s   on {PORT_NAME}, 0.75 s after power-off",
+        "  guest off           21.50 s   1.25 s after power-off",
+    ]
+
+
+def test_a_summary_says_what_was_not_reached_and_what_the_unit_showed() -> None:
+    """Incus: no LXD ring, so no STARTED; the agent unit's state instead. Never powered off."""
+    verdict = BootVerdict(layout="incus", port=None, unit_state="ActiveState=inactive")
+    lines = report.summary(verdict)
+    assert lines[1] == "  kernel up               -  "
+    assert "  agent unit        ActiveState=inactive" in lines
+    assert not any("STARTED" in line or "STOPPED" in line or "guest off" in line for line in lines)
+    assert lines[-1] == "  power-off               -     (system_powerdown)"

@@ -1,0 +1,80 @@
+"""Tests for lxd_agent_harness.cli.options: the commands and options the parser takes, their
+defaults, and the choices it refuses itself (with argparse's exit status 2); the values it takes
+as text are checked by `cli.main` (tests/harness/cli/test_main.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lxd_agent_harness.cli.options import build_parser
+from lxd_agent_harness.image.agents import AGENTS
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
+from lxd_agent_harness.scenarios.matrix import MATRIX_LAYOUTS
+
+COMMANDS = ("boot", "soak", "snapshot", "matrix", "image")
+
+
+def test_a_command_is_required_and_each_is_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([])
+    assert exited.value.code == 2
+    assert "required: command" in capsys.readouterr().err
+    assert [parser.parse_args([name]).command for name in COMMANDS] == list(COMMANDS)
+
+
+def test_boot_defaults_to_lxd_5_20_the_automatic_accelerator_and_the_default_release() -> None:
+    args = build_parser().parse_args(["boot"])
+    assert (args.layout, args.accel, args.release) == ("lxd-5.20", "auto", DEFAULT_RELEASE)
+    assert (args.deb, args.image, args.firmware, args.ring_size, args.timeout) == (None,) * 5
+    assert not any((args.seed, args.rebuild, args.secure_boot, args.keep, args.verbose))
+
+
+def test_numbers_and_names_stay_text_for_main_to_check() -> None:
+    """A bad number is `cli.main`'s one-line error, not an argparse usage dump."""
+    args = build_parser().parse_args(
+        ["boot", "--timeout", "soon", "--ring-size", "big", "--layout", "lxd-6", "--deb", "x.deb"]
+    )
+    assert (args.timeout, args.ring_size, args.layout) == ("soon", "big", "lxd-6")
+    assert args.deb == Path("x.deb")
+    soak = build_parser().parse_args(["soak", "--cycles", "many"])
+    assert soak.cycles == "many"
+    assert build_parser().parse_args(["soak"]).cycles == "3"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["boot", "--accel", "hvf"],
+        ["boot", "--release", "sid"],
+        ["boot", "--firmware", "coreboot"],
+        ["image", "--release", "buster"],
+        ["matrix", "--accel", "xen"],
+        # The scenarios on the project's own image need the package in it: no seed.
+        ["snapshot", "--seed"],
+        ["matrix", "--seed"],
+    ],
+)
+def test_the_parser_refuses_what_is_no_choice_with_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err or "unrecognized arguments: --seed" in err, err
+
+
+def test_boot_soak_and_image_may_install_the_package_through_a_seed() -> None:
+    for command in ("boot", "soak", "image"):
+        assert build_parser().parse_args([command, "--seed"]).seed is True
+
+
+def test_the_matrix_takes_every_agent_and_layout_unless_told_otherwise() -> None:
+    args = build_parser().parse_args(["matrix"])
+    assert args.agents.split(",") == list(AGENTS)
+    assert args.layouts.split(",") == list(MATRIX_LAYOUTS)
+    assert (args.bound, args.markdown, args.readme) == (None, None, None)
+    chosen = build_parser().parse_args(["matrix", "--agents", "ours", "--readme", "README.md"])
+    assert chosen.agents == "ours" and chosen.readme == Path("README.md")

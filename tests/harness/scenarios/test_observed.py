@@ -1,0 +1,94 @@
+"""Tests for lxd_agent_harness.scenarios.observed: what a verdict keeps of a VM (copied from a
+`Vm` whose console and monitor are stand-ins), the first change to a state, and the seconds
+after the power button."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
+from lxd_agent_harness.scenarios.boot import BootVerdict
+from lxd_agent_harness.scenarios.observed import PowerOffFigures, first_state, record
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.instance import Vm
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+
+
+def state(seconds: float, text: str, port: str = PORT_NAME) -> TimelineEntry:
+    return TimelineEntry(seconds, EntryKind.STATE, text, port)
+
+
+def test_the_first_state_is_the_first_change_to_it_on_any_ring_from_the_moment_on() -> None:
+    entries = [
+        TimelineEntry(1.0, EntryKind.NOTE, f"not a ring: unknown -> {STARTED}"),
+        TimelineEntry(2.0, EntryKind.READ, f"'{STARTED}\\n'", PORT_NAME),
+        legacy := state(3.0, f"unknown -> {STARTED}", LEGACY_PORT_NAME),
+        state(4.0, f"{STARTED} -> {STOPPED}"),
+        again := state(9.0, f"{STOPPED} -> {STARTED}"),
+    ]
+    assert first_state(entries, STARTED, after=0.0) is legacy
+    assert first_state(entries, STARTED, after=3.0) is legacy  # at the moment counts
+    assert first_state(entries, STARTED, after=3.5) is again
+    assert first_state(entries, STARTED, after=9.5) is None
+    assert first_state(entries, "CONNECTED", after=0.0) is None
+
+
+@dataclass
+class Figures(PowerOffFigures):
+    stopped: TimelineEntry | None = None
+    powered_down: float | None = None
+    guest_off: float | None = None
+
+
+def test_the_seconds_after_the_power_button_need_the_button_and_what_followed() -> None:
+    seen = Figures(state(21.0, f"{STARTED} -> {STOPPED}"), powered_down=20.25, guest_off=21.5)
+    assert seen.stopped_after_power_off == pytest.approx(0.75)
+    assert seen.off_after_power_off == pytest.approx(1.25)
+    assert Figures(seen.stopped, None, 21.5).stopped_after_power_off is None
+    assert Figures(seen.stopped, None, 21.5).off_after_power_off is None
+    assert Figures(None, 20.25, None).stopped_after_power_off is None
+    assert Figures(None, 20.25, None).off_after_power_off is None
+
+
+def _vm(tmp_path: Path) -> Vm:
+    config = VmConfig(get_layout("lxd-5.20"), DirectBoot(GuestImage(tmp_path)), Accel.TCG)
+    return Vm(config)
+
+
+def test_record_copies_what_the_vm_saw_in_seconds_since_qemu_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = _vm(tmp_path)
+    vm.t0 = 100.0
+    entries = [state(11.0, f"unknown -> {STARTED}")]
+
+    class Monitor:
+        timeline = SimpleNamespace(entries=entries)
+
+        def render_timeline(self) -> list[str]:
+            return ["   11.000s  state  com.canonical.lxd: unknown -> STARTED"]
+
+    monkeypatch.setattr(vm, "_console", SimpleNamespace(milestones={"kernel up": 102.5}))
+    monkeypatch.setattr(vm, "_monitor", Monitor())
+    vm.powerdown_at, vm.guest_off_at = 120.0, 121.5
+    verdict = BootVerdict(layout="lxd-5.20", port=PORT_NAME)
+    record(vm, verdict)
+    assert verdict.kernel_up == 2.5
+    assert (verdict.powered_down, verdict.guest_off) == (20.0, 21.5)
+    assert verdict.timeline == ["   11.000s  state  com.canonical.lxd: unknown -> STARTED"]
+    assert verdict.entries == entries
+    entries.append(state(30.0, f"{STARTED} -> {STOPPED}"))
+    assert len(verdict.entries) == 1  # a copy: the verdict outlives the VM
+
+
+def test_record_of_a_vm_that_never_started_leaves_the_verdict_empty(tmp_path: Path) -> None:
+    verdict = BootVerdict(layout="lxd-5.20", port=PORT_NAME)
+    record(_vm(tmp_path), verdict)  # no console, no monitor: nothing to copy, no error
+    assert (verdict.kernel_up, verdict.powered_down, verdict.guest_off) == (None, None, None)
+    assert verdict.entries == [] and verdict.timeline == []
