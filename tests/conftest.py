@@ -17,6 +17,11 @@ from tests.repo import built_deb
 from tests.vms import TOOLS, Figures
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `last` run after all others: they check what the others left behind."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
 @pytest.fixture(scope="session")
 def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
     """Measured figures, printed after the run whether the tests passed or not."""

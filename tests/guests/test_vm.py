@@ -135,6 +135,7 @@ def test_a_guest_without_the_agent_never_reports_started(cloud_init_image: Guest
 # -- the command line ----------------------------------------------------------------------------
 
 
+@pytest.mark.last
 def test_no_vm_test_left_a_qemu_behind() -> None:
     ours = subprocess.run(
         ["pgrep", "-f", "lxd-agent-harness-"], capture_output=True, text=True

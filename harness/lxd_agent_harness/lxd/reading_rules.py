@@ -70,7 +70,7 @@ def qemu_utf8_text(data: bytes) -> str:
     it are consumed all the same), and its JSON writer turns each invalid sequence (a stray or
     missing continuation byte, an overlong form, a surrogate, a noncharacter, a code point past
     U+10FFFF) into one U+FFFD, where Python's decoder may give several or keep the character.
-    Checked against a live QEMU by tests/host/test_monitor.py.
+    Checked against a live QEMU by tests/harness/lxd/test_reading_rules.py.
     """
     data = data.split(b"\0", 1)[0]
     chars: list[str] = []
