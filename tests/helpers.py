@@ -11,13 +11,16 @@ import asyncio
 import base64
 import contextlib
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from lxd_agent_harness.base.aio import bounded
-from lxd_agent_harness.lxd.layouts import ReadingRule, Ring
+from lxd_agent_harness.lxd.layouts import ReadingRule, Ring, get_layout
 from lxd_agent_harness.lxd.monitor import RingbufMonitor
 from lxd_agent_harness.qemu.process import QemuProcess
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig, VmFiles
 
 from lxd_agent.protocol import PORT_NAME
 
@@ -93,3 +96,15 @@ def minimal_deb(directory: Path, version: str = "1.0") -> Path:
         timeout=60,
     )
     return deb
+
+
+def unbooted_config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:
+    """An lxd-5.20 config for an image that does not exist: for tests that never boot."""
+    image = GuestImage(tmp_path / "image")
+    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=accel)
+    return config, VmFiles(tmp_path / "run")
+
+
+def harness_command(*args: str) -> list[str]:
+    """`lxd-agent-harness ARGS` as this test run's Python runs it (`-m lxd_agent_harness`)."""
+    return [sys.executable, "-m", "lxd_agent_harness", *args]

@@ -30,6 +30,7 @@ from lxd_agent_harness.image.buildsteps import mounts_under
 from lxd_agent_harness.qemu.process import process_exists
 from lxd_agent_harness.vm.config import GuestImage
 
+from tests.helpers import harness_command
 from tests.repo import REPO, built_deb
 from tests.vms import BOOT_TIMEOUT
 
@@ -201,14 +202,12 @@ def test_an_interrupted_boot_leaves_nothing(at: str, signum: int, tmp_path: Path
     _check(result, signum)
 
 
-def _harness(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lxd_agent_harness", *args]
-
-
 @pytest.mark.vm
 def test_harness_keep_cleans_up_after_ctrl_c(deb: Path, guest_image: GuestImage) -> None:
     proc = subprocess.Popen(
-        _harness("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb), "--keep"),
+        harness_command(
+            "boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb), "--keep"
+        ),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
     )  # fmt: skip
     assert proc.stdout is not None

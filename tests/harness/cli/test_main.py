@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from lxd_agent_harness.vm.config import GuestImage
 
 from lxd_agent.protocol import PORT_NAME
 from tests.harness.scenarios.test_matrix import good_cell
-from tests.helpers import minimal_deb
+from tests.helpers import harness_command, minimal_deb
 from tests.repo import REPO
 from tests.vms import TEST_DEADLINE
 
@@ -190,16 +189,12 @@ def test_a_corrupt_deb_is_refused_before_any_build_with_one_line(
 # -- a real boot -------------------------------------------------------------------------------
 
 
-def _harness(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lxd_agent_harness", *args]
-
-
 @pytest.mark.vm
 def test_harness_boot_exits_0_after_started_then_stopped(
     deb: Path, guest_image: GuestImage
 ) -> None:
     result = subprocess.run(
-        _harness("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb)),
+        harness_command("boot", "--layout", "lxd-5.20", "--accel", "tcg", "--deb", str(deb)),
         capture_output=True, text=True, timeout=TEST_DEADLINE, cwd=REPO,
     )  # fmt: skip
     print(result.stdout, result.stderr)

@@ -23,15 +23,11 @@ from lxd_agent_harness.vm.config import (
 )
 from lxd_agent_harness.vm.firmware import Firmware
 
-
-def _config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:
-    image = GuestImage(tmp_path / "image")
-    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=accel)
-    return config, VmFiles(tmp_path / "run")
+from tests.helpers import unbooted_config
 
 
 def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_path: Path) -> None:
-    config, files = _config(tmp_path, Accel.TCG)
+    config, files = unbooted_config(tmp_path, Accel.TCG)
     args = qemu_args(config, files)
     joined = " ".join(args)
     assert args[0] == "-S"
@@ -52,7 +48,7 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
 
 
 def test_a_restore_loads_the_state_onto_the_overlay_the_caller_keeps(tmp_path: Path) -> None:
-    config, files = _config(tmp_path, Accel.TCG)
+    config, files = unbooted_config(tmp_path, Accel.TCG)
     kept, state = tmp_path / "kept.qcow2", tmp_path / "state"
     args = qemu_args(replace(config, overlay=kept, incoming=state), files)
     joined = " ".join(args)
@@ -83,9 +79,9 @@ def test_each_layout_gets_its_own_ring_size_unless_the_boot_overrides_it(tmp_pat
 
 
 def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> None:
-    config, files = _config(tmp_path, Accel.KVM)
+    config, files = unbooted_config(tmp_path, Accel.KVM)
     assert "-accel kvm -cpu host" in " ".join(qemu_args(config, files))
-    undecided, _ = _config(tmp_path, Accel.AUTO)
+    undecided, _ = unbooted_config(tmp_path, Accel.AUTO)
     with pytest.raises(VmError, match="choose_accel"):
         qemu_args(undecided, files)
 

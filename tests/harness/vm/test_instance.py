@@ -11,15 +11,10 @@ from lxd_agent_harness.base.errors import GuestStopped, VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.vm import instance as vm
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig, VmFiles
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 
 from tests.harness.base.test_aio import cancelled_as_it_completes
-
-
-def _config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:
-    image = GuestImage(tmp_path / "image")
-    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=accel)
-    return config, VmFiles(tmp_path / "run")
+from tests.helpers import unbooted_config
 
 
 def test_a_stopped_guest_is_a_typed_error_and_leaves_the_kvm_verdict_alone(
@@ -29,7 +24,7 @@ def test_a_stopped_guest_is_a_typed_error_and_leaves_the_kvm_verdict_alone(
     verdict = tmp_path / "lxd-agent" / "kvm-verdict.json"
     verdict.parent.mkdir()
     verdict.write_text("{}")
-    config, _ = _config(tmp_path, Accel.KVM)
+    config, _ = unbooted_config(tmp_path, Accel.KVM)
     machine = vm.Vm(config)
     with pytest.raises(GuestStopped, match="hypervisor error under kvm") as caught:
         machine._raise_if_stopped("internal-error")
@@ -57,7 +52,7 @@ def test_an_error_from_a_running_vm_carries_console_qemu_output_and_timeline(
         def render_timeline(self) -> list[str]:
             return ["    0.000s  note   QEMU started"]
 
-    config, _ = _config(tmp_path, Accel.TCG)
+    config, _ = unbooted_config(tmp_path, Accel.TCG)
     machine = vm.Vm(config)
     for part in ("_console", "_qemu", "_monitor"):
         monkeypatch.setattr(machine, part, Seen())

@@ -9,17 +9,11 @@ from pathlib import Path
 
 import pytest
 from lxd_agent_harness.base.errors import VmError
-from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.vm import instance as vm
 from lxd_agent_harness.vm import lock as vmlock
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig, VmFiles
 
-
-def _config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:
-    image = GuestImage(tmp_path / "image")
-    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=accel)
-    return config, VmFiles(tmp_path / "run")
+from tests.helpers import unbooted_config
 
 
 def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
@@ -29,7 +23,7 @@ def test_a_second_vm_waits_for_the_lock_and_gives_up_with_a_clear_error(
     monkeypatch.setattr(vmlock, "VM_LOCK_TIMEOUT", 0.6)
     lock_path = vmlock.vm_lock_path()
     lock_path.parent.mkdir(parents=True)
-    config, _ = _config(tmp_path, Accel.TCG)
+    config, _ = unbooted_config(tmp_path, Accel.TCG)
     messages: list[str] = []
     with lock_path.open("a") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
@@ -48,7 +42,7 @@ def test_the_vm_lock_is_free_again_after_a_failed_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config, _ = _config(tmp_path, Accel.TCG)  # its image does not exist: the start fails
+    config, _ = unbooted_config(tmp_path, Accel.TCG)  # its image does not exist: the start fails
 
     async def start() -> None:
         async with vm.Vm(config):
