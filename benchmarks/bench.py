@@ -32,14 +32,13 @@ import tty
 from pathlib import Path
 from typing import Callable, List, Tuple
 
+from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, VmConfig
 from lxd_agent_harness.vm.instance import Vm
-
-from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
 from tests.repo import built_deb
 
 REPO = Path(__file__).resolve().parents[1]

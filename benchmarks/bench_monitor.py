@@ -14,12 +14,11 @@ import base64
 import statistics
 import time
 
+from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.lxd.layouts import Ring
 from lxd_agent_harness.lxd.monitor import EntryKind, RingbufMonitor
 from lxd_agent_harness.lxd.reading_rules import interpret_ring_read
 from lxd_agent_harness.qemu.process import QemuProcess
-
-from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
 
 SAMPLES = [
     b"",

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
 from lxd_agent_harness.image.deb import PackageNotFound
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
 from lxd_agent_harness.vm.config import GuestImage
-
 from tests.repo import built_deb
 from tests.vms import TOOLS, Figures
 

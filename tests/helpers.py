@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
+from lxd_agent.protocol import PORT_NAME
 from lxd_agent_harness.base.aio import bounded
 from lxd_agent_harness.lxd.layouts import ReadingRule, Ring, get_layout
 from lxd_agent_harness.lxd.monitor import RingbufMonitor
 from lxd_agent_harness.qemu.process import QemuProcess
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig, VmFiles
-
-from lxd_agent.protocol import PORT_NAME
 
 T = TypeVar("T")
 

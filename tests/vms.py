@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import AsyncIterator, Dict
 
+from lxd_agent.protocol import STOPPED
 from lxd_agent_harness.cli.report import failure_lines
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind
@@ -20,8 +21,6 @@ from lxd_agent_harness.scenarios.boot import BootVerdict, WithVm, boot_and_check
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import Boot, DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
-
-from lxd_agent.protocol import STOPPED
 from tests.helpers import run
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")

@@ -9,10 +9,10 @@ unit could forget to log. On LXD 5.20's layout (the agent reports) and Incus's (
 from __future__ import annotations
 
 import pytest
-from lxd_agent_harness.vm.config import KERNEL_APPEND, DirectBoot, GuestImage
-from lxd_agent_harness.vm.instance import Vm
 
 from lxd_agent.protocol import PORT_NAME
+from lxd_agent_harness.vm.config import KERNEL_APPEND, DirectBoot, GuestImage
+from lxd_agent_harness.vm.instance import Vm
 from tests.vms import Figures, checked_boot
 
 pytestmark = pytest.mark.vm

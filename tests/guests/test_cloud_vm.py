@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_spec
 from lxd_agent_harness.image.seed import make_seed_iso
 from lxd_agent_harness.lxd.layouts import SPICE_AGENT_PORT_NAME, SPICE_WEBDAV_PORT_NAME
 from lxd_agent_harness.vm.config import FirmwareBoot
 from lxd_agent_harness.vm.firmware import Firmware
 from lxd_agent_harness.vm.instance import Vm
-
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.vms import Figures, checked_boot
 
 pytestmark = pytest.mark.vm

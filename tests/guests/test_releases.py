@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.image.aptsources import RELEASES
 from lxd_agent_harness.image.deb import DEB_PACKAGE
 from lxd_agent_harness.image.rootfs import BASE_PACKAGES, ImageSpec, build_image
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.instance import Vm
-
-from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.helpers import run
 from tests.vms import (
     BOOT_TIMEOUT,

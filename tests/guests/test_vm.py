@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.image.deb import DEB_PACKAGE
 from lxd_agent_harness.image.rootfs import BASE_PACKAGES, CLOUD_INIT_PACKAGES, ImageSpec
 from lxd_agent_harness.image.rootfs import build_image as build_guest_image
 from lxd_agent_harness.image.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.instance import Vm
-
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.helpers import run
 from tests.vms import (
     BOOT_TIMEOUT,

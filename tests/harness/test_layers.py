@@ -12,7 +12,6 @@ import ast
 from pathlib import Path
 
 import lxd_agent_harness
-
 from tests.repo import REPO
 
 PACKAGE = "lxd_agent_harness"

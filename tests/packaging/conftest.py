@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lxd_agent_harness.image.deb import PackageNotFound
 
+from lxd_agent_harness.image.deb import PackageNotFound
 from tests.repo import built_deb
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
+
 from lxd_agent_harness.image.aptsources import RELEASES
 from lxd_agent_harness.image.deb import DEB_PACKAGE
-
 from tests.packaging.rootfs import chroot, debian_root
 from tests.repo import REPO
 

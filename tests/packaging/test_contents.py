@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lxd_agent_harness.image.deb import DEB_PACKAGE
 
+from lxd_agent_harness.image.deb import DEB_PACKAGE
 from tests.repo import REPO
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"

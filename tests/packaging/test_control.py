@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lxd_agent_harness.image.deb import DEB_PACKAGE
-
 from lxd_agent import __version__
+from lxd_agent_harness.image.deb import DEB_PACKAGE
 from tests.packaging.conftest import control_file, deb_field, relation_names
 
 

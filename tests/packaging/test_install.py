@@ -19,9 +19,9 @@ from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
-from lxd_agent_harness.image.deb import DEB_PACKAGE
 
 from lxd_agent import __version__
+from lxd_agent_harness.image.deb import DEB_PACKAGE
 from tests.packaging.conftest import deb_field, deb_paths, relation_names
 from tests.packaging.rootfs import chroot, debian_root, tree
 

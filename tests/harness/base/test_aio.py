@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 import pytest
+
 from lxd_agent_harness.base.aio import bounded, wait_event
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.cache import cache_root
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+
 from lxd_agent_harness.base import errors
 from lxd_agent_harness.base.errors import (
     BootStuck,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base import textfile
 from lxd_agent_harness.base.errors import HarnessError
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.image.buildsteps import mounts_under
 from lxd_agent_harness.qemu.process import process_exists
 from lxd_agent_harness.vm.config import GuestImage
-
 from tests.helpers import harness_command
 from tests.repo import REPO, built_deb
 from tests.vms import BOOT_TIMEOUT

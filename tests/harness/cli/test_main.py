@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import PORT_NAME
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.cli import main as cli
 from lxd_agent_harness.cli import report
@@ -18,8 +20,6 @@ from lxd_agent_harness.image.agents import AGENTS, OURS
 from lxd_agent_harness.scenarios.matrix import MatrixVerdict
 from lxd_agent_harness.vm.accel import Accel, AccelChoice
 from lxd_agent_harness.vm.config import GuestImage
-
-from lxd_agent.protocol import PORT_NAME
 from tests.harness.scenarios.test_matrix import good_cell
 from tests.helpers import harness_command, minimal_deb
 from tests.repo import REPO

@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import (
     HarnessError,
     MonitorTimeout,
@@ -22,8 +24,6 @@ from lxd_agent_harness.qemu.migration import SavedState
 from lxd_agent_harness.scenarios.boot import BootVerdict
 from lxd_agent_harness.scenarios.matrix import MatrixVerdict
 from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, Step, StepVerdict
-
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.harness.qemu.test_migration import SPECIFICATION_LINES
 from tests.harness.scenarios.test_matrix import good_cell
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from lxd_agent_harness.image.agents import (
     AGENT_SCRIPT,
     AGENTS,
@@ -30,8 +32,6 @@ from lxd_agent_harness.image.agents import (
     INSTALLED_AGENT,
     emulation_deb,
 )
-
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from tests.systemd.test_units import parse_unit
 
 AGENT = EMULATIONS_DIR / AGENT_SCRIPT

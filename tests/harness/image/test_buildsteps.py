@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.image import buildsteps
 

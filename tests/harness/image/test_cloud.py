@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.image import cloud as cloudimage
 from lxd_agent_harness.image.cloud import (

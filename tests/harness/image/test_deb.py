@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.image.deb import (
     DEB_PACKAGE,
     DEB_VARIABLE,
@@ -17,7 +18,6 @@ from lxd_agent_harness.image.deb import (
     find_deb,
     source_tree,
 )
-
 from tests.helpers import minimal_deb
 from tests.repo import REPO
 

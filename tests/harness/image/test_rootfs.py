@@ -7,13 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import BuildStepFailed, HarnessError, ImageError
 from lxd_agent_harness.image import buildsteps
 from lxd_agent_harness.image import rootfs as image
 from lxd_agent_harness.image.deb import BadPackage
 from lxd_agent_harness.image.rootfs import ImageSpec, prune_images
 from lxd_agent_harness.vm.config import GuestImage
-
 from tests.helpers import minimal_deb
 
 

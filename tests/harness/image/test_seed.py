@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from lxd_agent_harness.image.seed import make_seed_iso, user_data
 
+from lxd_agent_harness.image.seed import make_seed_iso, user_data
 from tests.helpers import minimal_deb
 
 

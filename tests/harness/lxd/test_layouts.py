@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
 from lxd_agent_harness.base.errors import LayoutError, QemuError
 from lxd_agent_harness.lxd.layouts import (
     BRIDGED,
@@ -25,8 +27,6 @@ from lxd_agent_harness.lxd.layouts import (
     lxd_ring_port,
 )
 from lxd_agent_harness.qemu.process import QemuProcess
-
-from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME
 from tests.helpers import MACHINE_NONE, MACHINE_PAUSED, run
 
 BUS = ["-device", "virtio-serial-pci,id=dev-qemu_serial"]

@@ -8,12 +8,12 @@ import os
 import signal
 
 import pytest
+
+from lxd_agent.protocol import CONNECTED, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import MonitorError, MonitorTimeout
 from lxd_agent_harness.lxd import monitor as monitor_module
 from lxd_agent_harness.lxd.layouts import BRIDGED, Ring
 from lxd_agent_harness.lxd.monitor import EntryKind, RingbufMonitor, Timeline
-
-from lxd_agent.protocol import CONNECTED, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.harness.lxd.test_reading_rules import CASES, Case
 from tests.helpers import TEST_DEADLINE, monitored_ring, ring_qemu, run, write_ring
 

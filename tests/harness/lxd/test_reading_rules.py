@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from lxd_agent.protocol import CONNECTED, STARTED, STOPPED
 from lxd_agent_harness.base.aio import bounded
 from lxd_agent_harness.lxd.layouts import INCUS_RING_SIZE, ReadingRule
 from lxd_agent_harness.lxd.reading_rules import (
@@ -18,8 +20,6 @@ from lxd_agent_harness.lxd.reading_rules import (
     qemu_utf8_text,
 )
 from lxd_agent_harness.qemu.process import QemuProcess
-
-from lxd_agent.protocol import CONNECTED, STARTED, STOPPED
 from tests.helpers import TEST_DEADLINE, ring_qemu, run, write_ring
 
 # Each host's ring size: a case's `written` bytes go into a ring this big.

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.qemu.disk import (
     BOOT_SIGNATURE,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import PORT_NAME
 from lxd_agent_harness.base.errors import QemuError, RestoreRefused, SaveFailed, VmError
 from lxd_agent_harness.lxd.layouts import LXD_5_19, LXD_5_20, Layout, Port
 from lxd_agent_harness.qemu.migration import (
@@ -21,8 +23,6 @@ from lxd_agent_harness.qemu.migration import (
     wait_incoming,
 )
 from lxd_agent_harness.qemu.process import QemuProcess
-
-from lxd_agent.protocol import PORT_NAME
 from tests.helpers import MACHINE_PAUSED, run
 
 # The specification's own lines ("Limitations"), as `lxc info --show-log` shows them.

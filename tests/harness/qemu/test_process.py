@@ -7,10 +7,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from lxd_agent_harness.base.errors import QemuError
-from lxd_agent_harness.qemu.process import BoundedEventListener, QemuProcess, process_exists
 from qemu.qmp.message import Message
 
+from lxd_agent_harness.base.errors import QemuError
+from lxd_agent_harness.qemu.process import BoundedEventListener, QemuProcess, process_exists
 from tests.helpers import MACHINE_NONE, run
 
 

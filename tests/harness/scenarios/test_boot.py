@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
@@ -17,8 +19,6 @@ from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.console import CommandResult
 from lxd_agent_harness.vm.instance import Vm
-
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 
 SKIPPED = (
     "ActiveState=inactive\nResult=success\nNRestarts=0\n"

@@ -13,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.cli import report
 from lxd_agent_harness.image.agents import AGENTS, OURS, agent_images
@@ -29,8 +31,6 @@ from lxd_agent_harness.scenarios.matrix import (
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.units import UnitFacts
-
-from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.harness.vm.test_units import RUNNING
 from tests.helpers import run
 from tests.repo import REPO

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from lxd_agent_harness.base.errors import LayoutError, StepMismatch
 from lxd_agent_harness.cli import report
 from lxd_agent_harness.lxd.layouts import (
@@ -31,8 +33,6 @@ from lxd_agent_harness.scenarios.snapshot import (
 )
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import GuestImage
-
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from tests.helpers import run
 from tests.vms import BOOT_TIMEOUT, Figures
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.cli.report import failure_lines, soak_table
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH
 from lxd_agent_harness.scenarios.soak import FAULTS, soak, soak_config
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig, VmFiles, qemu_args
-
 from tests.helpers import run
 from tests.vms import BOOT_TIMEOUT
 

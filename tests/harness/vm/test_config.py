@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import (
     VmError,
 )
@@ -22,7 +23,6 @@ from lxd_agent_harness.vm.config import (
     qemu_args,
 )
 from lxd_agent_harness.vm.firmware import Firmware
-
 from tests.helpers import unbooted_config
 
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.vm.console import SerialConsole
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+
 from lxd_agent_harness.base.errors import BootStuck, VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.scenarios.boot import boot_and_check
@@ -28,7 +29,6 @@ from lxd_agent_harness.vm.firmware import (
     sercon_file,
     watch_firmware_boot,
 )
-
 from tests.helpers import run
 from tests.vms import Figures
 

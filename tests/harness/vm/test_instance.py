@@ -7,12 +7,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import GuestStopped, VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.vm import instance as vm
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
-
 from tests.harness.base.test_aio import cancelled_as_it_completes
 from tests.helpers import unbooted_config
 

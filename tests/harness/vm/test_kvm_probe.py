@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import GuestStopped, HarnessError, QemuError, VmError
 from lxd_agent_harness.vm import kvm_probe as accel
 from lxd_agent_harness.vm.accel import Accel

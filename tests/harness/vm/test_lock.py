@@ -8,11 +8,11 @@ import fcntl
 from pathlib import Path
 
 import pytest
+
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.vm import instance as vm
 from lxd_agent_harness.vm import lock as vmlock
 from lxd_agent_harness.vm.accel import Accel
-
 from tests.helpers import unbooted_config
 
 
