@@ -1,9 +1,11 @@
 """The ``lxd-agent`` command's entry point: block the stop signals, then load the commands.
 
-Runs in the guest, first thing in the process. A SIGTERM, SIGINT or SIGHUP that arrives
+Runs in the guest, at the start of the process. A SIGTERM, SIGINT or SIGHUP that arrives
 while the rest is loading would kill the agent without STOPPED or print a KeyboardInterrupt
 traceback, so the signals are blocked before anything else is imported: this module must
-import nothing that is not already loaded at start.
+import nothing that is not already loaded at start. The launcher (/usr/bin/lxd-agent) and
+``python -m lxd_agent.guest`` hold them earlier still, before they import this module; ``main``
+holding them again changes nothing and covers a console script that pip generates.
 
 The unit's own command line (``UNIT_RUN``) runs at every boot and goes straight to the daemon:
 argparse and what it loads (``re``, ``gettext``) cost more than the rest of the start. Every
