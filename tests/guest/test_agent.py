@@ -23,7 +23,7 @@ from lxd_agent.guest.cli import UNIT_RUN
 from lxd_agent.guest.notify import Notifier
 from lxd_agent.guest.ports import PortGone
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli
+from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli, start
 
 
 class NotifySocket:
@@ -74,13 +74,7 @@ def agent(
     if notify is not None:
         environ["NOTIFY_SOCKET"] = str(notify.path)
     environ.update(env or {})
-    proc = subprocess.Popen(
-        [*CLI, "run", *tree.cli_args(), *args],
-        cwd=REPO,
-        env=environ,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start([*CLI, "run", *tree.cli_args(), *args], env=environ, stderr=subprocess.PIPE)
     try:
         yield proc
     finally:

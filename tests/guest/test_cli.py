@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,7 +15,20 @@ import pytest
 from lxd_agent import __version__
 from lxd_agent.guest import commands
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli
+from tests.guest.conftest import (
+    CLI,
+    ENTRIES,
+    LAUNCHER,
+    LAUNCHER_ENTRY,
+    MODULE_ENTRY,
+    DeadPort,
+    LivePort,
+    PortTree,
+    SignalledStart,
+    run_cli,
+    start,
+    start_and_signal,
+)
 
 
 @pytest.mark.parametrize(
@@ -95,9 +108,7 @@ def test_run_durations_at_the_bounds_are_accepted(
 ) -> None:
     tree.link(PORT_NAME, live_port.device)
     for value in ("0.1", "86400"):
-        with subprocess.Popen(
-            [*CLI, "run", option, value, *tree.cli_args()], cwd=REPO, stderr=subprocess.PIPE
-        ) as proc:
+        with start([*CLI, "run", option, value, *tree.cli_args()], stderr=subprocess.PIPE) as proc:
             try:
                 live_port.wait_for(STARTED, timeout=10)
             finally:
@@ -182,62 +193,149 @@ def test_a_broken_probe_fails_the_unit_instead_of_skipping_it(
     assert "probe failed: RuntimeError: surprise" in capsys.readouterr().err
 
 
-# Runs the CLI as `python -m lxd_agent.guest` does, but sends itself signal N (argv[1]) the
-# moment the commands start loading argparse: a signal in the entry point's first milliseconds,
-# at a known point instead of a lucky one.
-SIGNAL_DURING_START = """
+# Runs the CLI through an entry point the way `python -m lxd_agent.guest` ("-m") or the
+# launcher (its path) does: the first argument of each runner below.
+RUN_ENTRY = """
+if entry == "-m":
+    runpy.run_module("lxd_agent.guest", run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(entry, run_name="__main__")
+"""
+
+# ... and sends itself signal N the moment module M is first looked for: a signal in the entry
+# point's first milliseconds, at a known point instead of a lucky one.
+SIGNAL_DURING_START = (
+    """
 import os, runpy, sys
 
-signo = int(sys.argv.pop(1))
+entry, signo, on_import = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+del sys.argv[1:4]
 
 class SignalOnImport:
     def find_spec(self, name, path=None, target=None):
-        if name == "argparse":
+        if name == on_import:
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signo)
         return None
 
 sys.meta_path.insert(0, SignalOnImport())
-runpy.run_module("lxd_agent.guest", run_name="__main__", alter_sys=True)
 """
+    + RUN_ENTRY
+)
 
+# ... and plays a SIGINT that came a moment before the entry point's mask, which no timing can
+# aim at: pthread_sigmask sets the mask and then runs the pending handler, which raises
+# KeyboardInterrupt. Only the entry point's own call, the first, plays it.
+SIGINT_JUST_BEFORE_THE_MASK = (
+    """
+import _signal, runpy, sys, types
+
+entry = sys.argv.pop(1)
+played = types.ModuleType("_signal")
+played.__dict__.update(_signal.__dict__)
+
+def pthread_sigmask(how, mask):
+    _signal.pthread_sigmask(how, mask)
+    played.pthread_sigmask = _signal.pthread_sigmask
+    raise KeyboardInterrupt
+
+played.pthread_sigmask = pthread_sigmask
+sys.modules["_signal"] = played
+"""
+    + RUN_ENTRY
+)
+
+# ... and leaves what CPython leaves when a SIGINT comes while it looks whether the script is a
+# zip archive: it prints the KeyboardInterrupt, keeps it in sys.last_type, and runs the script.
+SIGINT_PRINTED_BY_THE_INTERPRETER = (
+    """
+import runpy, sys
+
+entry = sys.argv.pop(1)
+sys.last_type = KeyboardInterrupt
+"""
+    + RUN_ENTRY
+)
 
 ALL_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT]
+
+# Where a signal lands in the start: as the entry point imports the first module of ours after
+# its mask (python -m has already imported the packages), or as the commands load argparse.
+SIGNAL_POINTS = [
+    pytest.param("-m", "lxd_agent.guest.cli", id="python-m-imports-cli"),
+    pytest.param(str(LAUNCHER), "lxd_agent", id="launcher-imports-lxd_agent"),
+    pytest.param("-m", "argparse", id="cli-imports-argparse"),
+]
 
 
-def _start_with_signal(signo: int, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", SIGNAL_DURING_START, str(int(signo)), *args],
-        cwd=REPO,
+def _start_with_signal(entry: str, signo: int, on_import: str, *args: str) -> subprocess.Popen[str]:
+    return start(
+        [sys.executable, "-c", SIGNAL_DURING_START, entry, str(int(signo)), on_import, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
     )
 
 
-@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def _reporting(tree: PortTree) -> str:
+    """What ``run`` logs from STARTED to STOPPED when nothing goes wrong."""
+    return (
+        f"lxd-agent: reporting to {PORT_NAME} ({tree.dev_root / PORT_NAME})\n"
+        f"lxd-agent: reported {STOPPED}\n"
+    )
+
+
+@pytest.mark.parametrize(("entry", "on_import"), SIGNAL_POINTS)
+@pytest.mark.parametrize("signo", STOP_SIGNALS, ids=lambda s: s.name)
 def test_a_stop_signal_while_run_starts_is_held_until_started_then_stopped(
-    tree: PortTree, live_port: LivePort, signo: signal.Signals
+    tree: PortTree, live_port: LivePort, signo: signal.Signals, entry: str, on_import: str
 ) -> None:
     tree.link(PORT_NAME, live_port.device)
-    with _start_with_signal(signo, "run", "--refresh", "0", *tree.cli_args()) as proc:
+    args = ("run", "--refresh", "0", *tree.cli_args())
+    with _start_with_signal(entry, signo, on_import, *args) as proc:
         try:
             _, err = proc.communicate(timeout=15)
         finally:
             proc.kill()
-    assert (proc.returncode, err) == (
-        0,
-        f"lxd-agent: reporting to {PORT_NAME} "
-        f"({tree.dev_root / PORT_NAME})\nlxd-agent: reported {STOPPED}\n",
-    )
-    assert live_port.read_lines(timeout=2) == [STARTED, STOPPED]
+    assert (proc.returncode, err) == (0, _reporting(tree))
+    assert live_port.read_written() == [STARTED, STOPPED]
+
+
+@pytest.mark.parametrize("entry", ["-m", str(LAUNCHER)], ids=["python-m", "launcher"])
+def test_a_sigint_just_before_the_entry_points_mask_is_held_like_one_just_after(
+    tree: PortTree, live_port: LivePort, entry: str
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    argv = [sys.executable, "-c", SIGINT_JUST_BEFORE_THE_MASK, entry, "run", "--refresh", "0"]
+    with start([*argv, *tree.cli_args()], stderr=subprocess.PIPE) as proc:
+        try:
+            _, err = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert (proc.returncode, err) == (0, _reporting(tree))
+    assert live_port.read_written() == [STARTED, STOPPED]
+
+
+def test_the_launcher_holds_a_sigint_that_the_interpreter_printed_and_went_on_from(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    argv = [sys.executable, "-c", SIGINT_PRINTED_BY_THE_INTERPRETER, str(LAUNCHER), "run"]
+    with start([*argv, "--refresh", "0", *tree.cli_args()], stderr=subprocess.PIPE) as proc:
+        try:
+            _, err = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert (proc.returncode, err) == (0, _reporting(tree))
+    assert live_port.read_written() == [STARTED, STOPPED]
 
 
 def test_a_sighup_while_run_starts_is_a_look_again_not_a_death(
     tree: PortTree, live_port: LivePort
 ) -> None:
     tree.link(PORT_NAME, live_port.device)
-    with _start_with_signal(signal.SIGHUP, "run", "--refresh", "0", *tree.cli_args()) as proc:
+    args = ("run", "--refresh", "0", *tree.cli_args())
+    with _start_with_signal("-m", signal.SIGHUP, "argparse", *args) as proc:
         try:
             live_port.wait_for(STARTED, timeout=10)
             proc.terminate()
@@ -249,16 +347,18 @@ def test_a_sighup_while_run_starts_is_a_look_again_not_a_death(
     assert live_port.wait_for(STOPPED, timeout=2)[-1] == STOPPED
 
 
-@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize(("entry", "on_import"), SIGNAL_POINTS)
+@pytest.mark.parametrize("signo", STOP_SIGNALS, ids=lambda s: s.name)
 def test_a_signal_while_a_one_shot_command_starts_ends_it_quietly(
-    tree: PortTree, signo: signal.Signals
+    tree: PortTree, signo: signal.Signals, entry: str, on_import: str
 ) -> None:
-    with _start_with_signal(signo, "probe", *tree.cli_args()) as proc:
+    with _start_with_signal(entry, signo, on_import, "probe", *tree.cli_args()) as proc:
         try:
             out, err = proc.communicate(timeout=15)
         finally:
             proc.kill()
-    # The default action, once the command is known: no traceback, no half-printed table.
+    # Held until the command is known, then the default action: no traceback, no half-printed
+    # table (the entry point's mask and cli.main's are one, lifted once).
     assert (proc.returncode, out, err) == (-signo, "", "")
 
 
@@ -267,38 +367,67 @@ def test_signals_right_after_exec_never_give_a_traceback_or_a_started_without_st
     tree: PortTree, live_port: LivePort, signo: signal.Signals
 ) -> None:
     tree.link(PORT_NAME, live_port.device)
-    run_args = ["--refresh", "0", *tree.cli_args()]
     for delay in (0, 0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12):
-        # -S: without site, whose start here (this venv's editable installs) is not the
-        # guest's; the agent needs nothing from site-packages.
-        with subprocess.Popen(
-            [sys.executable, "-S", "-m", "lxd_agent.guest", "run", *run_args],
-            cwd=REPO,
-            stderr=subprocess.PIPE,
-            text=True,
-        ) as proc:
-            lines: list[str] = []
-            try:
-                time.sleep(delay)
-                proc.send_signal(signo)
-                if signo == signal.SIGHUP:
-                    # A look again if it came in time, else the default death; then stop it.
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=0.5)
-                    if proc.returncode is None:
-                        lines += live_port.wait_for(STARTED, timeout=10)
-                        proc.terminate()
-                _, err = proc.communicate(timeout=15)
-            finally:
-                proc.kill()
-        lines += live_port.read_lines(timeout=0.5)
-        what = f"after {delay * 1000:g} ms: exit {proc.returncode}, wrote {lines}, stderr {err!r}"
-        # Held from our first line on: then STARTED is followed by STOPPED and exit 0. Before
-        # it, in the interpreter's own start (runpy here, site and the console script's
-        # `import re` in a guest), a signal does what it does to any Python program, and
-        # nothing is written; a traceback through our code would mean the mask came late.
-        assert "lxd_agent" not in err, what
-        if proc.returncode == 0:
-            assert lines and lines[0] == STARTED and lines[-1] == STOPPED, what
-        else:
-            assert lines == [], what
+        run = start_and_signal(
+            MODULE_ENTRY, ["--refresh", "0", *tree.cli_args()], live_port, signo, delay
+        )
+        # Held from our first statement on: then STARTED is followed by STOPPED and exit 0.
+        # Before it, in the interpreter's own start (runpy and the packages here), a signal does
+        # what it does to any Python program, and nothing is written; a traceback through a
+        # statement of ours would mean the mask came late (see SignalledStart).
+        assert run.problem() is None, f"{run.problem()}: {run}"
+
+
+STORM_RUNS = 300
+STORM_WINDOW = 0.060  # seconds after exec: the whole start, up to STARTED, and a little more
+STORM_GIVE_UP_AFTER = 5  # runs left running: each costs the bound, and one fails the test
+
+
+@pytest.mark.slow
+def test_stop_signals_at_random_moments_of_the_start_are_never_lost_nor_give_a_traceback(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    # Set LXD_AGENT_TEST_SEED to the printed seed to replay a run's draws (not its timing).
+    seed = int(os.environ.get("LXD_AGENT_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    draws = random.Random(seed)
+    tree.link(PORT_NAME, live_port.device)
+    runs: list[SignalledStart] = []
+    stuck = 0
+    while len(runs) < STORM_RUNS and stuck < STORM_GIVE_UP_AFTER:
+        entry = draws.choice(ENTRIES)
+        signo = draws.choice(STOP_SIGNALS)
+        delay = draws.uniform(0, STORM_WINDOW)
+        run = start_and_signal(entry, ["--refresh", "0", *tree.cli_args()], live_port, signo, delay)
+        runs.append(run)
+        stuck += run.returncode is None and run.problem() is not None
+    bad = [run for run in runs if run.problem() is not None]
+    counts = ", ".join(f"{what} {n}" for what, n in _storm_counts(runs).items())
+    print(f"seed {seed}: {counts}")
+    assert not bad and len(runs) == STORM_RUNS, (
+        f"seed {seed}: {counts}; the first bad runs:\n"
+        + "\n".join(f"{run.problem()}: {run}" for run in bad[:5])
+    )
+
+
+def _storm_counts(runs: list[SignalledStart]) -> dict[str, int]:
+    ended = [run for run in runs if run.ended_before_our_first_statement]
+    return {
+        "runs": len(runs),
+        "through the launcher": sum(run.entry == LAUNCHER_ENTRY.name for run in runs),
+        "SIGINT": sum(run.signo == signal.SIGINT for run in runs),
+        "exit 0": sum(run.returncode == 0 for run in runs),
+        "of which after the interpreter printed a KeyboardInterrupt": sum(
+            run.returncode == 0 and "KeyboardInterrupt" in run.stderr for run in runs
+        ),
+        "ended before our first statement": len(ended),
+        "of which killed by the signal": sum(run.returncode == -run.signo for run in ended),
+        "of which at a module's first instruction": sum(
+            run.taken_at_a_module_entry for run in ended
+        ),
+        "SIGINT dropped by the interpreter's start": sum(
+            run.lost_by_the_interpreter for run in runs
+        ),
+        "tracebacks through our code": sum(run.through_our_code for run in runs),
+        "left running (killed)": sum(run.returncode is None for run in runs),
+        "bad": sum(run.problem() is not None for run in runs),
+    }
