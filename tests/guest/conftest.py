@@ -291,7 +291,11 @@ class SignalledStart:
         if self.through_our_code:
             return "traceback through our code"
         if self.returncode is None:
-            return None if self.lost_by_the_interpreter else "still running at the bound"
+            # Only `python -m`'s runpy drops a SIGINT so; the launcher (what the unit runs)
+            # re-raises the one its start printed, so a launcher still running is ours.
+            if self.lost_by_the_interpreter and self.entry != LAUNCHER_ENTRY.name:
+                return None
+            return "still running at the bound"
         if self.returncode == 0:
             if self.lines[:1] == [STARTED] and self.lines[-1:] == [STOPPED]:
                 return None

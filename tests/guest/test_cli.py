@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -393,13 +394,19 @@ def test_stop_signals_at_random_moments_of_the_start_are_never_lost_nor_give_a_t
     tree.link(PORT_NAME, live_port.device)
     runs: list[SignalledStart] = []
     stuck = 0
-    while len(runs) < STORM_RUNS and stuck < STORM_GIVE_UP_AFTER:
-        entry = draws.choice(ENTRIES)
-        signo = draws.choice(STOP_SIGNALS)
-        delay = draws.uniform(0, STORM_WINDOW)
-        run = start_and_signal(entry, ["--refresh", "0", *tree.cli_args()], live_port, signo, delay)
-        runs.append(run)
-        stuck += run.returncode is None and run.problem() is not None
+    # A loaded machine: one busy process per core for the whole storm, as a boot has.
+    with contextlib.ExitStack() as load:
+        for _ in range(os.cpu_count() or 1):
+            busy = load.enter_context(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+            load.callback(busy.kill)
+        while len(runs) < STORM_RUNS and stuck < STORM_GIVE_UP_AFTER:
+            entry = draws.choice(ENTRIES)
+            signo = draws.choice(STOP_SIGNALS)
+            delay = draws.uniform(0, STORM_WINDOW)
+            args = ["--refresh", "0", *tree.cli_args()]
+            run = start_and_signal(entry, args, live_port, signo, delay)
+            runs.append(run)
+            stuck += run.returncode is None and run.problem() is not None
     bad = [run for run in runs if run.problem() is not None]
     counts = ", ".join(f"{what} {n}" for what, n in _storm_counts(runs).items())
     print(f"seed {seed}: {counts}")
