@@ -3,11 +3,11 @@ line, and what a reader of the failure needs travels in its fields."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import pytest
 
-from lxd_agent_harness.base import errors
 from lxd_agent_harness.base.errors import (
     BootStuck,
     BuildStepFailed,
@@ -21,17 +21,32 @@ from lxd_agent_harness.base.errors import (
     StepMismatch,
     VmError,
 )
+from tests.harness.test_layers import modules
+
+INTERRUPT = "lxd_agent_harness.cli.interrupt"
 
 
-def test_every_error_of_the_module_is_a_harness_error() -> None:
-    """The command line catches `HarnessError` alone: anything else would be a traceback."""
-    classes = [
-        value
-        for value in vars(errors).values()
-        if inspect.isclass(value) and issubclass(value, BaseException)
-    ]
-    assert len(classes) > 10
-    assert [c.__name__ for c in classes if not issubclass(c, HarnessError)] == []
+def test_every_error_the_harness_defines_is_a_harness_error() -> None:
+    """The command line catches `HarnessError` alone: anything else would be a traceback.
+
+    Every module of the harness is read, not only this one: errors live by what raises them
+    (`image.deb.PackageNotFound`, `cli.interrupt.Interrupted` is the one exception on purpose).
+    """
+    defined = []
+    for name in modules():
+        if name.endswith(".__main__"):  # runs the command line when imported
+            continue
+        module = importlib.import_module(name)
+        defined += [
+            value
+            for value in vars(module).values()
+            if inspect.isclass(value)
+            and issubclass(value, BaseException)
+            and value.__module__ == name
+        ]
+    assert len(defined) > 15
+    others = [f"{c.__module__}.{c.__name__}" for c in defined if not issubclass(c, HarnessError)]
+    assert others == [f"{INTERRUPT}.Interrupted"]
 
 
 def test_a_vm_errors_message_is_one_line_and_what_it_saw_is_in_its_fields() -> None:
@@ -61,7 +76,6 @@ def test_an_error_keeps_its_own_copy_of_the_lines_it_was_given() -> None:
 def test_a_monitor_timeout_is_a_monitor_error_with_the_timeline() -> None:
     error = MonitorTimeout("no STARTED on com.canonical.lxd within 5 s", timeline=["t"])
     assert isinstance(error, MonitorError) and error.timeline == ["t"]
-    assert "\n" not in str(error)
 
 
 @pytest.mark.parametrize(
