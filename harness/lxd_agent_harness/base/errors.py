@@ -85,6 +85,19 @@ class GuestStopped(VmError):
         return self.run_state == "internal-error"
 
 
+class GuestStateMismatch(VmError):
+    """What the guest's own systemd says did not hold (the boot, the agent's unit)."""
+
+    def __init__(
+        self, message: str, *, subject: str, seen: dict[str, str], **fields: Sequence[str]
+    ) -> None:
+        super().__init__(message, **fields)
+        self.subject = subject
+        """What was asked: `system` (`is-system-running`) or a unit's name."""
+        self.seen = dict(seen)
+        """What systemd answered, property by property (`SystemState` for the system)."""
+
+
 class BootStuck(VmError):
     """The boot cannot go on by itself: the firmware's shell, no bootable disk, a panic, or no
     kernel in time. `dead_end` says which, in words (`firmware.DEAD_ENDS`)."""

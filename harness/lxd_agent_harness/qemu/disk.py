@@ -1,4 +1,5 @@
-"""The disk images a boot uses, through `qemu-img`: an overlay over a base, a user image's format.
+"""The disk images a boot uses, through `qemu-img`: an overlay over a base, a user image's format
+and whether its first sector can boot at all.
 
 A boot never writes its base image: it runs on a qcow2 overlay in its own temporary directory.
 Host side only: the guest agent never imports this module.
@@ -13,6 +14,10 @@ from pathlib import Path
 
 from lxd_agent_harness.base.errors import VmError
 
+QEMU_IMG_MISSING = (
+    "qemu-img not found on PATH; install Debian's qemu-utils (in a clone: `make setup`)"
+)
+
 
 def make_overlay(base: Path, base_format: str, overlay: Path) -> None:
     """A qcow2 overlay over `base`, so a boot never writes the base image."""
@@ -23,9 +28,7 @@ def make_overlay(base: Path, base_format: str, overlay: Path) -> None:
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
-        raise VmError(
-            "qemu-img not found on PATH; run `make setup` (Debian package qemu-utils)"
-        ) from None
+        raise VmError(QEMU_IMG_MISSING) from None
     except subprocess.CalledProcessError as e:
         raise VmError(
             f"qemu-img could not make an overlay over {base}: {e.stderr.strip()}; "
@@ -43,16 +46,29 @@ def disk_format(path: Path) -> str:
             check=True, capture_output=True, text=True, timeout=60,
         ).stdout  # fmt: skip
     except FileNotFoundError:
-        raise VmError("qemu-img not found on PATH; run `make setup`") from None
+        raise VmError(QEMU_IMG_MISSING) from None
     except subprocess.CalledProcessError as e:
         raise VmError(f"qemu-img info {path} failed: {e.stderr.strip()}") from None
     fmt = str(json.loads(out).get("format", ""))
-    if fmt not in ("raw", "qcow2"):
-        raise VmError(
-            f"the image {path} is in format {fmt!r}; give a qcow2 or raw cloud image "
+    if fmt not in BOOTABLE_FORMATS:
+        raise UnsupportedDiskFormat(path, fmt)
+    return fmt
+
+
+BOOTABLE_FORMATS = ("raw", "qcow2")
+
+
+class UnsupportedDiskFormat(VmError):
+    """A disk image in a format the harness does not boot (`BOOTABLE_FORMATS`)."""
+
+    def __init__(self, path: Path, disk_format: str) -> None:
+        super().__init__(
+            f"the image {path} is in format {disk_format!r}; give a qcow2 or raw cloud image "
             "(convert with `qemu-img convert -O qcow2`)"
         )
-    return fmt
+        self.path = path
+        self.disk_format = disk_format
+        """`qemu-img info`'s name for the format, e.g. `vmdk`."""
 
 
 class NotBootable(VmError):
@@ -87,7 +103,7 @@ def check_boot_sector(path: Path, fmt: str) -> None:
         try:
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
-            raise VmError("qemu-img not found on PATH; run `make setup`") from None
+            raise VmError(QEMU_IMG_MISSING) from None
         except subprocess.CalledProcessError as e:
             raise VmError(
                 f"qemu-img could not read the first sector of {path}: {e.stderr.strip()}"

@@ -1,12 +1,13 @@
-"""What the harness proves, one function per scenario, each returning a verdict.
+"""The boot scenario: boot a guest, see STARTED on the ring LXD reads, press the power button,
+see STOPPED and the guest off (on Incus's layout: the boot completes and the agent stands aside).
 
-A scenario boots a guest (through `vm.Vm`), drives it, and returns what it saw and when: a
-verdict that says pass or fail and why, with the failure's own data (the error and its fields).
-It never prints and never exits: `cli.main` turns a verdict into lines and an exit code, and the
-VM tests assert on verdicts. Progress goes to an optional callback.
+`boot_and_check` returns a `BootVerdict`: pass or fail and why, with the failure's own data (the
+error and its fields), and what the host saw when. It never prints and never exits: `cli.main`
+turns the verdict into lines and an exit code, the VM tests assert on it, and the snapshot
+scenario runs it per step. Progress goes to an optional callback.
 
-Host side only. Scenarios hold the flow; how QEMU runs, how rings are read and how the console
-is driven belong to the modules below (vm, monitor, console).
+Host side only. The flow is here; how QEMU runs, how rings are read and how the console is
+driven belong to the layers below (`vm`, `lxd`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from lxd_agent.protocol import STARTED, STOPPED
-from lxd_agent_harness.base.errors import HarnessError
+from lxd_agent_harness.base.errors import GuestStateMismatch, HarnessError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.layouts import lxd_ring_port
-from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
+from lxd_agent_harness.lxd.monitor import TimelineEntry, reads, state_changes
 from lxd_agent_harness.scenarios.observed import PowerOffFigures, record
 from lxd_agent_harness.vm.config import VmConfig
 from lxd_agent_harness.vm.instance import POWEROFF_TIMEOUT, Vm
@@ -61,11 +62,11 @@ class BootVerdict(PowerOffFigures):
 
     def state_changes(self, port: str) -> list[str]:
         """`port`'s state changes in order, e.g. `unknown -> STARTED`."""
-        return [e.text for e in self.entries if e.kind is EntryKind.STATE and e.port == port]
+        return state_changes(self.entries, port)
 
     def reads(self, port: str) -> list[str]:
         """What the reads of `port`'s ring returned, where they returned anything."""
-        return [e.text for e in self.entries if e.kind is EntryKind.READ and e.port == port]
+        return reads(self.entries, port)
 
     @property
     def passed(self) -> bool:
@@ -81,9 +82,13 @@ async def check_agent_stood_aside(vm: Vm, timeout: float) -> str:
     state = await vm.run("systemctl is-system-running --wait", timeout=timeout)
     vm.note(f"guest: systemctl is-system-running: {state.output.strip()}")
     if state.output.strip() != "running":
-        raise vm.error(
-            f"the guest's boot did not complete cleanly: is-system-running says "
-            f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)"
+        raise vm.fill(
+            GuestStateMismatch(
+                f"the guest's boot did not complete cleanly: is-system-running says "
+                f"{state.output.strip()!r}; see `systemctl --failed` in the guest (--keep)",
+                subject="system",
+                seen={"SystemState": state.output.strip()},
+            )
         )
     props = await unit_properties(vm, AGENT_UNIT, STOOD_ASIDE_PROPERTIES)
     shown = " ".join(f"{name}={' '.join(value.split())}" for name, value in props.items())
@@ -95,9 +100,13 @@ async def check_agent_stood_aside(vm: Vm, timeout: float) -> str:
         and props.get("StatusText", "").startswith("skipped, no usable port")
     )
     if not skipped:
-        raise vm.error(
-            "lxd-agent was not skipped cleanly although no LXD port has a ring behind it: "
-            f"{shown}; see `journalctl -u lxd-agent` in the guest (--keep)"
+        raise vm.fill(
+            GuestStateMismatch(
+                "lxd-agent was not skipped cleanly although no LXD port has a ring behind it: "
+                f"{shown}; see `journalctl -u lxd-agent` in the guest (--keep)",
+                subject=AGENT_UNIT,
+                seen=props,
+            )
         )
     return shown
 

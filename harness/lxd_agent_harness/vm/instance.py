@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 from qemu.qmp import QMPClient, QMPError
 
@@ -44,6 +44,8 @@ from lxd_agent_harness.vm.config import (
 from lxd_agent_harness.vm.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent_harness.vm.firmware import Firmware, fresh_vars, sercon_file, watch_firmware_boot
 from lxd_agent_harness.vm.lock import take_vm_lock
+
+E = TypeVar("E", bound=VmError)
 
 # Waits, in seconds. Under TCG on 2 cores a boot reaches STARTED in 10-13 s (facts §6).
 BOOT_TIMEOUT = 120.0
@@ -126,7 +128,7 @@ class Vm:
 
     def error(self, message: str) -> VmError:
         """A `VmError` for `message` that carries what the VM has seen so far."""
-        return self._filled(VmError(message))
+        return self.fill(VmError(message))
 
     def note(self, text: str) -> None:
         """A milestone in the timeline (and on the progress output)."""
@@ -198,7 +200,7 @@ class Vm:
                 if self.powerdown_at is not None:
                     after = f" ({self.guest_off_at - self.powerdown_at:.2f} s after power-off)"
                 self.note(f"guest powered off{after}")
-                return self.guest_off_at - self.t0
+                return self.guest_off_at - self.t0  # since_start, never None here
             self._raise_if_stopped(status)
             if time.monotonic() > deadline:
                 raise VmError(
@@ -283,7 +285,7 @@ class Vm:
         parts.extend(self.render_timeline() or ["(empty)"])
         return "\n".join(parts)
 
-    def _filled(self, error: VmError) -> VmError:
+    def fill(self, error: E) -> E:
         """`error` with what the VM has seen filled into the fields its raiser left empty."""
         if not error.console_tail and self._console is not None:
             error.console_tail = self._console.tail_lines(ERROR_CONSOLE_LINES)
@@ -302,7 +304,7 @@ class Vm:
         try:
             yield
         except VmError as e:
-            self._filled(e)
+            self.fill(e)
             raise
         except HarnessError as e:
             raise self.error(str(e)) from e
@@ -351,7 +353,7 @@ class Vm:
             refusal = await as_refusal(e, self._qemu, incoming)
             if refusal is None:
                 raise
-            raise self._filled(refusal) from e
+            raise self.fill(refusal) from e
 
     async def _start_qemu(self, stack: contextlib.AsyncExitStack, files: VmFiles) -> None:
         self._qemu = await stack.enter_async_context(
@@ -440,7 +442,7 @@ class Vm:
             message = powered_off
         else:
             return
-        raise self._filled(GuestStopped(message, run_state=status))
+        raise self.fill(GuestStopped(message, run_state=status))
 
     async def check_running(self) -> None:
         """A `VmError` saying why if QEMU exited or the guest stopped (hypervisor error, panic)."""
@@ -454,7 +456,7 @@ class Vm:
         try:
             await watch_firmware_boot(self.console, self.seconds, name)
         except BootStuck as e:
-            raise self._filled(e) from None
+            raise self.fill(e) from None
 
     async def _watch_qemu(self) -> None:
         """Return only by raising: QEMU exited, or the guest stopped for good."""

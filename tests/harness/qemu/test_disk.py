@@ -14,6 +14,7 @@ from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.qemu.disk import (
     BOOT_SIGNATURE,
     NotBootable,
+    UnsupportedDiskFormat,
     check_boot_sector,
     disk_format,
     make_overlay,
@@ -74,8 +75,9 @@ def test_another_format_or_no_file_is_refused_with_what_to_do(tmp_path: Path) ->
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "1M"], check=True, timeout=60
     )
-    with pytest.raises(VmError, match=r"in format 'vmdk'; give a qcow2 or raw cloud image"):
+    with pytest.raises(UnsupportedDiskFormat) as refused:
         disk_format(vmdk)
+    assert (refused.value.path, refused.value.disk_format) == (vmdk, "vmdk")
     with pytest.raises(VmError, match="found nothing; pass an existing --image"):
         disk_format(tmp_path / "missing.qcow2")
 

@@ -1,6 +1,6 @@
 """Tests for lxd_agent_harness.scenarios.boot: the boot verdict, the check that the agent stood
 aside where no LXD port has a ring (against a stand-in guest), and a boot that cannot start (no
-QEMU runs: its image does not exist). The boots themselves are tests/guests'."""
+QEMU runs: its image does not exist). The boots themselves are in tests/in_vm."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import cast
 import pytest
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
-from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.base.errors import GuestStateMismatch, VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.boot import BootVerdict, boot_and_check, check_agent_stood_aside
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.console import CommandResult
-from lxd_agent_harness.vm.instance import Vm
+from lxd_agent_harness.vm.instance import E, Vm
 
 SKIPPED = (
     "ActiveState=inactive\nResult=success\nNRestarts=0\n"
@@ -47,6 +47,9 @@ class Guest:
     def error(self, message: str) -> VmError:
         return VmError(message)
 
+    def fill(self, error: E) -> E:
+        return error
+
 
 def _stood_aside(guest: Guest) -> str:
     return asyncio.run(check_agent_stood_aside(cast(Vm, guest), timeout=5.0))
@@ -73,15 +76,18 @@ def test_an_agent_skipped_cleanly_in_a_running_guest_stood_aside() -> None:
 def test_an_agent_that_did_not_stand_aside_cleanly_fails_with_what_systemd_said(
     unit: str, why: str
 ) -> None:
-    with pytest.raises(VmError, match="lxd-agent was not skipped cleanly") as caught:
+    with pytest.raises(GuestStateMismatch) as caught:
         _stood_aside(Guest("running\n", unit))
-    assert why in str(caught.value)
+    assert caught.value.subject == "lxd-agent.service"
+    assert why in " ".join(f"{k}={v};" for k, v in caught.value.seen.items())
 
 
 def test_a_boot_that_did_not_complete_fails_before_the_unit_is_asked() -> None:
     guest = Guest("degraded\n", SKIPPED)
-    with pytest.raises(VmError, match="is-system-running says 'degraded'"):
+    with pytest.raises(GuestStateMismatch) as caught:
         _stood_aside(guest)
+    assert caught.value.subject == "system"
+    assert caught.value.seen == {"SystemState": "degraded"}
     assert not any(note.startswith("guest: lxd-agent:") for note in guest.notes)
 
 

@@ -62,7 +62,7 @@ def test_an_error_from_a_running_vm_carries_console_qemu_output_and_timeline(
     assert error.qemu_output == ["qemu: warning"]
     assert error.timeline == ["    0.000s  note   QEMU started"]
     # What the raiser already knew is kept.
-    own = machine._filled(VmError("console closed", console_tail=["its own"]))
+    own = machine.fill(VmError("console closed", console_tail=["its own"]))
     assert own.console_tail == ["its own"] and own.qemu_output == ["qemu: warning"]
 
 
