@@ -11,10 +11,16 @@ from pathlib import Path
 from lxd_agent.protocol import DEFAULT_RING_SIZE
 from lxd_agent_harness.image.agents import AGENTS
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
+from lxd_agent_harness.image.deb import DEB_GLOB, DEB_VARIABLE
 from lxd_agent_harness.lxd.layouts import INCUS_RING_SIZE, LAYOUTS
 from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.firmware import Firmware
+
+DEB_HELP = (
+    f"the agent's .deb (default: ${DEB_VARIABLE}, else the newest out/{DEB_GLOB} in the current "
+    "directory or in the clone the harness runs from)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def image_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--deb", type=Path, help="the package (default: newest out/*.deb)")
+        p.add_argument("--deb", type=Path, help=DEB_HELP)
         p.add_argument(
             "--release",
             default=DEFAULT_RELEASE,
@@ -44,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def scenario_options(p: argparse.ArgumentParser, timeout_help: str) -> None:
         """What a scenario on the project's own image takes (no --seed: it needs the package)."""
-        p.add_argument("--deb", type=Path, help="our package (default: newest out/*.deb)")
+        p.add_argument("--deb", type=Path, help=DEB_HELP)
         p.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
         p.add_argument("--rebuild", action="store_true", help="build the images even if cached")
         p.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])

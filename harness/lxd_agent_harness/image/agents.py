@@ -170,7 +170,9 @@ def _inputs_key(agent: MatrixAgent) -> str:
 def emulation_deb(agent: MatrixAgent, progress: Progress) -> Path:
     """The emulation's .deb, built with `dpkg-deb` into the cache on first use."""
     if not agent.is_emulation:
-        raise EmulationError(f"{agent.name} is no emulation; its package is built by `make deb`")
+        raise EmulationError(
+            f"{agent.name} is no emulation; its package is the agent's .deb (--deb)"
+        )
     if not (EMULATIONS_DIR / AGENT_SCRIPT).is_file():
         raise EmulationError(
             f"looked for the emulations in {EMULATIONS_DIR} and found nothing; "

@@ -163,8 +163,8 @@ def require_cloud_tools() -> None:
     if missing:
         raise ImageError(
             f"looked for the cloud image's build tools and boot loaders and did not find: "
-            f"{', '.join(sorted(set(missing)))}; run `make setup` (it installs these Debian "
-            "packages)"
+            f"{', '.join(sorted(set(missing)))}; install these Debian packages "
+            "(in a clone of the project, `make setup` does)"
         )
 
 

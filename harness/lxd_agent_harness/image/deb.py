@@ -42,12 +42,21 @@ def source_tree() -> Path | None:
 class PackageNotFound(HarnessError):
     """No agent package where one was looked for."""
 
-    def __init__(self, looked_in: Sequence[Path], given: Path | None = None) -> None:
+    def __init__(
+        self, looked_in: Sequence[Path], given: Path | None = None, given_by: str = ""
+    ) -> None:
         self.looked_in = list(looked_in)
         """The `out/` directories searched for `DEB_GLOB`; empty when a path was given."""
         self.given = given
         """The path given by `--deb` or `$LXD_AGENT_DEB` that is no file; None if none was."""
-        if given is not None:
+        self.given_by = given_by
+        """Who gave `given`: `--deb` or `LXD_AGENT_DEB`; empty when nothing was given."""
+        if given is not None and given_by == DEB_VARIABLE:
+            message = (
+                f"{DEB_VARIABLE} names the agent's package {given}, and there is no such file; "
+                f"point it at an existing .deb or pass --deb"
+            )
+        elif given is not None:
             message = (
                 f"looked for the agent's package {given} and found nothing; pass an existing "
                 "--deb (in a clone of the project, `make deb` makes one)"
@@ -66,11 +75,12 @@ def find_deb(given: Path | None = None, places: Sequence[Path] | None = None) ->
 
     `places` defaults to the current directory and the clone the harness runs from, if any.
     """
+    given_by = "--deb"
     if given is None and os.environ.get(DEB_VARIABLE):
-        given = Path(os.environ[DEB_VARIABLE])
+        given, given_by = Path(os.environ[DEB_VARIABLE]), DEB_VARIABLE
     if given is not None:
         if not given.is_file():
-            raise PackageNotFound([], given)
+            raise PackageNotFound([], given, given_by)
         return given
     if places is None:
         tree = source_tree()

@@ -128,7 +128,7 @@ def file_sha256(path: Path) -> str:
     except OSError as e:
         raise ImageError(
             f"tried to read the package {path} for the image: {e.strerror}; "
-            "run `make deb` or pass an existing --deb"
+            "pass an existing --deb (in a clone of the project, `make deb` makes one)"
         ) from e
     return digest.hexdigest()
 
@@ -142,7 +142,7 @@ def require_tools(tools: Iterable[str]) -> None:
     if missing:
         raise ImageError(
             f"looked for {', '.join(missing)} on PATH and did not find it; "
-            "run `make setup` (Debian packages mmdebstrap, e2fsprogs, qemu-utils)"
+            "install Debian's mmdebstrap, e2fsprogs and qemu-utils (in a clone: `make setup`)"
         )
 
 
@@ -241,7 +241,7 @@ def build_image(
         if not deb.is_file():
             raise ImageError(
                 f"looked for the package {deb} to put in the image and found nothing; "
-                "run `make deb` or pass an existing --deb"
+                "pass an existing --deb (in a clone of the project, `make deb` makes one)"
             )
     images = (cache or cache_root()) / "images"
     key = spec.key()

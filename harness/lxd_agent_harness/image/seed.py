@@ -40,7 +40,7 @@ def user_data(deb: Path) -> str:
     except OSError as e:
         raise SeedError(
             f"tried to read the package {deb} for the seed: {e.strerror}; "
-            "run `make deb` or pass an existing --deb"
+            "pass an existing --deb (in a clone of the project, `make deb` makes one)"
         ) from None
     target = f"{SEED_DIR}/{deb.name}"
     # dpkg first: it needs no network when the dependencies are in the image already; apt

@@ -226,8 +226,8 @@ class QemuProcess:
         """Start QEMU and connect QMP. Prefer `async with`, which always calls `stop()`."""
         if shutil.which(self.binary) is None:
             raise QemuError(
-                f"{self.binary} not found on PATH; run `make setup` "
-                "(installs Debian's qemu-system-x86) and try again"
+                f"{self.binary} not found on PATH; install Debian's qemu-system-x86 "
+                "(in a clone of the project: `make setup`) and try again"
             )
         self._tmp = tempfile.TemporaryDirectory(prefix="lxd-agent-qemu-")
         await self.qmp.start_server(str(self.qmp_path))

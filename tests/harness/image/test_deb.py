@@ -76,7 +76,13 @@ def test_a_variable_naming_no_file_is_refused_naming_that_path(
     with pytest.raises(PackageNotFound) as caught:
         find_deb(places=[tmp_path])
     assert caught.value.given == tmp_path / "gone.deb" and caught.value.looked_in == []
-    assert "pass an existing --deb" in str(caught.value)
+    assert caught.value.given_by == DEB_VARIABLE
+
+
+def test_a_deb_option_naming_no_file_is_refused_as_given_by_the_option(tmp_path: Path) -> None:
+    with pytest.raises(PackageNotFound) as caught:
+        find_deb(tmp_path / "gone.deb", places=[tmp_path])
+    assert caught.value.given == tmp_path / "gone.deb" and caught.value.given_by == "--deb"
 
 
 def test_the_source_tree_is_the_clone_the_harness_runs_from() -> None:

@@ -79,7 +79,7 @@ def test_missing_qemu_binary_says_to_run_make_setup() -> None:
         async with QemuProcess(MACHINE_NONE, binary="qemu-system-does-not-exist"):
             pass
 
-    with pytest.raises(QemuError, match="not found on PATH; run `make setup`"):
+    with pytest.raises(QemuError, match="not found on PATH; install Debian's qemu-system-x86"):
         run(scenario())
 
 
