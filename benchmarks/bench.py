@@ -39,6 +39,7 @@ from lxd_agent_harness.lxd.monitor import EntryKind
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, VmConfig
 from lxd_agent_harness.vm.instance import Vm
+from lxd_agent_harness.vm.units import parse_properties
 from tests.repo import built_deb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,10 +193,6 @@ def native_rows(runs: int, tree: Path) -> Rows:
 # -- in a guest ---------------------------------------------------------------------------------
 
 
-def _props(output: str) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
-
-
 def _ms(text: str) -> float:
     """systemd's "1.234s" / "56ms" / "789us" as milliseconds."""
     total = 0.0
@@ -212,7 +209,7 @@ async def _unit_start(vm: Vm) -> tuple[float, float]:
         "systemctl show lxd-agent -p InactiveExitTimestampMonotonic,"
         "ActiveEnterTimestampMonotonic,CPUUsageNSec"
     )
-    p = _props(show.output)
+    p = parse_properties(show.output)
     return _start_to_active(p), int(p["CPUUsageNSec"]) / 1e6
 
 
@@ -281,11 +278,12 @@ async def guest_rows(idle_seconds: float, writes: int) -> Rows:
     async with Vm(config) as vm:
         started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=180)
         await vm.login(timeout=120)
-        login = vm.console.milestones["login prompt"] - vm.t0
+        login = vm.since_start(vm.console.milestones["login prompt"])
+        assert login is not None
         await vm.run("systemctl is-system-running --wait", timeout=120)
         chain = await vm.run("systemd-analyze critical-chain --no-pager multi-user.target")
         target = re.search(r"multi-user\.target @(\S+)", chain.output)
-        boot = _props(
+        boot = parse_properties(
             (
                 await vm.run(
                     "systemctl show lxd-agent -p InactiveExitTimestampMonotonic,"

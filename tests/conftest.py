@@ -1,4 +1,4 @@
-"""Fixtures every VM test shares (tests/guests and the harness's VM tests in tests/harness): the
+"""Fixtures every VM test shares (tests/in_vm and the harness's VM tests in tests/harness): the
 package under test, its image, the measured figures."""
 
 from __future__ import annotations

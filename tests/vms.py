@@ -1,4 +1,4 @@
-"""What the VM tests share (tests/guests, and those of tests/harness marked `vm`): booting a
+"""What the VM tests share (tests/in_vm, and those of tests/harness marked `vm`): booting a
 guest with a layout, powering it off, reading its timeline.
 
 Each VM test boots one guest (never two at once) and checks, from the host's side, what the
@@ -14,13 +14,14 @@ from typing import AsyncIterator, Dict
 
 from lxd_agent.protocol import STOPPED
 from lxd_agent_harness.cli.report import failure_lines
+from lxd_agent_harness.lxd import monitor
 from lxd_agent_harness.lxd.layouts import get_layout
-from lxd_agent_harness.lxd.monitor import EntryKind
 from lxd_agent_harness.qemu.process import process_exists
 from lxd_agent_harness.scenarios.boot import BootVerdict, WithVm, boot_and_check
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import Boot, DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
+from lxd_agent_harness.vm.units import unit_properties
 from tests.helpers import run
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
@@ -101,8 +102,9 @@ async def power_off_and_wait_stopped(vm: Vm, port: str) -> float:
     await vm.power_off()
     stopped = await vm.wait_for_state(STOPPED, port, timeout=STOP_TIMEOUT)
     await vm.wait_guest_off(timeout=POWER_OFF_BOUND)
-    assert vm.powerdown_at is not None
-    after = stopped.seconds - (vm.powerdown_at - vm.t0)
+    powered_down = vm.since_start(vm.powerdown_at)
+    assert powered_down is not None
+    after = stopped.seconds - powered_down
     assert after >= 0, f"STOPPED at {stopped.seconds:.2f} s came before the power button"
     return after
 
@@ -110,21 +112,19 @@ async def power_off_and_wait_stopped(vm: Vm, port: str) -> float:
 async def multi_user_after(vm: Vm) -> float:
     """Seconds from the start of userspace (systemd) to multi-user.target, in the guest."""
     await vm.run("systemctl is-system-running --wait", timeout=90)
-    manager = await vm.run("systemctl show -p UserspaceTimestampMonotonic")
-    target = await vm.run("systemctl show -p ActiveEnterTimestampMonotonic multi-user.target")
-    start = int(manager.output.strip().split("=", 1)[1])
-    reached = int(target.output.strip().split("=", 1)[1])
+    manager = await unit_properties(vm, "", ["UserspaceTimestampMonotonic"])
+    target = await unit_properties(vm, "multi-user.target", ["ActiveEnterTimestampMonotonic"])
+    start = int(manager["UserspaceTimestampMonotonic"])
+    reached = int(target["ActiveEnterTimestampMonotonic"])
     assert reached > 0, "multi-user.target never became active"
     return (reached - start) / 1e6
 
 
 def state_changes(vm: Vm, port: str) -> list[str]:
-    return [
-        e.text for e in vm.monitor.timeline.entries if e.kind is EntryKind.STATE and e.port == port
-    ]
+    """The running VM's state changes on `port` so far (`lxd.monitor.state_changes`)."""
+    return monitor.state_changes(vm.monitor.timeline.entries, port)
 
 
 def nonempty_reads(vm: Vm, port: str) -> list[str]:
-    return [
-        e.text for e in vm.monitor.timeline.entries if e.kind is EntryKind.READ and e.port == port
-    ]
+    """What the running VM's reads of `port` returned so far (`lxd.monitor.reads`)."""
+    return monitor.reads(vm.monitor.timeline.entries, port)

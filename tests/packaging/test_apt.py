@@ -10,7 +10,7 @@ lxd-status-agent and declares Conflicts/Replaces: lxd-agent, so that:
 
 Each release gets one root (mmdebstrap from the machine's own mirror, package lists kept) and one
 test that walks the whole story, so a failure names the step. That the agent then runs is shown
-in real guests by tests/guests/test_releases.py.
+in real guests by tests/in_vm/test_releases.py.
 """
 
 from __future__ import annotations

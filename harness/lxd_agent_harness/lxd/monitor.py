@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from qemu.qmp import QMPClient, QMPError
 from qemu.qmp.message import Message
@@ -133,6 +133,16 @@ class Timeline:
             lines.append(f"{'':>10}  ... {self.dropped} entries left out ...")
         lines.extend(entry.render() for entry in self._tail)
         return lines
+
+
+def state_changes(entries: Iterable[TimelineEntry], port: str) -> list[str]:
+    """`port`'s state changes in order, e.g. `unknown -> STARTED`."""
+    return [e.text for e in entries if e.kind is EntryKind.STATE and e.port == port]
+
+
+def reads(entries: Iterable[TimelineEntry], port: str) -> list[str]:
+    """What the reads of `port`'s ring returned, where they returned anything."""
+    return [e.text for e in entries if e.kind is EntryKind.READ and e.port == port]
 
 
 def _clip(text: str, limit: int) -> str:

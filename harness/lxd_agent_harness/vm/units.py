@@ -1,7 +1,8 @@
 """The guest's systemd units as `systemctl show` describes them, read through the serial console.
 
-One place runs `systemctl show` and parses its `Name=value` lines, for the scenarios, the
-tests and the benchmarks alike. Host side only: it runs commands in a guest through `Vm.run`.
+One place runs `systemctl show` and parses its `Name=value` lines for the scenarios (the tests
+and benchmarks use it too, except where they assert on systemctl's own words). Host side only:
+it runs commands in a guest through `Vm.run`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def parse_properties(shown: str) -> dict[str, str]:
 
 
 async def unit_properties(vm: Vm, unit: str, names: Sequence[str]) -> dict[str, str]:
-    """`names`' values for `unit` in the guest; a property systemd did not print is `""`."""
+    """`names`' values for `unit` in the guest (`""`: the service manager itself); a property
+    systemd did not print is `""`."""
     shown = await vm.run(f"systemctl show {unit} -p {','.join(names)}")
     props = parse_properties(shown.output)
     return {name: props.get(name, "") for name in names}

@@ -1,6 +1,6 @@
 """Tests for lxd_agent_harness.image.cloud: the GPT layout, GRUB's BIOS embedding, the boot config.
 
-The whole build (mmdebstrap) is exercised by the VM tests in tests/guests/test_cloud_vm.py; these
+The whole build (mmdebstrap) is exercised by the VM tests in tests/in_vm/test_cloud_vm.py; these
 check each piece on small files, with the real sfdisk, mtools and GRUB images from Debian's
 packages.
 """
