@@ -92,4 +92,4 @@ bench: setup deb
 	$(PY) benchmarks/bench.py
 
 clean:
-	rm -rf out build dist harness/build *.egg-info .pytest_cache .mypy_cache .ruff_cache .pybuild
+	rm -rf out build dist harness/build *.egg-info harness/*.egg-info *.egg-info .pytest_cache .mypy_cache .ruff_cache .pybuild

@@ -9,6 +9,7 @@ cache is the user's, shared with the other tests, so the guests are built once.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,24 +70,21 @@ def _checked(command: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = tmp_path_factory.mktemp("installed")
+    # Built from a copy of the clone's files (those git tracks or would track): a build in the
+    # clone itself leaves build/ and *.egg-info there, and a stale build/ goes into later wheels.
+    source = root / "source"
+    listed = _checked(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], REPO)
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     wheels = root / "wheels"
-    # Built from the clone with the build tools already here (Debian's setuptools), no index.
+    # With the build tools already here (Debian's setuptools), no index.
     _checked(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheels),
-            str(REPO),
-            str(REPO / "harness"),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(wheels), str(source), str(source / "harness")],
         cwd=root,
-    )
+    )  # fmt: skip
     built = sorted(p.name for p in wheels.glob("*.whl"))
     assert [name.split("-")[0] for name in built] == ["lxd_agent", "lxd_agent_harness"], built
     site = Installed(root)
