@@ -1,5 +1,6 @@
 """The harness's layers, read from its source: each module imports only from its own layer or
-those below, no modules import each other in a circle, and every module has its test module.
+those below, no modules import each other in a circle, and every module (the agent's too) has
+its test module.
 
 The imports are read with `ast`, function-level and `TYPE_CHECKING` ones included (an import
 moved into a function to dodge a circle is still a circle); importing a module also runs its
@@ -210,3 +211,16 @@ def test_every_module_has_a_test_module_that_mirrors_its_path() -> None:
         if not expected.is_file():
             missing.append(str(expected.relative_to(REPO)))
     assert missing == [], "modules without their test module:\n" + "\n".join(missing)
+
+
+def test_every_module_of_the_agent_has_its_test_module() -> None:
+    # lxd_agent/guest/X.py -> tests/guest/test_X.py, lxd_agent/X.py -> tests/test_X.py.
+    missing = []
+    for name, path in modules(REPO / "lxd_agent").items():
+        parts = name.split(".")[1:]
+        if path.name == "__init__.py" or parts[-1].startswith("_"):
+            continue
+        expected = (REPO / "tests").joinpath(*parts[:-1], f"test_{parts[-1]}.py")
+        if not expected.is_file():
+            missing.append(str(expected.relative_to(REPO)))
+    assert missing == [], "agent modules without their test module:\n" + "\n".join(missing)
