@@ -33,7 +33,7 @@ def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
         return
     # Session teardown runs inside the last test's captured teardown: print past the capture.
     with capture.global_and_fixture_disabled():
-        reporter.section("VM figures (TCG)")
+        reporter.section("Measured figures (guests under TCG; the agent's start storm)")
         for name, value in measured.items():
             reporter.write_line(f"{name:<48} {value}")
 

@@ -24,6 +24,7 @@ from tests.guest.conftest import (
     start,
     start_and_signal,
 )
+from tests.vms import Figures
 
 # Runs the CLI through an entry point the way `python -m lxd_agent.guest` ("-m") or the
 # launcher (its path) does: the first argument of each runner below.
@@ -217,7 +218,7 @@ STORM_GIVE_UP_AFTER = 5  # runs left running: each costs the bound, and one fail
 
 @pytest.mark.slow
 def test_stop_signals_at_random_moments_of_the_start_are_never_lost_nor_give_a_traceback(
-    tree: PortTree, live_port: LivePort
+    tree: PortTree, live_port: LivePort, figures: Figures
 ) -> None:
     # Set LXD_AGENT_TEST_SEED to the printed seed to replay a run's draws (not its timing).
     seed = int(os.environ.get("LXD_AGENT_TEST_SEED") or random.SystemRandom().randrange(2**32))
@@ -241,6 +242,7 @@ def test_stop_signals_at_random_moments_of_the_start_are_never_lost_nor_give_a_t
     bad = [run for run in runs if run.problem() is not None]
     counts = ", ".join(f"{what} {n}" for what, n in _storm_counts(runs).items())
     print(f"seed {seed}: {counts}")
+    figures["guest: start storm, seed " + str(seed)] = counts  # in the run's closing figures
     assert not bad and len(runs) == STORM_RUNS, (
         f"seed {seed}: {counts}; the first bad runs:\n"
         + "\n".join(f"{run.problem()}: {run}" for run in bad[:5])
