@@ -110,6 +110,19 @@ def _start_with_signal(entry: str, signo: int, on_import: str, *args: str) -> su
     )
 
 
+def _ends_reporting_started_then_stopped(
+    proc: subprocess.Popen[str], tree: PortTree, live_port: LivePort
+) -> None:
+    """The agent ran to its end (bounded: 15 s), logged as it does when nothing goes wrong, and
+    wrote STARTED then STOPPED."""
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (0, _reporting(tree))
+    assert live_port.read_written() == [STARTED, STOPPED]
+
+
 def _reporting(tree: PortTree) -> str:
     """What ``run`` logs from STARTED to STOPPED when nothing goes wrong."""
     return (
@@ -126,12 +139,7 @@ def test_a_stop_signal_while_run_starts_is_held_until_started_then_stopped(
     tree.link(PORT_NAME, live_port.device)
     args = ("run", "--refresh", "0", *tree.cli_args())
     with _start_with_signal(entry, signo, on_import, *args) as proc:
-        try:
-            _, err = proc.communicate(timeout=15)
-        finally:
-            proc.kill()
-    assert (proc.returncode, err) == (0, _reporting(tree))
-    assert live_port.read_written() == [STARTED, STOPPED]
+        _ends_reporting_started_then_stopped(proc, tree, live_port)
 
 
 @pytest.mark.parametrize("entry", ["-m", str(LAUNCHER)], ids=["python-m", "launcher"])
@@ -141,12 +149,7 @@ def test_a_sigint_just_before_the_entry_points_mask_is_held_like_one_just_after(
     tree.link(PORT_NAME, live_port.device)
     argv = [sys.executable, "-c", SIGINT_JUST_BEFORE_THE_MASK, entry, "run", "--refresh", "0"]
     with start([*argv, *tree.cli_args()], stderr=subprocess.PIPE) as proc:
-        try:
-            _, err = proc.communicate(timeout=15)
-        finally:
-            proc.kill()
-    assert (proc.returncode, err) == (0, _reporting(tree))
-    assert live_port.read_written() == [STARTED, STOPPED]
+        _ends_reporting_started_then_stopped(proc, tree, live_port)
 
 
 def test_the_launcher_holds_a_sigint_that_the_interpreter_printed_and_went_on_from(
@@ -155,12 +158,7 @@ def test_the_launcher_holds_a_sigint_that_the_interpreter_printed_and_went_on_fr
     tree.link(PORT_NAME, live_port.device)
     argv = [sys.executable, "-c", SIGINT_PRINTED_BY_THE_INTERPRETER, str(LAUNCHER), "run"]
     with start([*argv, "--refresh", "0", *tree.cli_args()], stderr=subprocess.PIPE) as proc:
-        try:
-            _, err = proc.communicate(timeout=15)
-        finally:
-            proc.kill()
-    assert (proc.returncode, err) == (0, _reporting(tree))
-    assert live_port.read_written() == [STARTED, STOPPED]
+        _ends_reporting_started_then_stopped(proc, tree, live_port)
 
 
 def test_a_sighup_while_run_starts_is_a_look_again_not_a_death(

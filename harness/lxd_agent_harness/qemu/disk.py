@@ -25,30 +25,31 @@ def make_overlay(base: Path, base_format: str, overlay: Path) -> None:
         "qemu-img", "create", "-q", "-f", "qcow2",
         "-b", str(base.resolve()), "-F", base_format, str(overlay),
     ]  # fmt: skip
+    _qemu_img(
+        command, f"qemu-img could not make an overlay over {base}", "is it a readable disk image?"
+    )
+
+
+def _qemu_img(command: list[str], failed: str, hint: str = "") -> str:
+    """Run `qemu-img` (bounded); its stdout, or a `VmError` that says `failed` and qemu-img's
+    own words (then `hint`, what to check)."""
     try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
         raise VmError(QEMU_IMG_MISSING) from None
     except subprocess.CalledProcessError as e:
-        raise VmError(
-            f"qemu-img could not make an overlay over {base}: {e.stderr.strip()}; "
-            "is it a readable disk image?"
-        ) from None
+        said = f"{failed}: {e.stderr.strip()}"
+        raise VmError(f"{said}; {hint}" if hint else said) from None
+    return done.stdout
 
 
 def disk_format(path: Path) -> str:
     """`raw` or `qcow2` (as QEMU sees it) for a user's image; a clear error otherwise."""
     if not path.is_file():
         raise VmError(f"looked for the image {path} and found nothing; pass an existing --image")
-    try:
-        out = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)],
-            check=True, capture_output=True, text=True, timeout=60,
-        ).stdout  # fmt: skip
-    except FileNotFoundError:
-        raise VmError(QEMU_IMG_MISSING) from None
-    except subprocess.CalledProcessError as e:
-        raise VmError(f"qemu-img info {path} failed: {e.stderr.strip()}") from None
+    out = _qemu_img(
+        ["qemu-img", "info", "--output=json", str(path)], f"qemu-img info {path} failed"
+    )
     fmt = str(json.loads(out).get("format", ""))
     if fmt not in BOOTABLE_FORMATS:
         raise UnsupportedDiskFormat(path, fmt)
@@ -100,14 +101,7 @@ def check_boot_sector(path: Path, fmt: str) -> None:
             "qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", "count=1",
             f"if={path}", f"of={sector}",
         ]  # fmt: skip
-        try:
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
-        except FileNotFoundError:
-            raise VmError(QEMU_IMG_MISSING) from None
-        except subprocess.CalledProcessError as e:
-            raise VmError(
-                f"qemu-img could not read the first sector of {path}: {e.stderr.strip()}"
-            ) from None
+        _qemu_img(command, f"qemu-img could not read the first sector of {path}")
         first = sector.read_bytes()
     found = first[510:512]
     if found != BOOT_SIGNATURE:
