@@ -124,7 +124,10 @@ class Agent:
         self.log.debug("systemd notifications: %s", self.notifier.backend)
         if self.config.skip_without_port:
             self.port, seen = find_connected_port(self.config.names, self.config.roots)
-            if self.port is None:
+            # Only a definite "nothing to report to" skips (no such port, or one the host has
+            # nothing behind): a port caught in a moment of its setup (busy, udev's link being
+            # replaced) is waited for like any late port, up to --wait.
+            if self.port is None and all(candidate.settled for candidate in seen):
                 return self._skip(describe_all(seen))
         if not self._report_loop():
             return EXIT_NO_PORT

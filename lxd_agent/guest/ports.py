@@ -94,7 +94,7 @@ DEFAULT_ROOTS = PortRoots()
 class Candidate(Record):
     """What was found for one port name, and why it can or cannot be used."""
 
-    __slots__ = ("connected", "device", "is_char_device", "name", "problem")
+    __slots__ = ("connected", "device", "hung_up", "is_char_device", "name", "problem")
 
     def __init__(
         self,
@@ -103,12 +103,16 @@ class Candidate(Record):
         is_char_device: bool = False,
         connected: bool = False,
         problem: str | None = None,
+        hung_up: bool = False,
     ) -> None:
         self.name = name
         self.device = device
         self.is_char_device = is_char_device
         self.connected = connected
         self.problem = problem
+        self.hung_up = hung_up
+        """The port exists but its host side has nothing behind it (``POLLHUP``), or it is going
+        away (the open failed with ENXIO, ENODEV or EIO): a second look would find the same."""
 
     @property
     def usable(self) -> bool:
@@ -117,6 +121,12 @@ class Candidate(Record):
     @property
     def legacy(self) -> bool:
         return self.name != PORT_NAME
+
+    @property
+    def settled(self) -> bool:
+        """Usable, absent, or hung up: what a second look would find too. Anything else (busy,
+        a dangling udev link, a node that cannot be opened) may be a moment of a port's setup."""
+        return self.usable or self.device is None or self.hung_up
 
     def describe(self) -> str:
         verdict = "usable" if self.usable else str(self.problem)
@@ -266,21 +276,39 @@ def inspect(
         busy_until = time.monotonic() + 0.5
         fd = _open_port(device, busy_until if deadline is None else min(busy_until, deadline))
     except PortError as e:
-        return Candidate(name, device, is_char_device=True, problem=_reason(e, device))
+        return Candidate(
+            name,
+            device,
+            is_char_device=True,
+            problem=_reason(e, device),
+            hung_up=isinstance(e, PortGone),
+        )
     try:
-        problem = connection_problem(fd)
+        events = _poll(fd, 0)
     finally:
         os.close(fd)
-    return Candidate(name, device, is_char_device=True, connected=problem is None, problem=problem)
+    problem = events_problem(events)
+    return Candidate(
+        name,
+        device,
+        is_char_device=True,
+        connected=problem is None,
+        problem=problem,
+        hung_up=bool(events & _DEAD),
+    )
 
 
 def connection_problem(fd: int) -> str | None:
-    """Why the open port ``fd`` cannot take a line now, or None when it can.
+    """Why the open port ``fd`` cannot take a line now, or None when it can."""
+    return events_problem(_poll(fd, 0))
+
+
+def events_problem(events: int) -> str | None:
+    """Why a port whose ``poll()`` gave ``events`` cannot take a line now, or None.
 
     The kernel reports POLLHUP for a virtio port whose host side has no backend: writing
     there would block forever, so it is "not host-connected".
     """
-    events = _poll(fd, 0)
     if events & _DEAD or not events & select.POLLOUT:
         return f"not host-connected (poll: {_events_text(events)})"
     return None

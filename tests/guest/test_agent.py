@@ -377,6 +377,24 @@ def test_skip_with_a_usable_port_reports_as_ever(
     assert not any("skipped" in m for m in notify.messages)
 
 
+def test_skip_waits_for_a_port_caught_in_its_setup_instead_of_skipping(
+    tmp_path: Path, tree: PortTree, dead_port: DeadPort, live_port: LivePort
+) -> None:
+    # The new name's link points nowhere yet (udev replacing it), the legacy port is a stub:
+    # not a definite "nothing to report to", so the agent waits and takes the port once it works.
+    tree.link(PORT_NAME, tmp_path / "not-yet")
+    tree.link(LEGACY_PORT_NAME, dead_port.device)
+    with notify_socket(tmp_path) as notify, agent(tree, "--if-no-port=skip", notify=notify) as proc:
+        notify.wait_for("STATUS=waiting for a port: ")
+        assert proc.poll() is None, "skipped although the port was only half set up"
+        tree.link(PORT_NAME, live_port.device)
+        notify.wait_for("READY=1")
+        assert live_port.read_lines(timeout=2) == [STARTED]
+        code, _ = stop(proc)
+    assert code == 0
+    assert not any("skipped" in m for m in notify.messages)
+
+
 def test_the_units_command_line_gets_the_same_config_without_argparse() -> None:
     parsed = commands.run_config(commands.parse_args(UNIT_RUN))
     assert parsed == AgentConfig(skip_without_port=True)

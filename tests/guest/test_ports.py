@@ -151,6 +151,22 @@ def test_dead_port_is_skipped_for_a_live_legacy_port(
     assert seen[0].is_char_device and not seen[0].usable
 
 
+def test_only_usable_absent_or_hung_up_ports_count_as_settled(
+    tmp_path: Path, tree: PortTree, dead_port: DeadPort, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    tree.link(LEGACY_PORT_NAME, dead_port.device)
+    usable, hung_up = (inspect(name, tree.roots) for name in (PORT_NAME, LEGACY_PORT_NAME))
+    absent = inspect("org.example.none", tree.roots)
+    assert usable.settled and usable.usable and not usable.hung_up
+    assert hung_up.settled and hung_up.hung_up and not hung_up.usable
+    assert absent.settled and absent.device is None
+    # A link that points nowhere yet is a port in the middle of its setup, not a verdict.
+    tree.link(PORT_NAME, tmp_path / "not-yet")
+    dangling = inspect(PORT_NAME, tree.roots)
+    assert not dangling.settled and not dangling.hung_up and dangling.device is not None
+
+
 def test_hung_up_port_polls_as_not_host_connected() -> None:
     master, slave = pty.openpty()
     try:
