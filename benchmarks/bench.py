@@ -7,7 +7,8 @@ out/ or $LXD_AGENT_DEB): the unit's start -> active and CPU to READY by systemd'
 accounting against a bare interpreter run the same way (`systemd-run`), whether the unit is on
 multi-user.target's critical chain, the idle agent's wake-ups and CPU against its 12 writes a
 minute, guest write -> host state change against QEMU's 1 s VSERPORT_CHANGE limit, and QEMU
-start -> STARTED against QEMU start -> login prompt.
+start -> STARTED against QEMU start -> login prompt. Then warm starts (`vm.warm`): a guest
+restored from a saved one to STARTED readable, against a cold boot to STARTED.
 
 Figures, not verdicts: nothing is asserted (these machines are shared and noisy).
 Run: `make bench` (root: the native part mounts a private /dev for the agent's port).
@@ -40,6 +41,7 @@ from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, VmConfig
 from lxd_agent_harness.vm.instance import Vm
 from lxd_agent_harness.vm.units import parse_properties
+from lxd_agent_harness.vm.warm import How, started_vm
 from tests.repo import built_deb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -414,6 +416,34 @@ async def guest_rows(idle_seconds: float, writes: int) -> Rows:
     return rows
 
 
+async def warm_rows(restores: int) -> Rows:
+    """A restored guest to STARTED readable, next to a cold boot to STARTED, in the same run."""
+    image = build_image(ImageSpec(debs=(built_deb(),)), progress=lambda _: None)
+    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.TCG)
+    async with Vm(config) as vm:
+        cold = (await vm.wait_for_state(STARTED, PORT_NAME, timeout=180)).seconds
+    with tempfile.TemporaryDirectory(prefix="bench-warm-") as store:
+        began = time.monotonic()
+        async with started_vm(config, warm=True, store=Path(store)) as (_vm, start):
+            assert start.how is How.WARM, start.reason
+        first = time.monotonic() - began  # the cold boot that saves, then the first restore
+        seconds = []
+        for _ in range(restores):
+            async with started_vm(config, warm=True, store=Path(store)) as (_vm, start):
+                assert start.how is How.WARM, start.reason
+                seconds.append(start.seconds)
+    warm = statistics.median(seconds)
+    return [
+        (
+            f"warm start: restore -> STARTED readable (median of {restores})",
+            f"{warm:.2f} s",
+            f"cold boot -> STARTED {cold:.2f} s",
+            f"{warm / cold:.2f}x",
+        ),
+        ("warm start: the first (boot, save, restore)", f"{first:.2f} s", "", ""),
+    ]
+
+
 def print_table(rows: Rows) -> None:
     headers: Row = ("what", "figure", "anchor (same run)", "ratio")
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(4)]
@@ -426,6 +456,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="native starts (default: 20)")
     parser.add_argument("--idle", type=float, default=60.0, help="idle window in s (default: 60)")
     parser.add_argument("--writes", type=int, default=24, help="timed writes (default: 24)")
+    parser.add_argument("--restores", type=int, default=5, help="warm starts (default: 5)")
     parser.add_argument("--native-only", action="store_true", help="no guest")
     parser.add_argument(
         "--tree",
@@ -439,6 +470,7 @@ def main() -> None:
     rows = native_rows(options.runs, options.tree.resolve())
     if not options.native_only:
         rows += asyncio.run(guest_rows(options.idle, options.writes))
+        rows += asyncio.run(warm_rows(options.restores))
     print(f"python {sys.version.split()[0]} (host), {PYTHON}; guest under TCG, 2 vCPUs")
     print_table(rows)
 

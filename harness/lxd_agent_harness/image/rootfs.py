@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from lxd_agent_harness.base.cache import cache_root
+from lxd_agent_harness.base.cache import cache_root, least_recently_used
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, filter_apt_sources, source_suites
@@ -320,9 +320,7 @@ def prune_images(
     directories in progress (`.build-*`) are not images and are left alone.
     """
     complete = is_image or (lambda d: GuestImage(d).is_complete())
-    built = [d for d in images.iterdir() if not d.name.startswith(".") and complete(d)]
-    built.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-    pruned = built[keep:]
+    pruned = least_recently_used(images, keep, complete)
     for directory in pruned:
         remove_tree(directory)
     return pruned

@@ -206,6 +206,13 @@ class RingbufMonitor:
         self._failure: str | None = None
         self._reads = 0
         self._last_changed: str | None = None  # the port whose state changed last
+        self.opened: dict[str, float] = {}
+        """Port device ids the guest opened (`VSERPORT_CHANGE` with `open: true`), each with the
+        first time, in seconds since t0. A port with no chardev (LXD's legacy stub) shows here
+        too: QEMU reports the guest's open whatever is behind the port."""
+        self.last_opened: dict[str, float] = {}
+        """The same, with the latest time: a refreshing agent's last write (QEMU sends a port's
+        first event at once, and an agent writing every 5 s is never held by its 1 s limit)."""
 
     # -- what callers ask -----------------------------------------------------------------------
 
@@ -402,7 +409,8 @@ class RingbufMonitor:
         seen_dropped = 0
         # Every event, whatever its type and id: LXD's host reads after each one.
         async for event in self._listener:
-            self.timeline.add(EntryKind.EVENT, _describe_event(event, self.text_limit))
+            entry = self.timeline.add(EntryKind.EVENT, _describe_event(event, self.text_limit))
+            self._note_port_open(event, entry.seconds)
             if self._listener.dropped != seen_dropped:
                 self.note(f"{self._listener.dropped - seen_dropped} QMP events dropped (flood)")
                 seen_dropped = self._listener.dropped
@@ -410,6 +418,16 @@ class RingbufMonitor:
                 self._first_unread = str(event.get("event"))
             self._unread += 1
             self._read_requested.set()
+
+    def _note_port_open(self, event: Message, seconds: float) -> None:
+        data = event.get("data")
+        if event.get("event") != "VSERPORT_CHANGE" or not isinstance(data, dict):
+            return
+        device_id = data.get("id")
+        # Device ids are QEMU's own (the layout's), never the guest's: this stays small.
+        if data.get("open") is True and isinstance(device_id, str):
+            self.opened.setdefault(device_id, seconds)
+            self.last_opened[device_id] = seconds
 
     def _take_event_trigger(self) -> str:
         """What set off an event-driven read: the first event's name, and how many came after."""

@@ -29,6 +29,7 @@ from lxd_agent_harness.lxd.monitor import ONE_REFRESH
 from lxd_agent_harness.vm.config import VmConfig
 from lxd_agent_harness.vm.instance import POWEROFF_TIMEOUT, Vm
 from lxd_agent_harness.vm.units import AGENT_UNIT, unit_properties
+from lxd_agent_harness.vm.warm import How, started_vm
 
 # The unit restarts the agent 5 s after it died (RestartSec=5s); under TCG it starts in 1-3 s.
 AGENT_RESTART_TIMEOUT = 30.0
@@ -199,23 +200,35 @@ def soak_config(config: VmConfig) -> VmConfig:
 
 
 async def soak(
-    config: VmConfig, cycles: int, timeout: float, progress: Progress | None = None
+    config: VmConfig,
+    cycles: int,
+    timeout: float,
+    progress: Progress | None = None,
+    warm: bool = False,
 ) -> SoakVerdict:
     """Run `cycles` boots of `config`, each through every fault in `FAULTS`.
 
     Each fault's failure is in its `FaultResult` (a `VmError` only for a layout without an LXD
     ring: nothing to soak). A failed fault ends its cycle (the faults after it are recorded as
     not run) and the next cycle boots afresh. Every wait is bounded by `timeout` or tighter.
+    With `warm`, each cycle starts from a guest restored from a saved one (`vm.warm`) instead of
+    a boot: its first fault is then the restore (the reboot still boots the guest for real).
     """
     verdict = SoakVerdict(layout=config.layout.name, cycles=cycles)
     port = _status_port(config.layout)
     for cycle in range(1, cycles + 1):
         results = [FaultResult(cycle, fault) for fault in FAULTS]
-        vm = Vm(soak_config(config), progress=progress)
         try:
-            async with vm:
+            async with started_vm(
+                soak_config(config), warm=warm, timeout=timeout, progress=progress
+            ) as (vm, start):
+                if start.how is How.WARM:
+                    results[0].seconds, results[0].detail = start.seconds, "STARTED after a restore"
+                    vm.note(f"soak cycle {cycle}: {start.reason}")
                 begun = time.monotonic()
                 for result in results:
+                    if result.seconds is not None:
+                        continue  # the boot, answered by the restore
                     try:
                         result.seconds, result.detail = await _FAULTS[result.fault](
                             vm, port, timeout

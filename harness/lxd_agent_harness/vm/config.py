@@ -82,14 +82,22 @@ class VmConfig:
     """Let a guest reboot inside the same QEMU (the soak). Otherwise a reboot powers it off,
     so nothing boots again behind the harness's back."""
     overlay: Path | None = None
-    """The disk's qcow2 overlay, kept by the caller across QEMUs (a snapshot's disk); None: a
-    fresh one in the VM's temporary directory, gone with it. Direct boot only."""
+    """The disk's qcow2 overlay, kept by the caller across QEMUs (a snapshot's disk, a warm
+    start's); None: a fresh one in the VM's temporary directory, gone with it."""
+    uefi_vars: Path | None = None
+    """A UEFI boot's variable store, kept by the caller with `overlay` (a firmware boot's state
+    includes what the firmware wrote there); None: a fresh copy in the temporary directory."""
     incoming: Path | None = None
-    """A saved state to restore (`-incoming`) instead of booting; it belongs to `overlay`."""
+    """A saved state to restore (`-incoming`) instead of booting; it belongs to `overlay` (and,
+    through UEFI, to `uefi_vars`)."""
 
     def disk(self, files: VmFiles) -> Path:
         """The overlay this boot runs on."""
         return self.overlay if self.overlay is not None else files.overlay
+
+    def vars_file(self, files: VmFiles) -> Path:
+        """The UEFI variable store this boot runs on."""
+        return self.uefi_vars if self.uefi_vars is not None else files.uefi_vars
 
 
 @dataclass(frozen=True)
@@ -134,10 +142,11 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     boot = config.boot
     machine = "q35"
     if isinstance(boot, FirmwareBoot):
-        if config.overlay is not None or config.incoming is not None:
+        kept = config.overlay is not None or config.incoming is not None
+        if kept and boot.firmware is Firmware.UEFI and config.uefi_vars is None:
             raise VmError(
-                "a kept overlay or a restored state needs the direct boot of the project's "
-                "image: the firmware's variables are not kept from one QEMU to the next"
+                "a kept overlay or a restored state through UEFI needs its variable store "
+                "kept too (VmConfig.uefi_vars): the firmware wrote its boot entries there"
             )
         machine = machine_arg(boot.firmware, boot.secure_boot)
     args = [
@@ -163,7 +172,9 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
             "-append", boot.append,
         ]  # fmt: skip
     else:
-        args += firmware_args(boot.firmware, boot.secure_boot, files.uefi_vars, files.sercon)
+        args += firmware_args(
+            boot.firmware, boot.secure_boot, config.vars_file(files), files.sercon
+        )
     # LXD's template gives every VM a virtio RNG fed from the host's /dev/urandom: guests
     # start with entropy instead of gathering it under a slow emulated CPU.
     args += [

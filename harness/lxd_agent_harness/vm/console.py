@@ -25,17 +25,24 @@ import serial
 
 from lxd_agent_harness.base.errors import VmError
 
+LOGIN_PROMPT = re.compile(rb"login: ")
+"""getty's prompt (or the autologin's line that repeats it): the boot got that far."""
+
 # What the console shows at each step of a boot, for the timeline.
 CONSOLE_MILESTONES = (
     ("kernel up", re.compile(rb"Linux version \d")),
     ("systemd up", re.compile(rb"Welcome to ")),
-    ("login prompt", re.compile(rb"login: ")),
+    ("login prompt", LOGIN_PROMPT),
 )
 SHELL_PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n]*# ")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 # A guest can print without end: keep this much of the console in memory (the log has it all).
 CONSOLE_MEMORY_BYTES = 4 << 20
+
+
+class NoAutologin(VmError):
+    """The guest's console shows a login prompt and never a root shell: commands cannot run."""
 
 
 @dataclass(frozen=True)
@@ -182,19 +189,32 @@ class ConsoleShell:
     `note` records the login in the caller's timeline.
     """
 
-    def __init__(self, console: SerialConsole, note: Callable[[str], None]) -> None:
+    def __init__(
+        self, console: SerialConsole, note: Callable[[str], None], logged_in: bool = False
+    ) -> None:
         self.console = console
         self._note = note
-        self._logged_in = False
+        self._logged_in = logged_in
         self._prompt_after = 0  # a console offset: the prompt to log in at comes after it
 
     async def login(self, timeout: float) -> None:
         """Wait for the autologin shell on the console and make it quiet and parseable."""
         if self._logged_in:
             return
-        await self.console.wait_for(
-            SHELL_PROMPT, timeout, start=self._prompt_after, what="the root shell prompt"
-        )
+        try:
+            await self.console.wait_for(
+                SHELL_PROMPT, timeout, start=self._prompt_after, what="the root shell prompt"
+            )
+        except VmError as e:
+            if self.console.search(LOGIN_PROMPT, self._prompt_after) is None:
+                raise
+            raise NoAutologin(
+                f"the guest's console asks for a login and no root shell came in {timeout:g} s: "
+                "running commands needs a root autologin on ttyS0 (the harness's images and "
+                "cloud disks have one; for another image, add a serial-getty drop-in with "
+                "`agetty --autologin root`)",
+                console_tail=e.console_tail,
+            ) from None
         self._logged_in = True
         # No echo, no prompt, no colours, no pager, no kernel messages in the output.
         await self.run(

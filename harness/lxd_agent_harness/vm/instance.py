@@ -71,8 +71,14 @@ class Vm:
         await vm.wait_for_state(STOPPED, timeout=POWEROFF_TIMEOUT)
     """
 
-    def __init__(self, config: VmConfig, progress: Progress | None = None) -> None:
+    def __init__(
+        self, config: VmConfig, progress: Progress | None = None, *, shell_ready: bool = False
+    ) -> None:
+        """`shell_ready`: the console already has a logged-in, quiet shell (a guest restored
+        from a state saved after `login`), so commands run at once and nothing waits for a
+        prompt that a restored guest never prints again."""
         self.config = config
+        self.shell_ready = shell_ready
         self.progress = progress or (lambda _message: None)
         self.t0 = time.monotonic()
         self._stack = contextlib.AsyncExitStack()
@@ -339,10 +345,11 @@ class Vm:
             make_overlay(boot.image.disk, "raw", files.overlay)
         else:
             make_overlay(boot.disk, boot.disk_format, files.overlay)
-            if boot.firmware is Firmware.UEFI:
-                fresh_vars(boot.secure_boot, files.uefi_vars)
-            else:
+        if isinstance(boot, FirmwareBoot):
+            if boot.firmware is Firmware.BIOS:
                 sercon_file(files.sercon)
+            elif self.config.uefi_vars is None:
+                fresh_vars(boot.secure_boot, files.uefi_vars)
         self.t0 = time.monotonic()
         incoming = self.config.incoming
         try:
@@ -376,7 +383,7 @@ class Vm:
         self._console = stack.enter_context(
             SerialConsole(self.console_device, files.console_log, on_milestone=milestone)
         )
-        self._shell = ConsoleShell(self._console, self.note)
+        self._shell = ConsoleShell(self._console, self.note, logged_in=self.shell_ready)
         if self.config.incoming is not None:
             await wait_incoming(self._qemu, self.config.incoming)
             self.note(f"state loaded from {self.config.incoming.name}")

@@ -57,12 +57,24 @@ def test_a_restore_loads_the_state_onto_the_overlay_the_caller_keeps(tmp_path: P
     assert "-incoming" not in qemu_args(replace(config, overlay=kept), files)
 
 
-def test_a_firmware_boot_neither_keeps_an_overlay_nor_restores(tmp_path: Path) -> None:
+def test_a_uefi_boot_keeps_an_overlay_or_restores_only_with_its_variable_store(
+    tmp_path: Path,
+) -> None:
     boot = FirmwareBoot(tmp_path / "cloud.qcow2", "qcow2")
     config = VmConfig(layout=get_layout("lxd-5.19"), boot=boot, accel=Accel.TCG)
+    files = VmFiles(tmp_path / "run")
     for kept in (replace(config, overlay=tmp_path / "o"), replace(config, incoming=tmp_path / "s")):
-        with pytest.raises(VmError, match="needs the direct boot"):
-            qemu_args(kept, VmFiles(tmp_path / "run"))
+        with pytest.raises(VmError) as raised:
+            qemu_args(kept, files)
+        assert "VmConfig.uefi_vars" in str(raised.value)
+        # With the store kept beside it, the boot runs on it instead of a fresh copy.
+        args = qemu_args(replace(kept, uefi_vars=tmp_path / "vars.fd"), files)
+        assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'vars.fd'}" in args
+    # BIOS keeps nothing of its own: its state is all in the saved machine.
+    bios = replace(config, boot=replace(boot, firmware=Firmware.BIOS), overlay=tmp_path / "o")
+    assert f"file={tmp_path / 'o'},format=qcow2,if=virtio,cache=unsafe,discard=unmap" in qemu_args(
+        bios, files
+    )
 
 
 def test_each_layout_gets_its_own_ring_size_unless_the_boot_overrides_it(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lxd_agent_harness.base.errors import VmError
-from lxd_agent_harness.vm.console import SerialConsole
+from lxd_agent_harness.vm.console import ConsoleShell, NoAutologin, SerialConsole
 
 
 def test_a_console_wait_that_times_out_carries_the_console_tail(tmp_path: Path) -> None:
@@ -31,3 +31,22 @@ def test_a_console_wait_that_times_out_carries_the_console_tail(tmp_path: Path) 
     assert caught.value.console_tail[-2:] == ["Welcome to Debian", "last line"]
     assert "last line" not in str(caught.value)
     assert (tmp_path / "console.log").read_bytes().startswith(b"Welcome to Debian")
+
+
+def test_a_login_prompt_without_autologin_says_what_running_commands_needs(
+    tmp_path: Path,
+) -> None:
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
+            os.write(master, b"Debian GNU/Linux 12 guest ttyS0\r\n\r\nguest login: ")
+            shell = ConsoleShell(console, lambda _note: None)
+            with pytest.raises(NoAutologin) as caught:
+                asyncio.run(shell.login(0.5))
+            restored = ConsoleShell(console, lambda _note: None, logged_in=True)
+            restored.send("true")  # a restored guest's shell takes commands at once
+            assert os.read(master, 100).endswith(b"true\n")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert caught.value.console_tail[-1].strip() == "guest login:"
