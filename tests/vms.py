@@ -21,7 +21,7 @@ from lxd_agent_harness.scenarios.boot import BootVerdict, WithVm, boot_and_check
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import Boot, DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
-from lxd_agent_harness.vm.units import unit_properties
+from lxd_agent_harness.vm.units import agent_diagnostics, unit_properties
 from tests.helpers import run
 
 TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "dpkg-deb")
@@ -47,9 +47,12 @@ async def booted(image: GuestImage, layout: str, seed: Path | None = None) -> As
         workdir = vm.files.workdir
         try:
             yield vm
-        except BaseException:
+        except BaseException as failure:
             print(f"=== {layout}: console tail and ring-buffer timeline ===")
             print(vm.report(console_lines=40))
+            if isinstance(failure, Exception):  # not a cancellation: the guest may still answer
+                print(f"=== {layout}: the agent, seen from inside the guest ===")
+                print(await agent_diagnostics(vm))
             raise
         print(f"=== {layout}: ring-buffer timeline ===")
         print("\n".join(vm.render_timeline()))
@@ -123,8 +126,3 @@ async def multi_user_after(vm: Vm) -> float:
 def state_changes(vm: Vm, port: str) -> list[str]:
     """The running VM's state changes on `port` so far (`lxd.monitor.state_changes`)."""
     return monitor.state_changes(vm.monitor.timeline.entries, port)
-
-
-def nonempty_reads(vm: Vm, port: str) -> list[str]:
-    """What the running VM's reads of `port` returned so far (`lxd.monitor.reads`)."""
-    return monitor.reads(vm.monitor.timeline.entries, port)

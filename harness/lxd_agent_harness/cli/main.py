@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -30,8 +31,11 @@ from typing import Sequence
 from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.base.textfile import read_text, write_whole
 from lxd_agent_harness.cli.interrupt import Interrupted, run_interruptible, signals_interrupt
+from lxd_agent_harness.cli.junit import check_junit, matrix_junit
 from lxd_agent_harness.cli.options import build_parser
+from lxd_agent_harness.cli.records import check_json, matrix_from_json, matrix_json
 from lxd_agent_harness.cli.report import (
+    check_lines,
     failure_lines,
     interrupted_line,
     matrix_lines,
@@ -41,7 +45,7 @@ from lxd_agent_harness.cli.report import (
     summary,
     with_matrix,
 )
-from lxd_agent_harness.image.agents import AGENTS, agent_images
+from lxd_agent_harness.image.agents import AGENTS, agent_images, emulation_deb
 from lxd_agent_harness.image.cloud import build_cloud_image, cloud_spec
 from lxd_agent_harness.image.deb import check_deb, find_deb
 from lxd_agent_harness.image.rootfs import (
@@ -60,7 +64,20 @@ from lxd_agent_harness.lxd.layouts import (
 )
 from lxd_agent_harness.qemu.disk import check_boot_sector, disk_format
 from lxd_agent_harness.scenarios.boot import boot_and_check
-from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MatrixVerdict, run_matrix
+from lxd_agent_harness.scenarios.check import (
+    CHECK_LAYOUTS,
+    DEFAULT_CHECK_BOUND,
+    DEFAULT_CHECK_TIMEOUT,
+    CheckVerdict,
+    check_image,
+)
+from lxd_agent_harness.scenarios.matrix import (
+    DEFAULT_BOUND,
+    MatrixVerdict,
+    Shard,
+    merge_shards,
+    run_matrix,
+)
 from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, snapshot_and_restore
 from lxd_agent_harness.scenarios.soak import SoakVerdict, soak
 from lxd_agent_harness.vm.accel import Accel
@@ -307,14 +324,29 @@ def snapshot_command(args: argparse.Namespace) -> int:
 
 def image_command(args: argparse.Namespace) -> int:
     if args.cloud:
-        # The cloud image never carries the package: a NoCloud seed installs it at boot.
+        # Without --agent the cloud image carries no agent: `boot --image` installs ours
+        # from a NoCloud seed, and `check` shows what an image without one does.
         try:
-            cloud = build_cloud_image(cloud_spec(args.release), say, rebuild=args.rebuild)
+            debs: tuple[Path, ...] = ()
+            if args.agent == "ours":
+                debs = (find_deb(args.deb),)
+                check_deb(debs[0])
+        except HarnessError as e:
+            say(f"lxd-agent-harness: {e}")
+            return EXIT_USAGE
+        try:
+            if args.agent not in ("none", "ours"):
+                debs = (emulation_deb(AGENTS[args.agent], say),)
+            spec = cloud_spec(args.release, debs)
+            cloud = build_cloud_image(spec, say, rebuild=args.rebuild)
         except HarnessError as e:
             say(f"FAILED: {e}")
             return EXIT_FAILED
         print(cloud.disk)
         return EXIT_OK
+    if args.agent != "none":
+        say("lxd-agent-harness: --agent chooses the agent in a --cloud disk; add --cloud")
+        return EXIT_USAGE
     try:
         deb = find_deb(args.deb)
         check_deb(deb)
@@ -329,6 +361,77 @@ def image_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(image.directory)
     return EXIT_OK
+
+
+def _writable(path: Path | None, what: str) -> None:
+    """Refuse, before anything runs, an output file that could not be written afterwards."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory; give a file")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot write into {path.parent}; give another path")
+
+
+def _write_results(
+    json_path: Path | None, junit_path: Path | None, record: object, junit: str
+) -> None:
+    """The --json and --junit files, each whole or not at all."""
+    if json_path is not None:
+        write_whole(json_path, json.dumps(record, indent=2) + "\n")
+        say(f"wrote {json_path}")
+    if junit_path is not None:
+        write_whole(junit_path, junit)
+        say(f"wrote {junit_path}")
+
+
+def check_command(args: argparse.Namespace) -> int:
+    try:
+        names = args.layout or list(CHECK_LAYOUTS)
+        layouts = [get_layout(name) for name in dict.fromkeys(names)]
+        timeout = _timeout(args, DEFAULT_CHECK_TIMEOUT)
+        bound = (
+            DEFAULT_CHECK_BOUND if args.bound is None else _positive_number(args.bound, "--bound")
+        )
+        if bound > MAX_BOUND:
+            raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
+        firmware = Firmware(args.firmware)
+        if args.secure_boot and firmware is not Firmware.UEFI:
+            raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
+        _writable(args.json, "--json")
+        _writable(args.junit, "--junit")
+        image_format = disk_format(args.image)
+        check_boot_sector(args.image, image_format)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+
+    async def run() -> CheckVerdict:
+        accel = await choose_accel(Accel(args.accel), None, say)
+        say(f"accel: {accel.reason}")
+        return await check_image(
+            args.image,
+            image_format,
+            layouts,
+            firmware=firmware,
+            secure_boot=args.secure_boot,
+            accel=accel.accel,
+            timeout=timeout,
+            bound=bound,
+            progress=say,
+        )
+
+    verdict = run_interruptible(run())
+    for line in check_lines(verdict, verbose=args.verbose):
+        say(line)
+    try:
+        _write_results(args.json, args.junit, check_json(verdict), check_junit(verdict))
+    except (OSError, HarnessError) as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    say(f"total {time.monotonic() - started:.1f} s")
+    return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
 # More would hold the machine for a day: 50 cycles take about an hour here.
@@ -364,7 +467,7 @@ def soak_command(args: argparse.Namespace) -> int:
         accel = await choose_accel(Accel(args.accel), image, say)
         say(f"accel: {accel.reason}")
         config = VmConfig(layout=layout, boot=DirectBoot(image), accel=accel.accel)
-        return await soak(config, cycles, timeout, progress=say)
+        return await soak(config, cycles, timeout, progress=say, warm=args.warm)
 
     verdict = run_interruptible(run())
     for line in soak_lines(verdict):
@@ -384,6 +487,44 @@ def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _check_table_outputs(args: argparse.Namespace) -> None:
+    """The matrix's output files, checked before any boot (or merge)."""
+    for path, what in (
+        (args.readme, "--readme"),
+        (args.markdown, "--markdown"),
+        (args.json, "--json"),
+        (args.junit, "--junit"),
+    ):
+        _writable(path, what)
+    if args.readme is not None:
+        with_matrix(read_text(args.readme), [], str(args.readme))  # its markers: checked first
+
+
+def _table_results(args: argparse.Namespace, verdict: MatrixVerdict) -> int:
+    """Print the table, write the files asked for; the matrix's exit status."""
+    for line in matrix_lines(verdict):
+        say(line)
+    table = matrix_markdown(verdict)
+    try:
+        if args.markdown is not None:
+            write_whole(args.markdown, "\n".join(table) + "\n")
+            say(f"wrote {args.markdown}")
+        if args.readme is not None and verdict.harness_failures():
+            say(f"{args.readme} left as it was: a cell has no result (see above)")
+        elif args.readme is not None and verdict.shard.count > 1:
+            say(f"{args.readme} left as it was: this is shard {verdict.shard}; merge the shards")
+        elif args.readme is not None:
+            # Read again: the run took minutes, and the file may have been edited meanwhile.
+            text = read_text(args.readme)
+            write_whole(args.readme, with_matrix(text, table, str(args.readme)))
+            say(f"wrote {args.readme}")
+        _write_results(args.json, args.junit, matrix_json(verdict), matrix_junit(verdict))
+    except (OSError, HarnessError) as e:
+        say(f"FAILED: {e}")
+        return EXIT_FAILED
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
 def matrix_command(args: argparse.Namespace) -> int:
     try:
         agents = [AGENTS[name] for name in _names(args.agents, list(AGENTS), "agents")]
@@ -392,13 +533,8 @@ def matrix_command(args: argparse.Namespace) -> int:
         bound = DEFAULT_BOUND if args.bound is None else _positive_number(args.bound, "--bound")
         if bound > MAX_BOUND:
             raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
-        for path in (args.readme, args.markdown):
-            if path is not None and not os.access(path.parent, os.W_OK | os.X_OK):
-                raise UsageError(f"{path}: cannot write into {path.parent}; give another path")
-        if args.markdown is not None and args.markdown.is_dir():
-            raise UsageError(f"--markdown {args.markdown} is a directory; give a file")
-        if args.readme is not None:
-            with_matrix(read_text(args.readme), [], str(args.readme))  # its markers: checked first
+        shard = Shard.parse(args.shard)
+        _check_table_outputs(args)
         deb = find_deb(args.deb)
         check_deb(deb)
     except HarnessError as e:
@@ -412,27 +548,29 @@ def matrix_command(args: argparse.Namespace) -> int:
     async def run() -> MatrixVerdict:
         accel = await choose_accel(Accel(args.accel), next(iter(images.values())), say)
         say(f"accel: {accel.reason}")
-        return await run_matrix(agents, layouts, images, accel.accel, timeout, bound, say)
+        return await run_matrix(
+            agents, layouts, images, accel.accel, timeout, bound, say, shard=shard
+        )
 
-    verdict = run_interruptible(run())
-    for line in matrix_lines(verdict):
-        say(line)
-    table = matrix_markdown(verdict)
+    return _table_results(args, run_interruptible(run()))
+
+
+def matrix_merge_command(args: argparse.Namespace) -> int:
     try:
-        if args.markdown is not None:
-            write_whole(args.markdown, "\n".join(table) + "\n")
-            say(f"wrote {args.markdown}")
-        if args.readme is not None and verdict.harness_failures():
-            say(f"{args.readme} left as it was: a cell has no result (see above)")
-        elif args.readme is not None:
-            # Read again: the run took minutes, and the file may have been edited meanwhile.
-            text = read_text(args.readme)
-            write_whole(args.readme, with_matrix(text, table, str(args.readme)))
-            say(f"wrote {args.readme}")
-    except (OSError, HarnessError) as e:
-        say(f"FAILED: {e}")
-        return EXIT_FAILED
-    return EXIT_OK if verdict.passed else EXIT_FAILED
+        _check_table_outputs(args)
+        shards = []
+        for path in args.shards:
+            try:
+                data = json.loads(read_text(path))
+            except ValueError as e:
+                raise UsageError(f"{path} is not JSON ({e}); give a `matrix --json` file") from None
+            shards.append(matrix_from_json(data, str(path)))
+        verdict = merge_shards(shards)
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    say(f"merged {len(shards)} shards: {len(verdict.cells)} cells")
+    return _table_results(args, verdict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -448,6 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return snapshot_command(args)
             if args.command == "matrix":
                 return matrix_command(args)
+            if args.command == "matrix-merge":
+                return matrix_merge_command(args)
+            if args.command == "check":
+                return check_command(args)
             return boot_command(args)
         except Interrupted as interrupt:
             say(interrupted_line(interrupt))

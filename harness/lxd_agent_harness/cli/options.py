@@ -13,6 +13,12 @@ from lxd_agent_harness.image.agents import AGENTS
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent_harness.image.deb import DEB_GLOB, DEB_VARIABLE
 from lxd_agent_harness.lxd.layouts import INCUS_RING_SIZE, LAYOUTS
+from lxd_agent_harness.scenarios.check import (
+    AGENT_GRACE,
+    CHECK_LAYOUTS,
+    DEFAULT_CHECK_BOUND,
+    DEFAULT_CHECK_TIMEOUT,
+)
 from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.firmware import Firmware
@@ -88,6 +94,47 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
 
+    def results_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", type=Path, help="also write every field of the result to FILE")
+        p.add_argument("--junit", type=Path, help="also write the result as JUnit XML to FILE")
+
+    check = sub.add_parser(
+        "check",
+        help="boot an image as it is (no seed, nothing added) once per layout and say what "
+        "LXD's or Incus's host sees of the agent in it",
+    )
+    check.add_argument("--image", type=Path, required=True, help="the qcow2 or raw disk to check")
+    check.add_argument(
+        "--layout",
+        action="append",
+        help=f"a layout to boot in; repeat for more (default: {', '.join(CHECK_LAYOUTS)}); "
+        f"one of: {', '.join(LAYOUTS)}",
+    )
+    check.add_argument(
+        "--firmware",
+        choices=[f.value for f in Firmware],
+        default=Firmware.UEFI.value,
+        help="uefi (OVMF, LXD's; the default) or bios (SeaBIOS)",
+    )
+    check.add_argument(
+        "--secure-boot", action="store_true", help="UEFI secure boot with Microsoft's keys"
+    )
+    check.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
+    check.add_argument(
+        "--timeout",
+        type=str,
+        help=f"seconds from QEMU's start to the login prompt (default {DEFAULT_CHECK_TIMEOUT:g}); "
+        f"the agent then has {AGENT_GRACE:g} s more to report",
+    )
+    check.add_argument(
+        "--bound",
+        type=str,
+        help="seconds the power button may take to power the guest off before the layout "
+        f"counts as held (default {DEFAULT_CHECK_BOUND:g})",
+    )
+    results_options(check)
+    check.add_argument("-v", "--verbose", action="store_true", help="print each timeline")
+
     soak = sub.add_parser(
         "soak",
         help="boot N times; each boot: reboot, port replug, host reader restart, agent kill, "
@@ -98,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     image_options(soak)
     soak.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
     soak.add_argument("--timeout", type=str, help="seconds for each wait (default 120)")
+    soak.add_argument(
+        "--warm",
+        action="store_true",
+        help="start each cycle from a guest restored from one saved after its first boot "
+        "reported STARTED, instead of booting (the reboot fault still boots)",
+    )
 
     snapshot = sub.add_parser(
         "snapshot",
@@ -126,12 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds a boot or a power-off may take before its cell says held "
         f"(default {DEFAULT_BOUND:g})",
     )
-    matrix.add_argument("--markdown", type=Path, help="also write the table to this file")
     matrix.add_argument(
-        "--readme",
-        type=Path,
-        help="put the table into this file, between its matrix markers (e.g. README.md)",
+        "--shard",
+        default="1/1",
+        help="run only part K of N of the cells (e.g. 1/2), for CI runners in parallel; "
+        "`matrix-merge` joins the parts' --json files (default 1/1: every cell)",
     )
+
+    def table_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--markdown", type=Path, help="also write the table to this file")
+        p.add_argument(
+            "--readme",
+            type=Path,
+            help="put the table into this file, between its matrix markers (e.g. README.md)",
+        )
+        results_options(p)
+
+    table_options(matrix)
+
+    merge = sub.add_parser(
+        "matrix-merge",
+        help="join the --json files of every shard of a matrix into the table a whole run "
+        "writes (and its --json, --junit)",
+    )
+    merge.add_argument("shards", type=Path, nargs="+", help="each shard's --json file")
+    table_options(merge)
 
     image = sub.add_parser("image", help="build or reuse the guest image and print its directory")
     image_options(image)
@@ -140,5 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build a GPT cloud disk (BIOS and UEFI GRUB, cloud-init) like Debian's "
         "genericcloud and print its qcow2 file",
+    )
+    image.add_argument(
+        "--agent",
+        choices=["none", *AGENTS],
+        default="none",
+        help="with --cloud: the agent built into the disk (ours: the --deb; lxd-5.0, lxd-5.21: "
+        "the emulations of LXD's); default none, and `boot --image` installs ours from a seed",
     )
     return parser

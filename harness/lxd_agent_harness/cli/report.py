@@ -9,6 +9,7 @@ from __future__ import annotations
 from lxd_agent_harness.base.errors import HarnessError, MonitorError, QemuError, VmError
 from lxd_agent_harness.cli.interrupt import Interrupted
 from lxd_agent_harness.scenarios.boot import BootVerdict
+from lxd_agent_harness.scenarios.check import CheckVerdict, LayoutCheck
 from lxd_agent_harness.scenarios.matrix import Cell, MatrixVerdict
 from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, Step
 from lxd_agent_harness.scenarios.soak import FAULTS, SoakVerdict
@@ -55,6 +56,52 @@ def summary(verdict: BootVerdict) -> list[str]:
         lines.append(
             f"  guest off         {at(verdict.guest_off)}   "
             f"{verdict.off_after_power_off:.2f} s after power-off"
+        )
+    return lines
+
+
+def _check_details(check: LayoutCheck) -> str:
+    parts = []
+    if check.started is not None:
+        parts.append(
+            f"STARTED {check.started.seconds:.1f} s after QEMU start on {check.started.port}"
+        )
+    if check.power_off_held:
+        parts.append(f"power button: still up after {check.bound:g} s")
+    elif check.off_after_power_off is not None:
+        parts.append(f"off {check.off_after_power_off:.1f} s after the power button")
+    if check.stopped_after_power_off is not None:
+        parts.append(f"STOPPED {check.stopped_after_power_off:.1f} s after it")
+    others = [port for port in check.opened_ports if port != check.status_port]
+    if others:
+        parts.append(f"also opened {', '.join(others)}")
+    return "; ".join(parts)
+
+
+def check_lines(verdict: CheckVerdict, verbose: bool = False) -> list[str]:
+    """One line per layout (verdict, finding, what was seen), failures' data, the overall line."""
+    width = max((len(check.layout) for check in verdict.checks), default=0)
+    lines = []
+    for check in verdict.checks:
+        mark = "PASS" if check.passed else "FAIL"
+        lines.append(f"{check.layout:<{width}}  {mark}  {check.reason}")
+        details = _check_details(check)
+        if details:
+            lines.append(f"{'':<{width}}        {details}")
+    for check in verdict.checks:
+        if check.error is not None:
+            lines.append(f"{check.layout}:")
+            lines += [f"  {line}" for line in failure_lines(check.error)]
+        elif verbose or not check.passed:
+            lines.append(f"--- {check.layout}: timeline (seconds since QEMU start) ---")
+            lines += check.timeline
+    failed = [check.layout for check in verdict.checks if not check.passed]
+    if failed:
+        lines.append(f"FAILED: {verdict.image} on {', '.join(failed)} (see above)")
+    else:
+        lines.append(
+            f"OK: the agent in {verdict.image} survives the rename on "
+            f"{', '.join(check.layout for check in verdict.checks)}"
         )
     return lines
 

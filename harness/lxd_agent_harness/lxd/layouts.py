@@ -133,6 +133,10 @@ class Layout:
             for port in self.ports
         )
 
+    def port_named(self, device_id: str) -> str | None:
+        """The name of the port whose device id is `device_id` (QMP events name devices)."""
+        return next((port.name for port in self.ports if port.device_id == device_id), None)
+
     def ring_for(self, port_name: str) -> Ring:
         """The ring behind `port_name`; a `LayoutError` if that port has none in this layout."""
         for ring in self.rings:

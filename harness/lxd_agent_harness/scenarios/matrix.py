@@ -15,17 +15,21 @@ Host side only; how QEMU, the rings and the console work belongs to vm, monitor 
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from lxd_agent.protocol import STARTED, STOPPED
-from lxd_agent_harness.base.errors import GuestStopped, HarnessError, MonitorTimeout, VmError
+from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.agents import OURS, MatrixAgent
 from lxd_agent_harness.lxd.layouts import Layout, get_layout, lxd_ring_port
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH, TimelineEntry
-from lxd_agent_harness.scenarios.observed import PowerOffFigures, first_state, record
+from lxd_agent_harness.scenarios.observed import (
+    PowerOffFigures,
+    first_state,
+    power_off_within,
+    record,
+)
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
@@ -37,9 +41,6 @@ MATRIX_LAYOUTS = ("lxd-5.19", "lxd-5.20", "incus", "bridged")
 # it "held". systemd itself gives up on a start or stop job after 90 s (DefaultTimeout*Sec);
 # an agent that holds anything for 20 s under TCG here holds it until systemd's timeout.
 DEFAULT_BOUND = 20.0
-
-# What systemd prints on the console while a job keeps it waiting.
-_JOB_RUNNING = re.compile(rb"A (start|stop) job is running for (.+?) \(\d")
 
 
 @dataclass
@@ -99,11 +100,78 @@ class Cell(PowerOffFigures):
         )
 
 
+class ShardError(HarnessError):
+    """A shard that cannot be run or merged. `kind` says which way: `syntax` (not K/N with
+    1 <= K <= N), `none` (nothing to merge), `other-matrix` (other agents or layouts),
+    `other-split` (another N), `shards` (a shard `missing` or given `twice`), `cell-twice` (a
+    cell in two shards; `cells` names it), `incomplete` (cells `missing` from the table)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        missing: Sequence[object] = (),
+        twice: Sequence[object] = (),
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.missing = list(missing)
+        self.twice = list(twice)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` (from 1): the cells at positions index-1, index-1+count, ...
+
+    Positions are those of the whole table (agents in order, each with every layout in order),
+    so the same agents and layouts always give the same split, and every shard gets cells of
+    every agent.
+    """
+
+    index: int = 1
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise ShardError(
+                f"shard {self.index}/{self.count}: give K/N with 1 <= K <= N", kind="syntax"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`K/N`, e.g. `2/3`; a `ShardError` saying what is wrong otherwise."""
+        index, slash, count = text.partition("/")
+        try:
+            shard = cls(int(index), int(count)) if slash else None
+        except ValueError:
+            shard = None
+        if shard is None:
+            raise ShardError(f"--shard {text!r} is not K/N (e.g. 1/2)", kind="syntax")
+        return shard
+
+    def takes(self, position: int) -> bool:
+        return position % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+WHOLE = Shard()
+
+
+def table_cells(agents: Sequence[str], layouts: Sequence[str]) -> list[tuple[str, str]]:
+    """(agent, layout) for every cell, in the table's order."""
+    return [(agent, layout) for agent in agents for layout in layouts]
+
+
 @dataclass
 class MatrixVerdict:
     agents: list[MatrixAgent]
     layouts: list[str]
     cells: list[Cell] = field(default_factory=list)
+    shard: Shard = WHOLE
+    """Which part of the table this run made (the whole table: 1/1)."""
 
     def cell(self, agent: str, layout: str) -> Cell:
         return next(c for c in self.cells if c.agent == agent and c.layout == layout)
@@ -168,20 +236,89 @@ async def run_matrix(
     timeout: float,
     bound: float = DEFAULT_BOUND,
     progress: Progress | None = None,
+    shard: Shard = WHOLE,
 ) -> MatrixVerdict:
     """Boot each agent's image (`images[agent.name]`) in each layout, one cell at a time.
 
-    Every cell runs under `accel`. A harness failure in one cell is kept in that cell and the
-    matrix goes on.
+    Every cell runs under `accel`; only `shard`'s cells run. A harness failure in one cell is
+    kept in that cell and the matrix goes on.
     """
-    verdict = MatrixVerdict(agents=list(agents), layouts=[layout.name for layout in layouts])
-    for agent in agents:
-        for layout in layouts:
-            if progress is not None:
-                progress(f"matrix: {agent.name} on {layout.name}")
-            cell_config = VmConfig(layout=layout, boot=DirectBoot(images[agent.name]), accel=accel)
-            verdict.cells.append(await run_cell(cell_config, agent.name, timeout, bound, progress))
+    verdict = MatrixVerdict(
+        agents=list(agents), layouts=[layout.name for layout in layouts], shard=shard
+    )
+    by_name = {layout.name: layout for layout in layouts}
+    cells = table_cells([agent.name for agent in agents], list(by_name))
+    for position, (agent, layout_name) in enumerate(cells):
+        if not shard.takes(position):
+            continue
+        if progress is not None:
+            progress(f"matrix: {agent} on {layout_name}")
+        layout = by_name[layout_name]
+        cell_config = VmConfig(layout=layout, boot=DirectBoot(images[agent]), accel=accel)
+        verdict.cells.append(await run_cell(cell_config, agent, timeout, bound, progress))
     return verdict
+
+
+def merge_shards(shards: Sequence[MatrixVerdict]) -> MatrixVerdict:
+    """The whole table from its shards' verdicts: the same matrix, every shard once.
+
+    The cells come out in the table's order, as an unsharded run gives them.
+    """
+    if not shards:
+        raise ShardError("no shards to merge; give every shard's JSON", kind="none")
+    first = shards[0]
+    agents = [agent.name for agent in first.agents]
+    count = first.shard.count
+    for verdict in shards[1:]:
+        its_agents = [agent.name for agent in verdict.agents]
+        if its_agents != agents or verdict.layouts != first.layouts:
+            raise ShardError(
+                f"shard {verdict.shard} is of another matrix (agents {its_agents}, layouts "
+                f"{verdict.layouts}; shard {first.shard}: {agents}, {first.layouts})",
+                kind="other-matrix",
+            )
+        if verdict.shard.count != count:
+            raise ShardError(
+                f"shard {verdict.shard} splits the table in {verdict.shard.count}, "
+                f"shard {first.shard} in {count}: run every shard with the same N",
+                kind="other-split",
+            )
+    indexes = sorted(verdict.shard.index for verdict in shards)
+    if indexes != list(range(1, count + 1)):
+        missing = sorted(set(range(1, count + 1)) - set(indexes))
+        twice = sorted({i for i in indexes if indexes.count(i) > 1})
+        raise ShardError(
+            f"the shards of a {count}-way split are 1..{count}, each once; "
+            f"missing {missing or 'none'}, given twice {twice or 'none'}",
+            kind="shards",
+            missing=missing,
+            twice=twice,
+        )
+    by_cell: dict[tuple[str, str], Cell] = {}
+    for verdict in shards:
+        for cell in verdict.cells:
+            key = (cell.agent, cell.layout)
+            if key in by_cell:
+                raise ShardError(
+                    f"{cell.agent} on {cell.layout} is in two shards",
+                    kind="cell-twice",
+                    twice=[key],
+                )
+            by_cell[key] = cell
+    order = table_cells(agents, first.layouts)
+    missing_cells = [f"{a} on {layout}" for a, layout in order if (a, layout) not in by_cell]
+    if missing_cells or len(by_cell) != len(order):
+        raise ShardError(
+            f"the shards do not hold the whole table: missing {missing_cells or 'none'}, "
+            f"{len(by_cell)} cells for {len(order)} places",
+            kind="incomplete",
+            missing=missing_cells,
+        )
+    return MatrixVerdict(
+        agents=list(first.agents),
+        layouts=list(first.layouts),
+        cells=[by_cell[key] for key in order],
+    )
 
 
 async def run_cell(
@@ -224,28 +361,9 @@ async def _observe(vm: Vm, cell: Cell, timeout: float) -> None:
     # An agent that reports at all has written a line by now or does within one refresh
     # (`_record` takes the first STARTED from the timeline).
     await _wait_unless_timeout(vm, STARTED, ONE_REFRESH)
-    mark = vm.console.received
-    await vm.power_off()
-    try:
-        await vm.wait_guest_off(timeout=bound)
-    except VmError:
-        try:
-            await vm.check_running()  # QEMU died or the guest crashed: not a hang
-        except GuestStopped as stopped:
-            if stopped.run_state != "shutdown":
-                raise
-            await vm.wait_guest_off(timeout=1.0)  # off just as the bound ran out: a time
-        else:
-            cell.power_off_held = True
-            match = vm.console.search(_JOB_RUNNING, mark)
-            if match is not None:
-                kind, unit = (group.decode(errors="replace") for group in match.groups())
-                cell.job_running = f"{kind} job for {unit}"
-            vm.note(
-                f"power-off held for {bound:g} s; {cell.job_running or 'no job on the console'}"
-            )
-    with contextlib.suppress(HarnessError):  # the last line may still be in a ring
-        await vm.monitor.read_rings("after power-off")
+    power_off = await power_off_within(vm, bound)
+    cell.power_off_held = power_off.held
+    cell.job_running = power_off.job_running
 
 
 async def _wait_unless_timeout(vm: Vm, status: str, timeout: float) -> None:

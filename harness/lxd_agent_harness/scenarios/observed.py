@@ -7,11 +7,17 @@ function, so that each scenario records the same things the same way. Never prin
 from __future__ import annotations
 
 import contextlib
+import re
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
-from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.base.errors import GuestStopped, HarnessError, VmError
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.vm.instance import Vm
+
+# What systemd prints on the console while a job keeps it waiting.
+JOB_RUNNING = re.compile(rb"A (start|stop) job is running for (.+?) \(\d")
 
 
 class PowerOffFigures:
@@ -58,13 +64,91 @@ def record(vm: Vm, into: Observed) -> None:
     into.guest_off = vm.since_start(vm.guest_off_at)
 
 
-def first_state(entries: list[TimelineEntry], status: str, after: float) -> TimelineEntry | None:
-    """The first change of any ring's state to `status` at or after `after` s, if any."""
+def first_state(
+    entries: list[TimelineEntry], status: str, after: float, port: str | None = None
+) -> TimelineEntry | None:
+    """The first change of `port`'s ring (any ring: None) to `status` at or after `after` s."""
     return next(
         (
             e
             for e in entries
-            if e.kind is EntryKind.STATE and e.text.endswith(f"-> {status}") and e.seconds >= after
+            if e.kind is EntryKind.STATE
+            and e.text.endswith(f"-> {status}")
+            and e.seconds >= after
+            and (port is None or e.port == port)
         ),
         None,
     )
+
+
+@dataclass(frozen=True)
+class PowerOff:
+    """What pressing the power button did, within a bound."""
+
+    held: bool
+    """The guest was still up `bound` s after the button (QEMU is then left to the caller)."""
+    job_running: str = ""
+    """What systemd said it was waiting for on the console while held (`stop job for X`)."""
+
+
+SHUTTING_DOWN = re.compile(
+    rb"Stopping |Stopped |Reached target|System is powering down|Powering off|reboot: Power down"
+)
+"""What a guest's console shows once a power button was taken: systemd's shutdown at work."""
+
+
+async def power_off_within(
+    vm: Vm, bound: float, press_again_after: float | None = None
+) -> PowerOff:
+    """Press the power button and wait up to `bound` s for the guest to be off.
+
+    A hang is an answer, not an error: a guest still up at the bound gives `held`, with the job
+    systemd printed. QEMU dying or the guest crashing meanwhile raises, as it is no answer. The
+    rings are read once more at the end: the last line may still be in one.
+
+    `press_again_after`: press again every so many seconds while the console shows no sign of a
+    shutdown (`SHUTTING_DOWN`). A guest drops a press that comes before logind runs, or while a
+    package manager holds a shutdown inhibitor (facts §6): that is not the agent holding it.
+    """
+    mark = vm.console.received
+    deadline = time.monotonic() + bound
+    await vm.power_off()
+    try:
+        if press_again_after is not None:
+            while (
+                not await _off_within(vm, min(press_again_after, deadline - time.monotonic()))
+                and vm.console.search(SHUTTING_DOWN, mark) is None
+                and deadline - time.monotonic() > press_again_after
+            ):
+                vm.note("no sign of a shutdown on the console: the power button again")
+                await vm.power_off()
+        if not await _off_within(vm, deadline - time.monotonic()):
+            job = ""
+            match = vm.console.search(JOB_RUNNING, mark)
+            if match is not None:
+                kind, unit = (group.decode(errors="replace") for group in match.groups())
+                job = f"{kind} job for {unit}"
+            vm.note(f"power-off held for {bound:g} s; {job or 'no job on the console'}")
+            return PowerOff(held=True, job_running=job)
+        return PowerOff(held=False)
+    finally:
+        with contextlib.suppress(HarnessError):
+            await vm.monitor.read_rings("after power-off")
+
+
+async def _off_within(vm: Vm, seconds: float) -> bool:
+    """Whether the guest is off within `seconds`; raises if QEMU died or the guest crashed."""
+    if vm.guest_off_at is not None:
+        return True
+    try:
+        await vm.wait_guest_off(timeout=max(seconds, 0.0))
+    except VmError:
+        try:
+            await vm.check_running()  # QEMU died or the guest crashed: not a hang
+        except GuestStopped as stopped:
+            if stopped.run_state != "shutdown":
+                raise
+            await vm.wait_guest_off(timeout=1.0)  # off just as the time ran out
+            return True
+        return False
+    return True

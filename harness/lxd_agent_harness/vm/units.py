@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.vm.instance import Vm
 
 AGENT_UNIT = "lxd-agent.service"
@@ -38,6 +39,24 @@ async def unit_properties(vm: Vm, unit: str, names: Sequence[str]) -> dict[str, 
     shown = await vm.run(f"systemctl show {unit} -p {','.join(names)}")
     props = parse_properties(shown.output)
     return {name: props.get(name, "") for name in names}
+
+
+AGENT_DIAGNOSTICS = (
+    "systemctl status lxd-agent --no-pager -l 2>&1 | head -40; "
+    "journalctl -b -u lxd-agent --no-pager 2>&1 | tail -40; "
+    "ls -l /dev/virtio-ports 2>&1; grep -H . /sys/class/virtio-ports/*/name 2>&1"
+)
+"""What a failure report shows of the agent from inside the guest: its unit, its journal, the
+ports udev linked and the names the kernel gave them."""
+
+
+async def agent_diagnostics(vm: Vm, timeout: float = 20.0) -> str:
+    """`AGENT_DIAGNOSTICS`' output, or why the guest's console did not give it. Never raises a
+    `HarnessError`: it is for reports of failures that have their own error."""
+    try:
+        return (await vm.run(AGENT_DIAGNOSTICS, timeout=timeout)).output
+    except HarnessError as e:
+        return f"(the guest's console did not answer: {e})"
 
 
 async def agent_unit(vm: Vm) -> UnitFacts:

@@ -4,6 +4,7 @@ vm)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,12 +16,12 @@ import pytest
 from lxd_agent.protocol import PORT_NAME
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.cli import main as cli
-from lxd_agent_harness.cli import report
+from lxd_agent_harness.cli import records, report
 from lxd_agent_harness.image.agents import AGENTS, OURS
-from lxd_agent_harness.scenarios.matrix import MatrixVerdict
+from lxd_agent_harness.scenarios.matrix import MatrixVerdict, Shard, merge_shards
 from lxd_agent_harness.vm.accel import Accel, AccelChoice
 from lxd_agent_harness.vm.config import GuestImage
-from tests.harness.scenarios.test_matrix import good_cell
+from tests.harness.scenarios.test_matrix import good_cell, sharded
 from tests.helpers import harness_command, minimal_deb
 from tests.repo import REPO
 from tests.vms import TEST_DEADLINE
@@ -153,7 +154,7 @@ def test_matrix_writes_the_table_into_the_readme_keeping_its_mode_and_the_rest(
     async def fake_accel(*args: object) -> AccelChoice:
         return AccelChoice(Accel.TCG, "faked")
 
-    async def fake_matrix(*args: object) -> MatrixVerdict:
+    async def fake_matrix(*args: object, **kwargs: object) -> MatrixVerdict:
         return verdict
 
     monkeypatch.setattr(cli, "agent_images", lambda *args, **kwargs: {OURS: None})
@@ -173,7 +174,110 @@ def test_matrix_writes_the_table_into_the_readme_keeping_its_mode_and_the_rest(
     assert "left as it was" in capsys.readouterr().out
 
 
+def test_a_sharded_matrix_leaves_the_readme_for_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.MATRIX_BEGIN}\nold\n{report.MATRIX_END}\n")
+    shard = sharded(2)[0]
+
+    async def fake_accel(*args: object) -> AccelChoice:
+        return AccelChoice(Accel.TCG, "faked")
+
+    async def fake_matrix(*args: object, **kwargs: object) -> MatrixVerdict:
+        assert kwargs["shard"] == Shard(1, 2)
+        return shard
+
+    monkeypatch.setattr(cli, "agent_images", lambda *args, **kwargs: {OURS: None})
+    monkeypatch.setattr(cli, "choose_accel", fake_accel)
+    monkeypatch.setattr(cli, "run_matrix", fake_matrix)
+    record = tmp_path / "1.json"
+    argv = ["matrix", "--deb", str(minimal_deb(tmp_path)), "--shard", "1/2"]
+    assert cli.main([*argv, "--readme", str(readme), "--json", str(record)]) == cli.EXIT_OK
+    assert "old" in readme.read_text()
+    assert "this is shard 1/2; merge the shards" in capsys.readouterr().out
+    assert json.loads(record.read_text())["shard"] == {"index": 1, "count": 2}
+
+
+# -- matrix-merge -------------------------------------------------------------------------------
+
+
+def write_shards(tmp_path: Path, shards: list[MatrixVerdict]) -> list[str]:
+    paths = []
+    for verdict in shards:
+        path = tmp_path / f"shard-{verdict.shard.index}.json"
+        path.write_text(json.dumps(records.matrix_json(verdict)))
+        paths.append(str(path))
+    return paths
+
+
+def test_matrix_merge_writes_what_the_whole_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = sharded(3)
+    paths = write_shards(tmp_path, shards)
+    outputs = {name: tmp_path / name for name in ("m.md", "m.json", "m.xml")}
+    argv = ["--markdown", str(outputs["m.md"]), "--json", str(outputs["m.json"])]
+    code = cli.main(["matrix-merge", *reversed(paths), *argv, "--junit", str(outputs["m.xml"])])
+    assert code == cli.EXIT_OK, capsys.readouterr().out
+    whole = merge_shards(shards)
+    assert outputs["m.md"].read_text() == "\n".join(report.matrix_markdown(whole)) + "\n"
+    merged = json.loads(outputs["m.json"].read_text())
+    assert merged["shard"] == {"index": 1, "count": 1} and len(merged["cells"]) == 6
+    assert outputs["m.xml"].read_text().count("<testcase") == 6
+    assert "merged 3 shards: 6 cells" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["missing", "not-json", "not-a-matrix"])
+def test_matrix_merge_refuses_what_is_not_one_whole_matrix_in_one_line(
+    problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = write_shards(tmp_path, sharded(3))
+    if problem == "missing":
+        paths = paths[:2]
+        says = "missing [3], given twice none"
+    elif problem == "not-json":
+        Path(paths[1]).write_text("<xml/>")
+        says = "is not JSON"
+    else:
+        Path(paths[1]).write_text(json.dumps({"schema": records.SCHEMA, "command": "check"}))
+        says = "not a matrix record"
+    assert cli.main(["matrix-merge", *paths]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and says in out[0], out
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "/nonexistent/disk.qcow2"], "looked for the image /nonexistent/disk.qcow2"),
+        (["--image", "{random}"], "has no partition table (no boot signature 55aa"),
+        (["--image", "{random}", "--layout", "lxd-6"], "unknown layout 'lxd-6'"),
+        (["--image", "{random}", "--firmware", "bios", "--secure-boot"], "needs UEFI firmware"),
+        (["--image", "{random}", "--bound", "0"], "--bound must be more than 0 seconds"),
+        (["--image", "{random}", "--timeout", "soon"], "is not a number of seconds"),
+        (["--image", "{random}", "--json", "/tmp"], "--json /tmp is a directory"),
+        (["--image", "{random}", "--junit", "/nonexistent/x.xml"], "cannot write into"),
+    ],
+)
+def test_bad_check_input_is_one_line_and_exit_2_before_anything_boots(
+    args: list[str], message: str, random_image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [arg.replace("{random}", str(random_image)) for arg in args]
+    assert cli.main(["check", *argv]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and message in out[0], out
+
+
 # -- image ------------------------------------------------------------------------------------
+
+
+def test_an_agent_is_chosen_for_a_cloud_disk_only(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["image", "--agent", "ours"]) == cli.EXIT_USAGE
+    assert "add --cloud" in capsys.readouterr().out
 
 
 def test_a_corrupt_deb_is_refused_before_any_build_with_one_line(

@@ -14,6 +14,8 @@ from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.scenarios.matrix import MATRIX_LAYOUTS
 
 COMMANDS = ("boot", "soak", "snapshot", "matrix", "image")
+# Commands with a required argument of their own, and that argument.
+COMMANDS_WITH_INPUT = {"check": ["--image", "x.qcow2"], "matrix-merge": ["a.json"]}
 
 
 def test_a_command_is_required_and_each_is_its_own(capsys: pytest.CaptureFixture[str]) -> None:
@@ -23,6 +25,10 @@ def test_a_command_is_required_and_each_is_its_own(capsys: pytest.CaptureFixture
     assert exited.value.code == 2
     assert "required: command" in capsys.readouterr().err
     assert [parser.parse_args([name]).command for name in COMMANDS] == list(COMMANDS)
+    for name, needed in COMMANDS_WITH_INPUT.items():
+        assert parser.parse_args([name, *needed]).command == name
+        with pytest.raises(SystemExit):
+            parser.parse_args([name])  # without its input
 
 
 def test_boot_defaults_to_lxd_5_20_the_automatic_accelerator_and_the_default_release() -> None:
@@ -79,3 +85,46 @@ def test_the_matrix_takes_every_agent_and_layout_unless_told_otherwise() -> None
     assert (args.bound, args.markdown, args.readme) == (None, None, None)
     chosen = build_parser().parse_args(["matrix", "--agents", "ours", "--readme", "README.md"])
     assert chosen.agents == "ours" and chosen.readme == Path("README.md")
+
+
+def test_check_boots_lxd_5_19_5_20_and_incus_through_uefi_unless_told_otherwise() -> None:
+    args = build_parser().parse_args(["check", "--image", "disk.qcow2"])
+    assert (args.image, args.layout, args.firmware, args.accel) == (
+        Path("disk.qcow2"),
+        None,  # cli.main takes CHECK_LAYOUTS
+        "uefi",
+        "auto",
+    )
+    assert (args.json, args.junit, args.timeout, args.bound, args.secure_boot) == (
+        None,
+        None,
+        None,
+        None,
+        False,
+    )
+    many = build_parser().parse_args(
+        ["check", "--image", "d", "--layout", "lxd-5.20", "--layout", "incus", "--json", "r.json"]
+    )
+    assert (many.layout, many.json) == (["lxd-5.20", "incus"], Path("r.json"))
+
+
+def test_the_matrix_runs_whole_unless_sharded_and_merges_shards_into_the_same_outputs() -> None:
+    assert build_parser().parse_args(["matrix"]).shard == "1/1"
+    sharded = build_parser().parse_args(["matrix", "--shard", "2/3", "--junit", "s.xml"])
+    assert (sharded.shard, sharded.junit) == ("2/3", Path("s.xml"))
+    merge = build_parser().parse_args(
+        ["matrix-merge", "1.json", "2.json", "--markdown", "m.md", "--readme", "README.md"]
+    )
+    assert merge.shards == [Path("1.json"), Path("2.json")]
+    assert (merge.markdown, merge.readme, merge.json) == (Path("m.md"), Path("README.md"), None)
+
+
+def test_soak_boots_each_cycle_unless_asked_for_warm_starts() -> None:
+    assert build_parser().parse_args(["soak"]).warm is False
+    assert build_parser().parse_args(["soak", "--warm"]).warm is True
+
+
+def test_image_builds_a_cloud_disk_without_an_agent_unless_told_which() -> None:
+    assert build_parser().parse_args(["image", "--cloud"]).agent == "none"
+    for agent in ("ours", *AGENTS):
+        assert build_parser().parse_args(["image", "--cloud", "--agent", agent]).agent == agent

@@ -9,6 +9,9 @@ nothing about LXD.
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,14 +28,18 @@ from lxd_agent_harness.scenarios.matrix import (
     MATRIX_LAYOUTS,
     Cell,
     MatrixVerdict,
+    Shard,
+    ShardError,
+    merge_shards,
     ours_problems,
     run_matrix,
+    table_cells,
 )
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.units import UnitFacts
 from tests.harness.vm.test_units import RUNNING
-from tests.helpers import run
+from tests.helpers import harness_command, run
 from tests.repo import REPO
 from tests.vms import BOOT_TIMEOUT, Figures
 
@@ -111,6 +118,77 @@ def test_without_an_lxd_ring_ours_must_be_skipped_cleanly() -> None:
     assert ours_problems(looping, None) == [
         "no LXD ring, yet the unit was not skipped cleanly (failed (), Result=exit-code)"
     ]
+
+
+# -- shards, without a VM -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b", "1/0", "-1/2", "1/2/3", ""])
+def test_a_shard_is_k_of_n_with_k_from_1_to_n(text: str) -> None:
+    with pytest.raises(ShardError) as raised:
+        Shard.parse(text)
+    assert raised.value.kind == "syntax"
+
+
+def test_shards_split_the_table_so_every_cell_runs_once_and_every_shard_gets_a_share() -> None:
+    cells = table_cells(list(AGENTS), list(MATRIX_LAYOUTS))
+    assert Shard.parse("2/5") == Shard(2, 5)
+    for count in (1, 2, 3, 5, 12, 13):
+        shards = [Shard(index, count) for index in range(1, count + 1)]
+        taken = [[c for i, c in enumerate(cells) if shard.takes(i)] for shard in shards]
+        assert sorted(c for part in taken for c in part) == sorted(cells)
+        sizes = [len(part) for part in taken]
+        assert max(sizes) - min(sizes) <= 1, (count, sizes)
+
+
+def sharded(count: int) -> list[MatrixVerdict]:
+    """`count` shards of a 2-agent, 3-layout table of good cells (every layout with an LXD
+    ring), as their runs give them."""
+    agents, layouts = [AGENTS[OURS], AGENTS["lxd-5.0"]], ["lxd-5.19", "lxd-5.20", "bridged"]
+    cells = table_cells([a.name for a in agents], layouts)
+    shards = []
+    for index in range(1, count + 1):
+        shard = Shard(index, count)
+        mine = [
+            replace(good_cell(layout), agent=agent)
+            for i, (agent, layout) in enumerate(cells)
+            if shard.takes(i)
+        ]
+        shards.append(MatrixVerdict(agents=agents, layouts=layouts, cells=mine, shard=shard))
+    return shards
+
+
+def test_merged_shards_are_the_whole_table_in_its_order() -> None:
+    shards = sharded(3)
+    merged = merge_shards(list(reversed(shards)))
+    assert merged.shard == Shard(1, 1)
+    assert [(c.agent, c.layout) for c in merged.cells] == table_cells(
+        [OURS, "lxd-5.0"], ["lxd-5.19", "lxd-5.20", "bridged"]
+    )
+
+
+def refusal(shards: list[MatrixVerdict]) -> ShardError:
+    with pytest.raises(ShardError) as raised:
+        merge_shards(shards)
+    return raised.value
+
+
+def test_shards_that_do_not_make_one_whole_table_are_refused_with_the_reason() -> None:
+    shards = sharded(3)
+    gap = refusal([shards[0], shards[2]])
+    assert (gap.kind, gap.missing, gap.twice) == ("shards", [2], [])
+    again = refusal([shards[0], shards[0], shards[2]])
+    assert (again.kind, again.missing, again.twice) == ("shards", [2], [1])
+    assert refusal([shards[0], sharded(2)[1], shards[2]]).kind == "other-split"
+    other = replace(shards[1], layouts=["lxd-5.19", "lxd-5.20", "incus"])
+    assert refusal([shards[0], other, shards[2]]).kind == "other-matrix"
+    doubled = replace(shards[1], cells=[*shards[1].cells, shards[0].cells[0]])
+    twice = refusal([shards[0], doubled, shards[2]])
+    assert (twice.kind, twice.twice) == ("cell-twice", [(OURS, "lxd-5.19")])
+    short = replace(shards[1], cells=shards[1].cells[:1])
+    incomplete = refusal([shards[0], short, shards[2]])
+    assert (incomplete.kind, incomplete.missing) == ("incomplete", ["lxd-5.0 on lxd-5.20"])
+    assert refusal([]).kind == "none"
 
 
 def test_the_readme_shows_a_generated_row_for_every_agent_and_layout() -> None:
@@ -221,3 +299,62 @@ def test_lxd_5_21s_agent_is_silent_before_the_rename_and_holds_the_boot_until_re
         assert cell.started is not None and cell.started.port == PORT_NAME, layout
         assert cell.stopped is not None, layout
         assert cell.boot_held is not None and not cell.boot_held_past_bound, layout
+
+
+def masked(row: str) -> str:
+    """A table row without its measured seconds: what two runs of the same cell share."""
+    return re.sub(r"\d+\.\d+ s", "N s", row)
+
+
+@pytest.mark.vm
+def test_two_shards_merged_give_the_unsharded_tables_cells(
+    matrix: MatrixVerdict, deb: Path, tmp_path: Path
+) -> None:
+    """As a CI system runs it: each shard on its own runner writes JSON, one job merges them."""
+    part = ["--agents", OURS, "--layouts", "lxd-5.19,lxd-5.20", "--deb", str(deb)]
+    for index in (1, 2):
+        done = subprocess.run(
+            harness_command(
+                "matrix", *part, "--shard", f"{index}/2", "--json", str(tmp_path / f"{index}.json")
+            ),
+            capture_output=True,
+            text=True,
+            timeout=MATRIX_DEADLINE,
+        )
+        print(done.stdout, done.stderr)
+        assert done.returncode == 0, done.stdout
+    merged_md, merged_json = tmp_path / "merged.md", tmp_path / "merged.json"
+    merge = subprocess.run(
+        harness_command(
+            "matrix-merge",
+            str(tmp_path / "2.json"),
+            str(tmp_path / "1.json"),
+            "--markdown",
+            str(merged_md),
+            "--json",
+            str(merged_json),
+            "--junit",
+            str(tmp_path / "merged.xml"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    print(merge.stdout, merge.stderr)
+    assert merge.returncode == 0, merge.stdout
+    record = json.loads(merged_json.read_text())
+    assert record["shard"] == {"index": 1, "count": 1}
+    assert [(c["agent"], c["layout"]) for c in record["cells"]] == [
+        (OURS, "lxd-5.19"),
+        (OURS, "lxd-5.20"),
+    ]
+    unsharded = {
+        line.split(" | ")[1]: masked(line)
+        for line in report.matrix_markdown(matrix)
+        if line.startswith(f"| {AGENTS[OURS].title} |")
+    }
+    rows = [line for line in merged_md.read_text().splitlines() if line.startswith("| ")][2:]
+    assert [masked(row) for row in rows] == [
+        unsharded["`lxd-5.19`"],
+        unsharded["`lxd-5.20`"],
+    ]
