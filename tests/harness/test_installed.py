@@ -1,9 +1,10 @@
 """The harness as a user gets it: its wheel (and the agent's, for the shared protocol names)
 installed into a fresh venv in a directory that holds nothing of this repository, run from there.
 
-One venv for the module: `--help`, a missing package, `image`, `boot`, and a `matrix` cell of an
-emulated LXD agent (its program, unit and rule come from the wheel's package data). The image
-cache is the user's, shared with the other tests, so the guests are built once.
+One venv for the module: `--help`, a missing package, `image`, `boot`, a `matrix` cell of an
+emulated LXD agent (its program, unit and rule come from the wheel's package data), and
+examples/image-tests run by that venv's pytest with the wheel's plugin. The image cache is the
+user's, shared with the other tests, so the guests are built once.
 """
 
 from __future__ import annotations
@@ -89,8 +90,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     assert [name.split("-")[0] for name in built] == ["lxd_agent", "lxd_agent_harness"], built
     site = Installed(root)
     _checked(["/usr/bin/python3", "-m", "venv", str(site.venv)], cwd=root)
+    agent_wheel, harness_wheel = sorted(wheels.glob("*.whl"))
+    # The harness with its `pytest` extra: the plugin, as an image builder's CI installs it.
     _checked(
-        [str(site.venv / "bin" / "pip"), "install", "-q", *map(str, sorted(wheels.glob("*.whl")))],
+        [
+            str(site.venv / "bin" / "pip"),
+            "install",
+            "-q",
+            str(agent_wheel),
+            f"{harness_wheel}[pytest]",
+        ],
         cwd=site.cwd,
     )
     return site
@@ -165,3 +174,32 @@ def test_a_matrix_cell_of_an_emulation_from_the_installed_wheel(
     assert done.returncode == 0
     rows = [line for line in table.read_text().splitlines() if line.startswith("| LXD 5.21")]
     assert len(rows) == 1 and "`com.canonical.lxd`" in rows[0], table.read_text()
+
+
+def test_the_example_tests_run_on_the_plugin_of_the_installed_wheel(
+    installed: Installed, deb: Path
+) -> None:
+    tests = installed.cwd / "image-tests"
+    shutil.copytree(REPO / "examples" / "image-tests", tests)
+    pytest_command = installed.venv / "bin" / "pytest"
+    plugin = subprocess.run(
+        [str(pytest_command), "--version", "--version"],
+        cwd=installed.cwd,
+        env=installed.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "lxd-agent-harness-0.2.0" in plugin.stdout + plugin.stderr, plugin.stdout
+    done = subprocess.run(
+        [str(pytest_command), "-p", "no:cacheprovider", "image-tests", "--lxd-warm"],
+        cwd=installed.cwd,
+        env=installed.env(LXD_AGENT_DEB=str(deb)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    print(done.stdout)
+    assert done.returncode == 0
+    assert "2 passed" in done.stdout

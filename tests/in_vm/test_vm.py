@@ -20,19 +20,17 @@ from lxd_agent_harness.image.deb import DEB_PACKAGE
 from lxd_agent_harness.image.rootfs import BASE_PACKAGES, CLOUD_INIT_PACKAGES, ImageSpec
 from lxd_agent_harness.image.rootfs import build_image as build_guest_image
 from lxd_agent_harness.image.seed import INSTALLED_MARKER, SEED_DIR, make_seed_iso
+from lxd_agent_harness.lxd import monitor
+from lxd_agent_harness.testing.guest import LxdVm
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.instance import Vm
-from tests.helpers import run
 from tests.vms import (
     BOOT_TIMEOUT,
     SEED_BOOT_TIMEOUT,
     STOP_TIMEOUT,
-    TEST_DEADLINE,
     Figures,
-    booted,
     checked_boot,
     multi_user_after,
-    nonempty_reads,
 )
 
 pytestmark = pytest.mark.vm
@@ -56,18 +54,23 @@ def cloud_init_image(figures: Figures) -> GuestImage:
 # -- one test per layout ------------------------------------------------------------------------
 
 
-def test_lxd_5_19_falls_back_to_the_legacy_port(guest_image: GuestImage, figures: Figures) -> None:
-    async def checks(vm: Vm) -> None:
-        probe = await vm.run("lxd-agent probe")
-        assert f"would use: {LEGACY_PORT_NAME}" in probe.output, probe.output
-        multi_user = await multi_user_after(vm)
-        figures["lxd-5.19: userspace -> multi-user.target"] = f"{multi_user:.2f} s"
-
-    verdict = checked_boot(guest_image, "lxd-5.19", while_up=checks)
-    assert verdict.port == LEGACY_PORT_NAME and verdict.started and verdict.stopped
-    figures["lxd-5.19: QEMU start -> STARTED"] = f"{verdict.started.seconds:.2f} s"
-    figures["lxd-5.19: power-off -> STOPPED"] = f"{verdict.stopped_after_power_off:.2f} s"
-    assert verdict.state_changes(LEGACY_PORT_NAME) == [
+@pytest.mark.lxd_cold  # the port the agent picks as it starts is the point
+@pytest.mark.lxd_layout("lxd-5.19")
+def test_lxd_5_19_falls_back_to_the_legacy_port(lxd_vm: LxdVm, figures: Figures) -> None:
+    """On the project's plugin, as an image builder's test would be written."""
+    started = lxd_vm.wait_for(STARTED, timeout=BOOT_TIMEOUT)
+    assert started.port == LEGACY_PORT_NAME
+    figures["lxd-5.19: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
+    probe = lxd_vm.run("lxd-agent probe")
+    assert f"would use: {LEGACY_PORT_NAME}" in probe.output, probe.output
+    figures["lxd-5.19: userspace -> multi-user.target"] = (
+        f"{lxd_vm.call(multi_user_after(lxd_vm.vm), 120):.2f} s"
+    )
+    off = lxd_vm.power_off()
+    assert off.stopped and off.guest_off, off.timeline
+    assert off.stopped_at is not None and off.powered_down_at is not None
+    figures["lxd-5.19: power-off -> STOPPED"] = f"{off.stopped_at - off.powered_down_at:.2f} s"
+    assert monitor.state_changes(lxd_vm.vm.monitor.timeline.entries, LEGACY_PORT_NAME) == [
         f"unknown -> {STARTED}",
         f"{STARTED} -> {STOPPED}",
     ]
@@ -118,18 +121,8 @@ def test_cloud_init_seed_installs_the_agent_which_reports_started_and_stopped(
     ]
 
 
-def test_a_guest_without_the_agent_never_reports_started(cloud_init_image: GuestImage) -> None:
-    """The harness does not pass by itself: no package, no seed, no STARTED."""
-
-    async def scenario() -> None:
-        async with booted(cloud_init_image, "lxd-5.20") as vm:
-            await vm.login(timeout=BOOT_TIMEOUT)
-            await vm.run("systemctl is-system-running --wait", timeout=90)
-            await vm.monitor.read_rings("after boot")
-            assert vm.monitor.state(PORT_NAME) is None
-            assert nonempty_reads(vm, PORT_NAME) == []
-
-    run(scenario(), TEST_DEADLINE)
+# A guest without an agent never reports STARTED (the harness does not pass by itself):
+# `check` on the cloud image without one (tests/harness/scenarios/test_check.py).
 
 
 # -- the command line ----------------------------------------------------------------------------
