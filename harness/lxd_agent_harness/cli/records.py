@@ -106,6 +106,7 @@ def layout_check_json(check: LayoutCheck) -> dict[str, Any]:
         "off_after_power_off": _round(check.off_after_power_off),
         "power_off_held": check.power_off_held,
         "job_running": check.job_running,
+        "boot_job": check.boot_job,
         "bound": check.bound,
         "opened_ports": list(check.opened_ports),
         "kernel_up": _round(check.kernel_up),

@@ -62,6 +62,8 @@ def summary(verdict: BootVerdict) -> list[str]:
 
 def _check_details(check: LayoutCheck) -> str:
     parts = []
+    if check.boot_job:
+        parts.append(f"the boot waited {check.bound:g}+ s on a {check.boot_job}")
     if check.started is not None:
         parts.append(
             f"STARTED {check.started.seconds:.1f} s after QEMU start on {check.started.port}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -63,6 +64,12 @@ PRESS_AGAIN_AFTER = 5.0
 """Seconds after a power button with no sign of a shutdown on the console before pressing again."""
 
 _POLL_SECONDS = 0.5
+
+START_JOB = re.compile(
+    rb"(?:A start job is running for (.+?)|Job (\S+)/start running) \((?:(\d+)min )?(\d+)s / "
+)
+"""systemd's line while a start job keeps the boot waiting, with how long it has run so far: it
+names the unit by its description and by its name, in turn."""
 
 
 class Finding(str, enum.Enum):
@@ -110,6 +117,10 @@ class LayoutCheck(PowerOffFigures):
     guest_off: float | None = None
     power_off_held: bool = False
     job_running: str = ""
+    boot_job: str = ""
+    """A start job systemd showed running for `bound` s or more while the boot waited for it
+    (what it printed: `start job for LXD - agent`); then the check stopped waiting for the
+    login prompt. Empty when none did."""
     bound: float = DEFAULT_CHECK_BOUND
     error: HarnessError | None = None
     """Why this layout could not be checked (the image did not boot...), with its fields."""
@@ -150,17 +161,14 @@ def judge(checks: Sequence[LayoutCheck]) -> None:
 
 
 def _finding(check: LayoutCheck, legacy_elsewhere: bool) -> tuple[Finding, str]:
+    """The root cause first: an agent that never wrote where this host reads is judged by that,
+    whatever its blocking write then held (the details say what it held)."""
     if check.error is not None:
         return Finding.NOT_CHECKED, f"could not check: {check.error}"
-    if check.power_off_held:
-        why = f"; systemd was running a {check.job_running}" if check.job_running else ""
-        if any(port != check.status_port for port in check.opened_ports) and not check.started:
-            what = "a blocking write to a port with nothing behind it"
-        else:
-            what = f"the guest was still up {check.bound:g} s after the power button"
-        return Finding.HOLDS_POWER_OFF, f"holds the power-off: {what}{why}"
     started = check.started
     if started is not None and started.port == check.status_port:
+        if check.power_off_held:
+            return Finding.HOLDS_POWER_OFF, _held(check)
         if check.stopped is None:
             return (
                 Finding.NO_STOPPED,
@@ -182,12 +190,23 @@ def _finding(check: LayoutCheck, legacy_elsewhere: bool) -> tuple[Finding, str]:
             Finding.LEGACY_ONLY,
             f"reports only on the legacy port {LEGACY_PORT_NAME}: LXD >= 5.20 never sees it",
         )
+    if check.power_off_held:
+        return Finding.HOLDS_POWER_OFF, _held(check)
     if not check.must_report:
         return (
             Finding.STANDS_ASIDE,
             f"no status on {check.status_port} (not asked of an LXD agent); power-off not held",
         )
     return Finding.NO_AGENT, "no agent reported"
+
+
+def _held(check: LayoutCheck) -> str:
+    why = f"; systemd was running a {check.job_running}" if check.job_running else ""
+    if check.started is None and any(port != check.status_port for port in check.opened_ports):
+        what = "a blocking write to a port with nothing behind it"
+    else:
+        what = f"the guest was still up {check.bound:g} s after the power button"
+    return f"holds the power-off: {what}{why}"
 
 
 async def check_image(
@@ -246,10 +265,12 @@ async def check_layout(
 async def _observe(vm: Vm, check: LayoutCheck, timeout: float) -> None:
     await _await_report(vm, check, timeout)
     # An agent may report long before the boot is done, and a guest drops a power button
-    # pressed before logind runs: press it once the console offers a login (or at the timeout),
-    # and again while the console shows no shutdown.
-    while check.login_prompt is None and vm.seconds() < timeout:
+    # pressed before logind runs: press it once the console offers a login (or at the timeout,
+    # or once a start job has held the boot for the bound), and again while the console shows
+    # no shutdown.
+    while check.login_prompt is None and not check.boot_job and vm.seconds() < timeout:
         _see_login_prompt(vm, check)
+        _see_boot_held(vm, check)
         await asyncio.sleep(_POLL_SECONDS)
     power_off = await power_off_within(vm, check.bound, press_again_after=PRESS_AGAIN_AFTER)
     check.power_off_held = power_off.held
@@ -263,6 +284,9 @@ async def _await_report(vm: Vm, check: LayoutCheck, timeout: float) -> None:
     """
     while True:
         _see_login_prompt(vm, check)
+        _see_boot_held(vm, check)
+        if check.boot_job:
+            return
         limit = timeout
         if check.login_prompt is not None:
             limit = min(timeout, check.login_prompt + AGENT_GRACE)
@@ -283,6 +307,21 @@ def _see_login_prompt(vm: Vm, check: LayoutCheck) -> None:
     if check.login_prompt is None and vm.console.search(LOGIN_PROMPT, 0) is not None:
         check.login_prompt = vm.seconds()
         vm.note("login prompt on the console")
+
+
+def _see_boot_held(vm: Vm, check: LayoutCheck) -> None:
+    """Whether the console's latest start job line says it has held the boot for `bound` s."""
+    if check.boot_job:
+        return
+    groups = vm.console.last_groups(START_JOB)
+    if groups is None:
+        return
+    description, name, minutes, seconds = groups
+    unit = description or name
+    running = int(minutes or 0) * 60 + int(seconds or 0)
+    if running >= check.bound and unit:
+        check.boot_job = f"start job for {unit.decode(errors='replace')}"
+        vm.note(f"the boot held for {running} s by a {check.boot_job}")
 
 
 def _record(vm: Vm, check: LayoutCheck) -> None:

@@ -139,6 +139,14 @@ class SerialConsole:
         with self._lock:
             return pattern.search(self._data, max(0, start - self._base))
 
+    def last_groups(self, pattern: re.Pattern[bytes]) -> tuple[bytes | None, ...] | None:
+        """The groups of `pattern`'s last match in what is kept of the console, or None."""
+        with self._lock:
+            last = None
+            for last in pattern.finditer(self._data):  # noqa: B007 (the last one is wanted)
+                pass
+            return None if last is None else tuple(bytes(g) if g else g for g in last.groups())
+
     def text_between(self, start: int, end: int) -> str:
         with self._lock:
             raw = bytes(self._data[max(0, start - self._base) : max(0, end - self._base)])

@@ -132,4 +132,5 @@ def test_a_check_record_has_a_finding_and_reason_per_layout() -> None:
         ("lxd-5.20", False, "legacy-only"),
     ]
     assert data["layouts"][1]["opened_ports"] == ["org.linuxcontainers.lxd"]
+    assert data["layouts"][1]["boot_job"] == ""
     assert data["layouts"][0]["stopped_after_power_off"] == pytest.approx(1.0)

@@ -8,6 +8,7 @@ it (exit 0), the LXD 5.0 emulation in it (exit 1: it reports only on the old nam
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -28,6 +29,7 @@ from lxd_agent_harness.scenarios.check import (
     CheckVerdict,
     Finding,
     LayoutCheck,
+    _see_boot_held,
     judge,
     status_port,
 )
@@ -105,20 +107,33 @@ def test_nothing_reported_anywhere_is_no_agent_where_lxd_needs_one() -> None:
 
 
 def test_a_held_power_off_fails_and_names_the_blocking_write_and_the_job() -> None:
-    held = replace(
-        silent("lxd-5.20", opened=[LEGACY_PORT_NAME]),
+    # Incus: standing aside means holding nothing; a blocking write to the stub holds it.
+    stub = replace(
+        silent("incus", opened=[LEGACY_PORT_NAME]),
         power_off_held=True,
         guest_off=None,
         job_running="stop job for LXD - agent",
     )
-    assert judged(held) == [("lxd-5.20", Finding.HOLDS_POWER_OFF)]
-    assert held.reason == (
+    assert judged(stub) == [("incus", Finding.HOLDS_POWER_OFF)]
+    assert stub.reason == (
         "holds the power-off: a blocking write to a port with nothing behind it; "
         "systemd was running a stop job for LXD - agent"
     )
-    # Held on Incus too: standing aside means holding nothing.
-    incus = replace(silent("incus", opened=[LEGACY_PORT_NAME]), power_off_held=True)
-    assert judged(incus) == [("incus", Finding.HOLDS_POWER_OFF)]
+    # An agent that reports and then holds the power-off.
+    late = replace(reporting("lxd-5.20"), power_off_held=True, guest_off=None, stopped=None)
+    assert judged(late) == [("lxd-5.20", Finding.HOLDS_POWER_OFF)]
+    assert late.reason == "holds the power-off: the guest was still up 20 s after the power button"
+
+
+def test_an_agent_silent_on_the_new_port_is_judged_by_that_whatever_it_held() -> None:
+    """The root cause first: LXD 5.0's blocking write to the stub also holds the boot, and a
+    power button pressed meanwhile; the finding is where it wrote."""
+    held = replace(
+        silent("lxd-5.20", opened=[LEGACY_PORT_NAME]),
+        power_off_held=True,
+        boot_job="start job for lxd-agent.service",
+    )
+    assert judged(held) == [("lxd-5.20", Finding.LEGACY_ONLY)]
 
 
 def test_started_without_stopped_and_started_on_the_wrong_ring_both_fail() -> None:
@@ -139,6 +154,49 @@ def test_a_layout_that_could_not_boot_is_not_checked_and_fails_the_verdict() -> 
     assert stuck.reason == "could not check: no kernel"
     assert not CheckVerdict(Path("x"), Firmware.UEFI, checks=[stuck]).passed
     assert not CheckVerdict(Path("x"), Firmware.UEFI).passed  # nothing checked: no pass
+
+
+class ConsoleSaid:
+    """Stands in for a VM whose console shows `text` (only what the boot-held check reads)."""
+
+    def __init__(self, text: bytes) -> None:
+        self.notes: list[str] = []
+        self.console = self
+        self.text = text
+
+    def last_groups(self, pattern: re.Pattern[bytes]) -> tuple[bytes | None, ...] | None:
+        matches = list(pattern.finditer(self.text))
+        return matches[-1].groups() if matches else None
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+@pytest.mark.parametrize(
+    ("console", "held"),
+    [
+        (b"A start job is running for LXD - agent (19s / 1min 30s)\r\n", ""),
+        (
+            b"A start job is running for LXD - agent (12s / 1min 30s)\r\n"
+            b"A start job is running for LXD - agent (20s / 1min 30s)\r\n",
+            "start job for LXD - agent",
+        ),
+        (b"A start job is running for x (1min 5s / 1min 30s)", "start job for x"),
+        (
+            b"Job lxd-agent.service/start running (21s / 1min 30s)",
+            "start job for lxd-agent.service",
+        ),
+        (b"A stop job is running for LXD - agent (40s / 1min 30s)", ""),
+    ],
+)
+def test_a_start_job_on_the_console_holds_the_boot_once_it_ran_for_the_bound(
+    console: bytes, held: str
+) -> None:
+    check = silent("lxd-5.20")
+    vm = ConsoleSaid(console)
+    _see_boot_held(vm, check)  # type: ignore[arg-type]
+    assert check.boot_job == held
+    assert bool(vm.notes) == bool(held)
 
 
 # -- `check` on real images, through the command line --------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import os
 import pty
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,19 @@ def test_a_login_prompt_without_autologin_says_what_running_commands_needs(
         os.close(master)
         os.close(slave)
     assert caught.value.console_tail[-1].strip() == "guest login:"
+
+
+def test_the_last_match_of_a_pattern_is_found_with_its_groups(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
+            os.write(master, b"job (5s / 1min)\r\njob (17s / 1min)\r\nlogin: ")
+            pattern = re.compile(rb"job \((\d+)s / ")
+            deadline = time.monotonic() + 5
+            while console.last_groups(pattern) != (b"17",) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert console.last_groups(pattern) == (b"17",)
+            assert console.last_groups(re.compile(rb"absent")) is None
+    finally:
+        os.close(master)
+        os.close(slave)
