@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 # python3-systemd so the venv (made with --system-site-packages) sees systemd-python.
 # The cloud image (image --cloud) needs fdisk, dosfstools, mtools and GRUB for BIOS and UEFI,
 # Debian's signed shim and GRUB for secure boot; its UEFI boots need OVMF.
+# arm64 guests: QEMU's aarch64 system emulator and its UEFI (AAVMF), and qemu-user-static with
+# arch-test to build their trees (image/foreign.py: nothing is registered on the host).
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-systemd \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
@@ -17,6 +19,7 @@ APT_PACKAGES := \
 	qemu-system-x86 qemu-utils mmdebstrap e2fsprogs \
 	fdisk dosfstools mtools grub-common grub-pc-bin grub-efi-amd64-bin \
 	grub-efi-amd64-signed shim-signed ovmf \
+	qemu-system-arm qemu-efi-aarch64 qemu-user-static arch-test \
 	systemd
 
 .PHONY: all setup apt venv lint test unit vm deb wheels demo soak matrix bench clean

@@ -11,13 +11,14 @@ from __future__ import annotations
 import pytest
 
 from lxd_agent.protocol import PORT_NAME
-from lxd_agent_harness.vm.config import KERNEL_APPEND, DirectBoot, GuestImage
+from lxd_agent_harness.base.arch import Arch
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, kernel_append
 from lxd_agent_harness.vm.instance import Vm
 from tests.vms import Figures, checked_boot
 
 pytestmark = pytest.mark.vm
 
-TRACE_APPEND = f"{KERNEL_APPEND} trace_event=sched:sched_process_exec"
+TRACE_APPEND = f"{kernel_append(Arch.AMD64)} trace_event=sched:sched_process_exec"
 TRACE = "/sys/kernel/tracing/trace"
 AGENT = "/usr/bin/lxd-agent"
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.base.textfile import read_text, write_whole
 from lxd_agent_harness.cli.interrupt import Interrupted, run_interruptible, signals_interrupt
@@ -82,7 +83,7 @@ from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, snapshot_and_r
 from lxd_agent_harness.scenarios.soak import SoakVerdict, soak
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, FirmwareBoot, GuestImage, VmConfig
-from lxd_agent_harness.vm.firmware import Firmware
+from lxd_agent_harness.vm.firmware import Firmware, machine_arg
 from lxd_agent_harness.vm.instance import Vm
 from lxd_agent_harness.vm.kvm_probe import choose_accel, forget_verdict_after
 
@@ -110,6 +111,7 @@ def say(message: str) -> None:
 
 @dataclass(frozen=True)
 class BootPlan:
+    arch: Arch
     layout: Layout
     deb: Path
     release: str
@@ -179,7 +181,10 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
     timeout = _timeout(args, DEFAULT_SEED_TIMEOUT if seed else DEFAULT_TIMEOUT)
     deb = find_deb(args.deb)
     check_deb(deb)
+    arch = Arch(args.arch)
+    machine_arg(firmware, args.secure_boot, arch)  # an arm64 BIOS boot is refused here
     return BootPlan(
+        arch=arch,
         layout=layout,
         deb=deb,
         release=args.release,
@@ -197,11 +202,11 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
     )
 
 
-def image_spec(deb: Path, release: str, seed: bool) -> ImageSpec:
+def image_spec(deb: Path, release: str, seed: bool, arch: Arch = Arch.AMD64) -> ImageSpec:
     """The project's image: the package built in, or cloud-init and no package (`--seed`)."""
     if seed:
-        return ImageSpec(release=release, packages=BASE_PACKAGES + CLOUD_INIT_PACKAGES)
-    return ImageSpec(release=release, debs=(deb,))
+        return ImageSpec(release=release, packages=BASE_PACKAGES + CLOUD_INIT_PACKAGES, arch=arch)
+    return ImageSpec(release=release, debs=(deb,), arch=arch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +228,7 @@ async def _keep_running(vm: Vm) -> None:
 
 
 async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | None) -> int:
-    accel = await choose_accel(plan.accel, image, say)
+    accel = await choose_accel(plan.accel, image, say, arch=plan.arch)
     say(f"accel: {accel.reason}")
     if plan.user_image is not None:
         assert plan.user_image_format is not None
@@ -237,6 +242,7 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
         layout=plan.layout,
         boot=boot,
         accel=accel.accel,
+        arch=plan.arch,
         ring_size=plan.ring_size,
         seed=seed_iso,
         # A user's cloud image may need apt to fetch the package's dependencies.
@@ -282,7 +288,9 @@ def boot_command(args: argparse.Namespace) -> int:
             seed_iso = None
             if plan.user_image is None:
                 image = build_image(
-                    image_spec(plan.deb, plan.release, plan.seed), say, rebuild=plan.rebuild
+                    image_spec(plan.deb, plan.release, plan.seed, plan.arch),
+                    say,
+                    rebuild=plan.rebuild,
                 )
             if plan.seed:
                 tmp = Path(
@@ -312,7 +320,9 @@ def snapshot_command(args: argparse.Namespace) -> int:
         return await snapshot_and_restore(image, accel.accel, timeout, progress=say)
 
     try:
-        image = build_image(image_spec(deb, args.release, False), say, rebuild=args.rebuild)
+        image = build_image(
+            image_spec(deb, args.release, False, Arch(args.arch)), say, rebuild=args.rebuild
+        )
         verdict = run_interruptible(run(image))
     except HarnessError as e:
         return _failed(e)
@@ -337,7 +347,7 @@ def image_command(args: argparse.Namespace) -> int:
         try:
             if args.agent not in ("none", "ours"):
                 debs = (emulation_deb(AGENTS[args.agent], say),)
-            spec = cloud_spec(args.release, debs)
+            spec = cloud_spec(args.release, debs, Arch(args.arch))
             cloud = build_cloud_image(spec, say, rebuild=args.rebuild)
         except HarnessError as e:
             say(f"FAILED: {e}")
@@ -350,7 +360,7 @@ def image_command(args: argparse.Namespace) -> int:
     try:
         deb = find_deb(args.deb)
         check_deb(deb)
-        spec = image_spec(deb, args.release, args.seed)
+        spec = image_spec(deb, args.release, args.seed, Arch(args.arch))
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
@@ -398,6 +408,8 @@ def check_command(args: argparse.Namespace) -> int:
         firmware = Firmware(args.firmware)
         if args.secure_boot and firmware is not Firmware.UEFI:
             raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
+        arch = Arch(args.arch)
+        machine_arg(firmware, args.secure_boot, arch)  # an arm64 BIOS boot is refused here
         _writable(args.json, "--json")
         _writable(args.junit, "--junit")
         image_format = disk_format(args.image)
@@ -408,12 +420,13 @@ def check_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     async def run() -> CheckVerdict:
-        accel = await choose_accel(Accel(args.accel), None, say)
+        accel = await choose_accel(Accel(args.accel), None, say, arch=arch)
         say(f"accel: {accel.reason}")
         return await check_image(
             args.image,
             image_format,
             layouts,
+            arch=arch,
             firmware=firmware,
             secure_boot=args.secure_boot,
             accel=accel.accel,
@@ -459,7 +472,9 @@ def soak_command(args: argparse.Namespace) -> int:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
     try:
-        image = build_image(image_spec(deb, args.release, args.seed), say, rebuild=args.rebuild)
+        image = build_image(
+            image_spec(deb, args.release, args.seed, Arch(args.arch)), say, rebuild=args.rebuild
+        )
     except HarnessError as e:
         return _failed(e)
 
@@ -541,7 +556,9 @@ def matrix_command(args: argparse.Namespace) -> int:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
     try:
-        images = agent_images(agents, deb, args.release, say, rebuild=args.rebuild)
+        images = agent_images(
+            agents, deb, args.release, say, rebuild=args.rebuild, arch=Arch(args.arch)
+        )
     except HarnessError as e:
         return _failed(e)
 

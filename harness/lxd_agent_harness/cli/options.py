@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from lxd_agent.protocol import DEFAULT_RING_SIZE
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.image.agents import AGENTS
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent_harness.image.deb import DEB_GLOB, DEB_VARIABLE
@@ -22,6 +23,8 @@ from lxd_agent_harness.scenarios.check import (
 from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.firmware import Firmware
+
+HOST_ARCH = host_arch().value
 
 DEB_HELP = (
     f"the agent's .deb (default: ${DEB_VARIABLE}, else the newest out/{DEB_GLOB} in the current "
@@ -37,7 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def arch_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--arch",
+            choices=[a.value for a in Arch],
+            default=HOST_ARCH,
+            help=f"the guest's architecture (default: this host's, {HOST_ARCH}); another one "
+            "is built through qemu-user and runs under TCG",
+        )
+
     def image_options(p: argparse.ArgumentParser) -> None:
+        arch_option(p)
         p.add_argument("--deb", type=Path, help=DEB_HELP)
         p.add_argument(
             "--release",
@@ -56,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def scenario_options(p: argparse.ArgumentParser, timeout_help: str) -> None:
         """What a scenario on the project's own image takes (no --seed: it needs the package)."""
+        arch_option(p)
         p.add_argument("--deb", type=Path, help=DEB_HELP)
         p.add_argument("--release", default=DEFAULT_RELEASE, choices=list(RELEASES))
         p.add_argument("--rebuild", action="store_true", help="build the images even if cached")
@@ -104,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "LXD's or Incus's host sees of the agent in it",
     )
     check.add_argument("--image", type=Path, required=True, help="the qcow2 or raw disk to check")
+    arch_option(check)
     check.add_argument(
         "--layout",
         action="append",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.cache import cache_root
 from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.base.progress import Progress
@@ -218,12 +219,17 @@ def emulation_deb(agent: MatrixAgent, progress: Progress) -> Path:
 
 
 def agent_images(
-    agents: Sequence[MatrixAgent], ours: Path, release: str, progress: Progress, rebuild: bool
+    agents: Sequence[MatrixAgent],
+    ours: Path,
+    release: str,
+    progress: Progress,
+    rebuild: bool,
+    arch: Arch = Arch.AMD64,
 ) -> dict[str, GuestImage]:
     """Each agent's image by name: the base image with its package (ours is `ours`), cached."""
     images = {}
     for agent in agents:
         deb = emulation_deb(agent, progress) if agent.is_emulation else ours
-        spec = ImageSpec(release=release, debs=(deb,))
+        spec = ImageSpec(release=release, debs=(deb,), arch=arch)
         images[agent.name] = build_image(spec, progress, rebuild=rebuild)
     return images

@@ -31,6 +31,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.cache import cache_root
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
@@ -84,6 +85,11 @@ ROOT = Partition(
     "root",
 )
 PARTITIONS = (BIOS_BOOT, ESP, ROOT)
+ROOT_TYPE = {
+    Arch.AMD64: ROOT.type_guid,
+    Arch.ARM64: "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",  # Linux root (ARM64)
+}
+"""The root partition's GPT type by architecture (the Discoverable Partitions Specification's)."""
 
 # The host's boot loaders, from Debian's packages (Makefile: APT_PACKAGES).
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
@@ -96,6 +102,40 @@ BOOT_BINARIES = {
     "grub-efi-amd64-signed": GRUB_EFI_SIGNED,
     "grub-pc-bin": GRUB_PC_DIR / "boot.img",
 }
+
+
+@dataclass(frozen=True)
+class EfiLoaders:
+    """The signed shim, its MokManager and Debian's signed GRUB, and their names on the ESP."""
+
+    shim: Path
+    mok_manager: Path
+    grub: Path
+    removable_name: str
+    """shim's name as the firmware's removable-media loader: `EFI/BOOT/<name>`."""
+    grub_name: str
+    mok_name: str
+    in_tree: bool
+    """The files come from the guest's own tree (a foreign architecture's packages), not the
+    host's."""
+
+
+EFI_LOADERS = {
+    Arch.AMD64: EfiLoaders(
+        SHIM, MOK_MANAGER, GRUB_EFI_SIGNED, "BOOTX64.EFI", "grubx64.efi", "mmx64.efi", False
+    ),
+    Arch.ARM64: EfiLoaders(
+        Path("usr/lib/shim/shimaa64.efi.signed"),
+        Path("usr/lib/shim/mmaa64.efi.signed"),
+        Path("usr/lib/grub/arm64-efi-signed/grubaa64.efi.signed"),
+        "BOOTAA64.EFI",
+        "grubaa64.efi",
+        "mmaa64.efi",
+        True,
+    ),
+}
+TREE_LOADER_PACKAGES = ("shim-signed", "grub-efi-arm64-signed")
+"""Installed into an arm64 cloud tree for its loaders (the host's are amd64's)."""
 TOOLS = {
     "mmdebstrap": "mmdebstrap",
     "sfdisk": "fdisk",
@@ -114,6 +154,7 @@ CORE_MODULES = (
 )  # fmt: skip
 
 KERNEL_CONSOLE = "console=tty0 console=ttyS0,115200"
+KERNEL_CONSOLES = {Arch.AMD64: KERNEL_CONSOLE, Arch.ARM64: "console=ttyAMA0,115200"}
 
 # Each cloud image is about 1 GB. A whole `make test` uses 3: without an agent (booted with a
 # seed, and checked as it is), with ours and with the LXD 5.0 emulation (checked as they are).
@@ -138,10 +179,16 @@ class CloudImage:
         return self.disk.is_file() and self.manifest.is_file()
 
 
-def cloud_spec(release: str = DEFAULT_RELEASE, debs: tuple[Path, ...] = ()) -> ImageSpec:
+def cloud_spec(
+    release: str = DEFAULT_RELEASE, debs: tuple[Path, ...] = (), arch: Arch = Arch.AMD64
+) -> ImageSpec:
     """The cloud image's tree: the base packages, cloud-init and `debs` (an agent's package, for
-    `check`). Without `debs` it has no agent: `boot --image` installs ours from a seed."""
-    return ImageSpec(release=release, packages=BASE_PACKAGES + CLOUD_INIT_PACKAGES, debs=debs)
+    `check`). Without `debs` it has no agent: `boot --image` installs ours from a seed. A
+    foreign architecture's tree also gets its signed boot loaders."""
+    packages: tuple[str, ...] = BASE_PACKAGES + CLOUD_INIT_PACKAGES
+    if EFI_LOADERS[arch].in_tree:
+        packages += TREE_LOADER_PACKAGES
+    return ImageSpec(release=release, packages=packages, debs=debs, arch=arch)
 
 
 def cloud_key(spec: ImageSpec) -> str:
@@ -155,13 +202,17 @@ def cloud_key(spec: ImageSpec) -> str:
         "console": KERNEL_CONSOLE,
         "boot": {name: file_sha256(path) for name, path in sorted(BOOT_BINARIES.items())},
     }
+    if spec.arch is not Arch.AMD64:  # the loaders come from the tree (its key has them)
+        inputs["boot"] = {}
+        inputs["arch"] = spec.arch.value
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def require_cloud_tools() -> None:
+def require_cloud_tools(arch: Arch = Arch.AMD64) -> None:
     """Every tool and boot loader file the build needs, or one error naming what to install."""
     missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
-    missing += sorted(name for name, path in BOOT_BINARIES.items() if not path.is_file())
+    if not EFI_LOADERS[arch].in_tree:
+        missing += sorted(name for name, path in BOOT_BINARIES.items() if not path.is_file())
     if missing:
         raise ImageError(
             f"looked for the cloud image's build tools and boot loaders and did not find: "
@@ -174,27 +225,33 @@ def require_cloud_tools() -> None:
 # What goes into the image
 
 
-def sfdisk_script() -> str:
+def sfdisk_script(arch: Arch = Arch.AMD64) -> str:
     """The GPT as sfdisk reads it; partition numbers as genericcloud's (1 root, 14, 15)."""
     lines = ["label: gpt", "unit: sectors", "first-lba: 2048", ""]
     for p in sorted(PARTITIONS, key=lambda p: p.number):
+        type_guid = ROOT_TYPE[arch] if p is ROOT else p.type_guid
         lines.append(
             f"disk.raw{p.number} : start={p.start}, size={p.sectors}, "
-            f'type={p.type_guid}, name="{p.name}"'
+            f'type={type_guid}, name="{p.name}"'
         )
     return "\n".join(lines) + "\n"
 
 
-def grub_cfg(root_uuid: str, kernel_version: str) -> str:
-    """The one GRUB menu both boot paths end in: /boot/grub/grub.cfg on the root."""
+def grub_cfg(root_uuid: str, kernel_version: str, arch: Arch = Arch.AMD64) -> str:
+    """The one GRUB menu both boot paths end in: /boot/grub/grub.cfg on the root. On arm64 GRUB
+    talks through the firmware's console, which AAVMF puts on the serial port."""
+    terminal = (
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        if arch is Arch.AMD64
+        else ""
+    )
     return f"""\
-serial --unit=0 --speed=115200
-terminal_input serial console
-terminal_output serial console
-set timeout=1
+{terminal}set timeout=1
 menuentry 'Debian GNU/Linux ({kernel_version})' {{
   search --no-floppy --fs-uuid --set=root {root_uuid}
-  linux /boot/vmlinuz-{kernel_version} root=UUID={root_uuid} ro {KERNEL_CONSOLE}
+  linux /boot/vmlinuz-{kernel_version} root=UUID={root_uuid} ro {KERNEL_CONSOLES[arch]}
   initrd /boot/initrd.img-{kernel_version}
 }}
 """
@@ -217,14 +274,14 @@ def fstab(root_uuid: str, esp_id: str) -> str:
     )
 
 
-def _prepare_tree(tree: Path, root_uuid: str, esp_id: str) -> str:
+def _prepare_tree(tree: Path, root_uuid: str, esp_id: str, arch: Arch) -> str:
     """Write the files that name this disk into the tree; the kernel version."""
     version = kernel_version(tree)
     (tree / "etc" / "fstab").write_text(fstab(root_uuid, esp_id))
     (tree / "boot" / "efi").mkdir(parents=True, exist_ok=True)
     grub = tree / "boot" / "grub"
     grub.mkdir(parents=True, exist_ok=True)
-    (grub / "grub.cfg").write_text(grub_cfg(root_uuid, version))
+    (grub / "grub.cfg").write_text(grub_cfg(root_uuid, version, arch))
     return version
 
 
@@ -232,7 +289,15 @@ def _prepare_tree(tree: Path, root_uuid: str, esp_id: str) -> str:
 # Building
 
 
-def _fill_esp(raw: Path, work: Path, esp_id: str, root_uuid: str, progress: Progress) -> None:
+def _fill_esp(
+    raw: Path,
+    work: Path,
+    esp_id: str,
+    root_uuid: str,
+    progress: Progress,
+    loaders: EfiLoaders = EFI_LOADERS[Arch.AMD64],
+    tree: Path | None = None,
+) -> None:
     """FAT32 in partition 15, written in place; shim as the removable-media boot loader.
 
     One sector per cluster: with the default size 124 MiB has too few clusters for FAT32,
@@ -249,15 +314,28 @@ def _fill_esp(raw: Path, work: Path, esp_id: str, root_uuid: str, progress: Prog
     run_build_step(
         ["mmd", "-i", image, "::/EFI", "::/EFI/BOOT", "::/EFI/debian"], progress, "ESP dirs"
     )
-    # shim loads grubx64.efi from its own directory; Debian's signed GRUB reads its config
-    # from EFI/debian (its built-in prefix), so the same small config goes to both.
+
+    # shim loads grubx64.efi (grubaa64.efi) from its own directory; Debian's signed GRUB reads
+    # its config from EFI/debian (its built-in prefix), so the same small config goes to both.
+    def loader(path: Path) -> Path:
+        if loaders.in_tree:
+            assert tree is not None
+            return tree / path
+        return path
+
     copies = [
-        (SHIM, "::/EFI/BOOT/BOOTX64.EFI"),
-        (GRUB_EFI_SIGNED, "::/EFI/BOOT/grubx64.efi"),
-        (MOK_MANAGER, "::/EFI/BOOT/mmx64.efi"),
+        (loader(loaders.shim), f"::/EFI/BOOT/{loaders.removable_name}"),
+        (loader(loaders.grub), f"::/EFI/BOOT/{loaders.grub_name}"),
+        (loader(loaders.mok_manager), f"::/EFI/BOOT/{loaders.mok_name}"),
         (cfg, "::/EFI/BOOT/grub.cfg"),
         (cfg, "::/EFI/debian/grub.cfg"),
     ]
+    missing = [str(path) for path, _ in copies if not path.is_file()]
+    if missing:
+        raise ImageError(
+            f"the boot loaders for the ESP are missing: {', '.join(missing)}; check the "
+            f"packages {', '.join(TREE_LOADER_PACKAGES)} in the tree"
+        )
     for source, target in copies:
         run_build_step(["mcopy", "-i", image, str(source), target], progress, f"ESP {target}")
 
@@ -310,24 +388,28 @@ def embed_bios_grub(raw: Path, boot_img: bytes, core_img: bytes) -> None:
         disk.write(core)
 
 
-def _write_disk(tree: Path, work: Path, raw: Path, progress: Progress) -> dict[str, str]:
+def _write_disk(
+    tree: Path, work: Path, raw: Path, progress: Progress, arch: Arch = Arch.AMD64
+) -> dict[str, str]:
     root_uuid = str(uuid.uuid4())
     esp_id = os.urandom(4).hex()
-    kernel_version = _prepare_tree(tree, root_uuid, esp_id)
+    kernel_version = _prepare_tree(tree, root_uuid, esp_id, arch)
     with raw.open("wb") as f:
         f.truncate(DISK_BYTES)
     script = work / "gpt.sfdisk"
-    script.write_text(sfdisk_script())
-    progress("cloud image: GPT, ESP (shim + signed GRUB), ext4 root, BIOS GRUB")
+    script.write_text(sfdisk_script(arch))
+    bios = " BIOS GRUB" if arch is Arch.AMD64 else ""
+    progress(f"cloud image: GPT, ESP (shim + signed GRUB), ext4 root{',' + bios if bios else ''}")
     with script.open() as stdin_file:
         run_build_step(["sfdisk", "--quiet", str(raw)], progress, "partitioning", stdin=stdin_file)
-    _fill_esp(raw, work, esp_id, root_uuid, progress)
+    _fill_esp(raw, work, esp_id, root_uuid, progress, EFI_LOADERS[arch], tree)
     run_build_step(
         ["mke2fs", "-q", "-t", "ext4", "-L", "root", "-U", root_uuid,
          "-E", f"offset={ROOT.offset}", "-d", str(tree), str(raw), f"{ROOT.size // 1024}k"],
         progress, "making the root file system",
     )  # fmt: skip
-    _install_bios_grub(raw, work, root_uuid, progress)
+    if arch is Arch.AMD64:  # the others boot through UEFI only
+        _install_bios_grub(raw, work, root_uuid, progress)
     return {"root_uuid": root_uuid, "esp_id": esp_id, "kernel": kernel_version}
 
 
@@ -338,7 +420,7 @@ def build_cloud_image(
     rebuild: bool = False,
 ) -> CloudImage:
     """Return the cached cloud image for `spec`, building it first if it is not there yet."""
-    require_cloud_tools()
+    require_cloud_tools(spec.arch)
     images = (cache or cache_root()) / "cloud-images"
     key = cloud_key(spec)
     final = CloudImage(images / key)
@@ -349,13 +431,16 @@ def build_cloud_image(
     sources = filter_apt_sources(spec.release)
     images.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    progress(f"cloud image: building {key} (Debian {spec.release}); this takes a few minutes")
+    progress(
+        f"cloud image: building {key} (Debian {spec.release} {spec.arch.value}); "
+        "this takes a few minutes"
+    )
     with build_directory(images, key, progress) as work:
         staged = CloudImage(work / "image")
         staged.directory.mkdir()
         raw = work / "disk.raw"
         with debian_tree(spec, sources, work, progress, "cloud image") as tree:
-            facts = _write_disk(tree, work, raw, progress)
+            facts = _write_disk(tree, work, raw, progress, spec.arch)
         run_build_step(
             ["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(staged.disk)],
             progress,
@@ -365,9 +450,17 @@ def build_cloud_image(
             "key": key,
             "release": spec.release,
             "packages": list(spec.packages),
+            "arch": spec.arch.value,
             "partitions": {p.name: p.number for p in PARTITIONS},
             **facts,
-            "boot": {name: str(path) for name, path in BOOT_BINARIES.items()},
+            "boot": {
+                name: str(path)
+                for name, path in (
+                    BOOT_BINARIES.items()
+                    if spec.arch is Arch.AMD64
+                    else vars(EFI_LOADERS[spec.arch]).items()
+                )
+            },
             "build_seconds": round(time.monotonic() - started, 1),
         }
         staged.manifest.write_text(json.dumps(manifest, indent=2) + "\n")

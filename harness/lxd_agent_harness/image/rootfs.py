@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.cache import cache_root, least_recently_used
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
@@ -34,7 +35,8 @@ from lxd_agent_harness.image.buildsteps import (
     run_build_step,
 )
 from lxd_agent_harness.image.deb import check_deb
-from lxd_agent_harness.vm.config import GuestImage
+from lxd_agent_harness.image.foreign import foreign_command
+from lxd_agent_harness.vm.config import ARCH_FILE, GuestImage
 
 # What every guest needs (facts §6): without dbus, logind does not run and the ACPI power
 # button is ignored; the cloud kernel's initrd has virtio_blk, virtio_console loads from the tree.
@@ -49,6 +51,10 @@ BASE_PACKAGES = (
     # --variant=apt leaves it out.
     "login",
 )
+
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+"""The kernel in `BASE_PACKAGES`; a guest of another architecture gets that one's
+(`linux-image-cloud-arm64`)."""
 
 # Packages taken from a release's own suite rather than its newest (security) version. The
 # mirror these machines reach lists bullseye-security's linux-image-cloud-amd64 5.10.262-1 but
@@ -94,6 +100,16 @@ fi
 : > "$root/etc/machine-id"
 """
 
+# Run after CUSTOMIZE_SCRIPT in an arm64 tree (and part of its key only): its first serial
+# port is the PL011, ttyAMA0, and root logs in there too.
+ARM64_CONSOLE_SCRIPT = """\
+set -eu
+root="$1"
+mkdir -p "$root/etc/systemd/system/serial-getty@ttyAMA0.service.d"
+cp "$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" \\
+  "$root/etc/systemd/system/serial-getty@ttyAMA0.service.d/autologin.conf"
+"""
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -104,10 +120,13 @@ class ImageSpec:
     debs: tuple[Path, ...] = ()
     carried: tuple[Path, ...] = ()
     """Files copied into the image's /root, not installed (e.g. a .deb to install at run time)."""
+    arch: Arch = Arch.AMD64
+    """The guest's architecture; another than the host's is built through qemu-user
+    (`image.foreign`)."""
 
     def key(self) -> str:
         """A short hash of every input, so a changed input gives a different image."""
-        inputs = {
+        inputs: dict[str, object] = {
             "format": IMAGE_FORMAT_VERSION,
             "release": self.release,
             "packages": sorted(pinned_packages(self)),
@@ -115,6 +134,9 @@ class ImageSpec:
             "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
             "customize": hashlib.sha256(CUSTOMIZE_SCRIPT.encode()).hexdigest(),
         }
+        if self.arch is not Arch.AMD64:  # amd64 images keep the keys they always had
+            inputs["arch"] = self.arch.value
+            inputs["arch_customize"] = hashlib.sha256(ARM64_CONSOLE_SCRIPT.encode()).hexdigest()
         blob = json.dumps(inputs, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -147,9 +169,12 @@ def require_tools(tools: Iterable[str]) -> None:
 
 
 def pinned_packages(spec: ImageSpec) -> list[str]:
-    """`spec.packages` for apt, with `SUITE_PINS` as `name/suite`."""
+    """`spec.packages` for apt, the kernel the architecture's, with `SUITE_PINS` as
+    `name/suite`."""
     pins = SUITE_PINS.get(spec.release, {})
-    return [f"{p}/{pins[p]}" if p in pins else p for p in spec.packages]
+    kernel = f"linux-image-cloud-{spec.arch.value}"
+    packages = [kernel if p == KERNEL_PACKAGE else p for p in spec.packages]
+    return [f"{p}/{pins[p]}" if p in pins else p for p in packages]
 
 
 def mmdebstrap_command(
@@ -162,17 +187,18 @@ def mmdebstrap_command(
         "--format=directory",
         "--include=" + ",".join(pinned_packages(spec)),
     ]
+    if spec.arch is not host_arch():
+        command += [f"--architectures={spec.arch.value}"]
     if spec.debs:
         # A local .deb is only reachable from inside the tree through this hook (facts §6).
         command += [f"--hook-dir={FILE_MIRROR_HOOKS}"]
         command += [f"--include={deb.resolve()}" for deb in spec.debs]
     command += [f"--customize-hook=copy-in {path.resolve()} /root" for path in spec.carried]
-    command += [
-        f'--customize-hook=sh "{hook_script}" "$1"',
-        spec.release,
-        str(tree),
-        str(sources_file),
-    ]
+    command += [f'--customize-hook=sh "{hook_script}" "$1"']
+    if spec.arch is Arch.ARM64:
+        arm64_script = hook_script.with_name("customize-arm64.sh")
+        command += [f'--customize-hook=sh "{arm64_script}" "$1"']
+    command += [spec.release, str(tree), str(sources_file)]
     return command
 
 
@@ -216,13 +242,20 @@ def debian_tree(
     sources_file.write_text(sources, encoding="utf-8")
     hook = work / "customize.sh"
     hook.write_text(CUSTOMIZE_SCRIPT, encoding="utf-8")
+    hook.with_name("customize-arm64.sh").write_text(ARM64_CONSOLE_SCRIPT, encoding="utf-8")
     try:
         suites = " ".join(source_suites(sources))
-        progress(f"{label}: mmdebstrap ({suites} from the host's apt sources)")
+        command, how = foreign_command(
+            spec.arch, mmdebstrap_command(spec, tree, sources_file, hook)
+        )
+        progress(
+            f"{label}: mmdebstrap ({spec.arch.value}; {how}; {suites} from the host's apt sources)"
+        )
         run_build_step(
-            mmdebstrap_command(spec, tree, sources_file, hook),
+            command,
             progress,
-            f"mmdebstrap of Debian {spec.release} (suites {suites} of the host's mirror)",
+            f"mmdebstrap of Debian {spec.release} {spec.arch.value} "
+            f"(suites {suites} of the host's mirror)",
         )
         yield tree
     finally:
@@ -292,9 +325,11 @@ def build_image(
             "debs": {d.name: file_sha256(d) for d in spec.debs},
             "carried": {p.name: file_sha256(p) for p in spec.carried},
             "kernel": kernel_version,
+            "arch": spec.arch.value,
             "build_seconds": round(time.monotonic() - started, 1),
         }
         (staged.directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (staged.directory / ARCH_FILE).write_text(spec.arch.value + "\n")
         if final.directory.exists():
             # A rebuild, or another build that finished first: replace it.
             remove_tree(final.directory)

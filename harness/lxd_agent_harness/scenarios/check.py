@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, STARTED, STOPPED
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.layouts import Layout, ReadingRule
@@ -214,6 +215,7 @@ async def check_image(
     disk_format: str,
     layouts: Sequence[Layout],
     *,
+    arch: Arch = Arch.AMD64,
     firmware: Firmware = Firmware.UEFI,
     secure_boot: bool = False,
     accel: Accel = Accel.TCG,
@@ -233,6 +235,7 @@ async def check_image(
             layout=layout,
             boot=FirmwareBoot(disk, disk_format, firmware, secure_boot),
             accel=accel,
+            arch=arch,
         )
         verdict.checks.append(await check_layout(config, timeout, bound, progress))
     judge(verdict.checks)

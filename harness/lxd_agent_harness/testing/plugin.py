@@ -31,6 +31,7 @@ from typing import Dict, Iterator
 
 import pytest
 
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent_harness.image.deb import check_deb, find_deb
@@ -83,6 +84,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=DEFAULT_RELEASE,
         choices=list(RELEASES),
         help=f"Debian release of the harness's image (default {DEFAULT_RELEASE})",
+    )
+    group.addoption(
+        "--lxd-arch",
+        default=host_arch().value,
+        choices=[a.value for a in Arch],
+        help="the guest's architecture (default: this host's); another one runs under TCG",
     )
     group.addoption(
         "--lxd-warm",
@@ -144,6 +151,7 @@ class LxdOptions:
     layout: str
     firmware: Firmware
     release: str
+    arch: Arch
     warm: bool
     accel: Accel
     timeout: float
@@ -176,6 +184,7 @@ def _options(config: pytest.Config) -> LxdOptions:
         layout=config.getoption("lxd_layout"),
         firmware=Firmware(config.getoption("lxd_firmware")),
         release=config.getoption("lxd_release"),
+        arch=Arch(config.getoption("lxd_arch")),
         warm=bool(config.getoption("lxd_warm")),
         accel=Accel(config.getoption("lxd_accel")),
         timeout=timeout,
@@ -197,13 +206,15 @@ def lxd_options(pytestconfig: pytest.Config) -> LxdOptions:
 class _Images:
     """The harness's own images, built (or reused) once per session and release."""
 
-    def __init__(self, deb: Path) -> None:
+    def __init__(self, deb: Path, arch: Arch) -> None:
         self.deb = deb
+        self.arch = arch
         self._built: dict[str, GuestImage] = {}
 
     def get(self, release: str) -> GuestImage:
         if release not in self._built:
-            self._built[release] = build_image(ImageSpec(release=release, debs=(self.deb,)))
+            spec = ImageSpec(release=release, debs=(self.deb,), arch=self.arch)
+            self._built[release] = build_image(spec)
         return self._built[release]
 
 
@@ -216,7 +227,7 @@ def _lxd_session(
     try:
         if lxd_options.image is None:
             assert lxd_options.deb is not None
-            images = _Images(lxd_options.deb)
+            images = _Images(lxd_options.deb, lxd_options.arch)
         elif lxd_options.deb is not None:
             seed = make_seed_iso(lxd_options.deb, tmp_path_factory.mktemp("lxd-seed") / "seed.iso")
         accel = _accel(lxd_options, images)
@@ -227,7 +238,9 @@ def _lxd_session(
 
 def _accel(options: LxdOptions, images: _Images | None) -> Accel:
     probe_image = images.get(options.release) if images is not None else None
-    choice = asyncio.run(choose_accel(options.accel, probe_image, lambda _line: None))
+    choice = asyncio.run(
+        choose_accel(options.accel, probe_image, lambda _line: None, arch=options.arch)
+    )
     return choice.accel
 
 
@@ -282,6 +295,7 @@ def lxd_vm(
         layout=layout,
         boot=boot,
         accel=accel,
+        arch=lxd_options.arch,
         seed=seed,
         user_qmp=lxd_options.keep_on_failure,
     )

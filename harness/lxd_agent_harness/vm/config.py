@@ -11,14 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.lxd.layouts import Layout
 from lxd_agent_harness.qemu.migration import incoming_uri
 from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.arches import GuestMachine, guest_machine
 from lxd_agent_harness.vm.firmware import Firmware, firmware_args, machine_arg
 
 CONSOLE_ID = "console"
-KERNEL_APPEND = "root=/dev/vda rw console=ttyS0"
+ARCH_FILE = "arch"
+"""In an image's directory: the architecture it was built for (none: amd64, the first one)."""
 DEFAULT_MEMORY_MIB = 1024
 # Two vCPUs use both host cores under multi-threaded TCG: login in 11 s instead of 22 s.
 DEFAULT_CPUS = 2
@@ -42,13 +45,29 @@ class GuestImage:
     def is_complete(self) -> bool:
         return all(p.is_file() for p in (self.disk, self.kernel, self.initrd))
 
+    @property
+    def arch(self) -> Arch:
+        try:
+            return Arch((self.directory / ARCH_FILE).read_text().strip())
+        except FileNotFoundError:
+            return Arch.AMD64
+        except ValueError as e:
+            raise VmError(f"{self.directory / ARCH_FILE} names no architecture ({e})") from None
+
+
+def kernel_append(arch: Arch) -> str:
+    """The kernel command line of a direct boot: the bare ext4 root, the console on the
+    architecture's first serial port."""
+    return f"root=/dev/vda rw console={guest_machine(arch).console}"
+
 
 @dataclass(frozen=True)
 class DirectBoot:
     """The project's image: QEMU loads its kernel and initrd; the disk is a bare ext4 root."""
 
     image: GuestImage
-    append: str = KERNEL_APPEND
+    append: str | None = None
+    """The kernel command line; None: `kernel_append` for the image's architecture."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,8 @@ class VmConfig:
     layout: Layout
     boot: Boot
     accel: Accel = Accel.TCG
+    arch: Arch | None = None
+    """The guest's architecture; None: a direct boot's image's, else this host's."""
     ring_size: int | None = None
     """The status rings' size; None: the layout's own (LXD's 16 B, Incus's 16 KiB)."""
     memory_mib: int = DEFAULT_MEMORY_MIB
@@ -98,6 +119,18 @@ class VmConfig:
     def vars_file(self, files: VmFiles) -> Path:
         """The UEFI variable store this boot runs on."""
         return self.uefi_vars if self.uefi_vars is not None else files.uefi_vars
+
+    @property
+    def guest_arch(self) -> Arch:
+        if self.arch is not None:
+            return self.arch
+        if isinstance(self.boot, DirectBoot):
+            return self.boot.image.arch
+        return host_arch()
+
+    @property
+    def machine(self) -> GuestMachine:
+        return guest_machine(self.guest_arch)
 
 
 @dataclass(frozen=True)
@@ -140,7 +173,14 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         raise VmError("qemu_args needs a decided accelerator; call choose_accel() first")
     kvm = config.accel is Accel.KVM
     boot = config.boot
-    machine = "q35"
+    arch = config.guest_arch
+    guest = guest_machine(arch)
+    machine = guest.machine
+    if isinstance(boot, DirectBoot) and boot.image.arch is not arch:
+        raise VmError(
+            f"the image {boot.image.directory} is {boot.image.arch.value}, the VM "
+            f"{arch.value}; build the image with --arch {arch.value}"
+        )
     if isinstance(boot, FirmwareBoot):
         kept = config.overlay is not None or config.incoming is not None
         if kept and boot.firmware is Firmware.UEFI and config.uefi_vars is None:
@@ -148,15 +188,15 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
                 "a kept overlay or a restored state through UEFI needs its variable store "
                 "kept too (VmConfig.uefi_vars): the firmware wrote its boot entries there"
             )
-        machine = machine_arg(boot.firmware, boot.secure_boot)
+        machine = machine_arg(boot.firmware, boot.secure_boot, arch)
     args = [
         # Start paused: the console reader and the monitor attach before the first byte.
         "-S",
         "-name", f"lxd-agent-harness-{config.layout.name}",
         "-machine", machine,
         "-accel", "kvm" if kvm else "tcg",
-        # Under TCG the plain default model boots faster than `max` (fewer features to emulate).
-        "-cpu", "host" if kvm else "qemu64",
+        # Under TCG the model measured fastest for the architecture (vm.arches).
+        "-cpu", "host" if kvm else guest.tcg_cpu,
         "-m", str(config.memory_mib),
         "-smp", str(config.cpus),
         "-nodefaults",
@@ -169,11 +209,11 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         args += [
             "-kernel", str(boot.image.kernel),
             "-initrd", str(boot.image.initrd),
-            "-append", boot.append,
+            "-append", boot.append or kernel_append(arch),
         ]  # fmt: skip
     else:
         args += firmware_args(
-            boot.firmware, boot.secure_boot, config.vars_file(files), files.sercon
+            boot.firmware, boot.secure_boot, config.vars_file(files), files.sercon, arch=arch
         )
     # LXD's template gives every VM a virtio RNG fed from the host's /dev/urandom: guests
     # start with entropy instead of gathering it under a slow emulated CPU.

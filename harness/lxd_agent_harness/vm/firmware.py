@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import BootStuck, VmError
+from lxd_agent_harness.vm.arches import guest_machine
 from lxd_agent_harness.vm.console import SerialConsole
 
-OVMF_DIR = Path("/usr/share/OVMF")
+OVMF_DIR = guest_machine(Arch.AMD64).uefi_dir
 
 
 class Firmware(str, enum.Enum):
@@ -43,31 +45,51 @@ class OvmfFiles:
     vars_template: Path
 
 
-def ovmf_files(secure_boot: bool, ovmf_dir: Path = OVMF_DIR) -> OvmfFiles:
-    """Debian's 4 MiB OVMF: plain, or secure boot with Microsoft's keys enrolled (`.ms`)."""
+def ovmf_files(
+    secure_boot: bool, ovmf_dir: Path | None = None, arch: Arch = Arch.AMD64
+) -> OvmfFiles:
+    """Debian's UEFI for `arch`: plain, or secure boot with Microsoft's keys enrolled (`.ms`).
+
+    amd64: the 4 MiB OVMF (`ovmf`); arm64: AAVMF (`qemu-efi-aarch64`). `ovmf_dir` overrides
+    where they are looked for (tests).
+    """
+    machine = guest_machine(arch)
+    directory = ovmf_dir or machine.uefi_dir
     if secure_boot:
-        files = OvmfFiles(ovmf_dir / "OVMF_CODE_4M.secboot.fd", ovmf_dir / "OVMF_VARS_4M.ms.fd")
+        files = OvmfFiles(
+            directory / machine.uefi_secure_code, directory / machine.uefi_secure_vars
+        )
     else:
-        files = OvmfFiles(ovmf_dir / "OVMF_CODE_4M.fd", ovmf_dir / "OVMF_VARS_4M.fd")
+        files = OvmfFiles(directory / machine.uefi_code, directory / machine.uefi_vars)
     missing = [str(p) for p in (files.code, files.vars_template) if not p.is_file()]
     if missing:
+        package = "ovmf" if arch is Arch.AMD64 else "qemu-efi-aarch64"
+        bios = " or boot with --firmware bios" if machine.bios else ""
         raise VmError(
             f"looked for UEFI firmware {', '.join(missing)} and found nothing; install Debian's "
-            "ovmf package (`make setup`) or boot with --firmware bios"
+            f"{package} package (`make setup`){bios}"
         )
     return files
 
 
-def machine_arg(firmware: Firmware, secure_boot: bool) -> str:
-    """q35 as LXD uses it; secure boot's variable store needs SMM to be protected."""
+def machine_arg(firmware: Firmware, secure_boot: bool, arch: Arch = Arch.AMD64) -> str:
+    """The machine as LXD uses it for `arch` (q35; virt with gic-version=max). On amd64 secure
+    boot's variable store needs SMM to be protected; arm64 boots through UEFI only."""
     if secure_boot and firmware is not Firmware.UEFI:
         raise VmError("secure boot needs UEFI firmware; drop --secure-boot or use --firmware uefi")
-    return "q35,smm=on" if secure_boot else "q35"
+    machine = guest_machine(arch)
+    if firmware is Firmware.BIOS and not machine.bios:
+        raise VmError(f"{arch.value} guests boot through UEFI only; use --firmware uefi")
+    if secure_boot and arch is Arch.AMD64:
+        return f"{machine.machine},smm=on"
+    return machine.machine
 
 
-def fresh_vars(secure_boot: bool, vars_copy: Path, ovmf_dir: Path = OVMF_DIR) -> None:
+def fresh_vars(
+    secure_boot: bool, vars_copy: Path, ovmf_dir: Path | None = None, arch: Arch = Arch.AMD64
+) -> None:
     """A new writable UEFI variable store for one boot, from the matching template."""
-    shutil.copyfile(ovmf_files(secure_boot, ovmf_dir).vars_template, vars_copy)
+    shutil.copyfile(ovmf_files(secure_boot, ovmf_dir, arch).vars_template, vars_copy)
 
 
 # SeaBIOS prints to the screen only, and the harness has none: this fw_cfg file (the port, as a
@@ -85,14 +107,15 @@ def firmware_args(
     secure_boot: bool,
     vars_copy: Path,
     sercon: Path,
-    ovmf_dir: Path = OVMF_DIR,
+    ovmf_dir: Path | None = None,
+    arch: Arch = Arch.AMD64,
 ) -> list[str]:
     """QEMU's firmware arguments, for the files `fresh_vars` (UEFI) or `sercon_file` made."""
     if firmware is Firmware.BIOS:
         return ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]  # QEMU's own SeaBIOS
-    ovmf = ovmf_files(secure_boot, ovmf_dir)
+    ovmf = ovmf_files(secure_boot, ovmf_dir, arch)
     args = []
-    if secure_boot:
+    if secure_boot and arch is Arch.AMD64:
         # Only SMM code may write the variables, or the guest could turn secure boot off.
         args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     args += [

@@ -349,7 +349,7 @@ class Vm:
             if boot.firmware is Firmware.BIOS:
                 sercon_file(files.sercon)
             elif self.config.uefi_vars is None:
-                fresh_vars(boot.secure_boot, files.uefi_vars)
+                fresh_vars(boot.secure_boot, files.uefi_vars, arch=self.config.guest_arch)
         self.t0 = time.monotonic()
         incoming = self.config.incoming
         try:
@@ -364,7 +364,11 @@ class Vm:
 
     async def _start_qemu(self, stack: contextlib.AsyncExitStack, files: VmFiles) -> None:
         self._qemu = await stack.enter_async_context(
-            QemuProcess(qemu_args(self.config, files), name=f"vm-{self.config.layout.name}")
+            QemuProcess(
+                qemu_args(self.config, files),
+                binary=self.config.machine.qemu_binary,
+                name=f"vm-{self.config.layout.name}",
+            )
         )
         qmp = self._qemu.qmp
         self._monitor = await stack.enter_async_context(

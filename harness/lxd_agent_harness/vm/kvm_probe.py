@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.cache import cache_root
 from lxd_agent_harness.base.errors import GuestStopped, HarnessError, QemuError, VmError
 from lxd_agent_harness.base.progress import Progress
@@ -107,14 +108,33 @@ def forget_verdict_after(error: BaseException, accel: Accel) -> bool:
     return False
 
 
+class KvmUnusable(HarnessError):
+    """KVM was asked for where it cannot run the guest."""
+
+
 class KvmProbeInconclusive(HarnessError):
     """The KVM probe could not run its guest; no verdict on KVM, so none is cached."""
 
 
 async def choose_accel(
-    requested: Accel, image: GuestImage | None, progress: Progress = print
+    requested: Accel,
+    image: GuestImage | None,
+    progress: Progress = print,
+    arch: Arch | None = None,
 ) -> AccelChoice:
-    """The accelerator to use and why. `auto` picks KVM only if a probe boot held up here."""
+    """The accelerator to use and why. `auto` picks KVM only if a probe boot held up here.
+
+    A guest of another architecture than the host's (`arch`, else the image's) runs under TCG:
+    KVM runs only the host's own.
+    """
+    guest = arch or (image.arch if image is not None else None)
+    if guest is not None and guest is not host_arch():
+        if requested is Accel.KVM:
+            raise KvmUnusable(
+                f"KVM cannot run an {guest.value} guest on this {host_arch().value} host; "
+                "use --accel tcg (or auto)"
+            )
+        return AccelChoice(Accel.TCG, f"TCG: an {guest.value} guest on an {host_arch().value} host")
     if requested is Accel.TCG:
         return AccelChoice(Accel.TCG, "TCG requested")
     if requested is Accel.KVM:

@@ -118,7 +118,7 @@ def warm_key(config: VmConfig, qemu: str) -> str:
             "initrd": _file_identity(boot.image.initrd),
             "append": boot.append,
         }
-        machine = "q35"
+        machine = config.machine.machine
     else:
         booted = {
             "disk": _file_identity(boot.disk),
@@ -126,12 +126,14 @@ def warm_key(config: VmConfig, qemu: str) -> str:
             "firmware": boot.firmware.value,
             "secure_boot": boot.secure_boot,
         }
-        machine = machine_arg(boot.firmware, boot.secure_boot)
+        machine = machine_arg(boot.firmware, boot.secure_boot, config.guest_arch)
     layout = config.layout
     inputs = {
         "format": WARM_FORMAT,
         "qemu": qemu,
+        "arch": config.guest_arch.value,
         "machine": machine,
+        "cpu": config.machine.tcg_cpu,
         "boot": booted,
         "layout": [layout.name, [repr(port) for port in layout.ports], layout.rule.value],
         "ring_size": config.ring_size or layout.ring_size,
@@ -220,7 +222,7 @@ async def _start(
     if config.overlay is not None or config.incoming is not None or config.uefi_vars is not None:
         raise VmError("a warm start makes its own overlay and state; give a config without them")
     try:
-        key = warm_key(config, qemu_version())
+        key = warm_key(config, qemu_version(config.machine.qemu_binary))
         saved = SavedGuest(root / key)
         if not saved.is_complete():
             say(f"warm: no saved guest for this boot yet ({key}); booting one to save")
@@ -276,6 +278,7 @@ def _with(
         layout=config.layout,
         boot=config.boot,
         accel=config.accel,
+        arch=config.arch,
         ring_size=config.ring_size,
         memory_mib=config.memory_mib,
         cpus=config.cpus,
@@ -308,7 +311,7 @@ async def save_guest(
             assert isinstance(config.boot, FirmwareBoot)
             uefi_vars = staged.uefi_vars
             # Vm makes a fresh store only when none is given: make it here, to keep it.
-            template = ovmf_files(config.boot.secure_boot).vars_template
+            template = ovmf_files(config.boot.secure_boot, arch=config.guest_arch).vars_template
             shutil.copyfile(template, uefi_vars)
         booting = _with(config, overlay=staged.disk, uefi_vars=uefi_vars, incoming=None)
         started = time.monotonic()
