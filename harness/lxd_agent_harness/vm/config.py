@@ -132,6 +132,19 @@ class VmConfig:
     def machine(self) -> GuestMachine:
         return guest_machine(self.guest_arch)
 
+    @property
+    def uses_uefi(self) -> bool:
+        """Whether UEFI firmware runs: a firmware boot through UEFI, or a direct boot of an
+        architecture without a BIOS (arm64: AAVMF loads the kernel QEMU hands it, and gives the
+        guest the ACPI tables its power button needs: the cloud kernel has no gpio-keys)."""
+        if isinstance(self.boot, FirmwareBoot):
+            return self.boot.firmware is Firmware.UEFI
+        return not self.machine.bios
+
+    @property
+    def secure_boot(self) -> bool:
+        return isinstance(self.boot, FirmwareBoot) and self.boot.secure_boot
+
 
 @dataclass(frozen=True)
 class VmFiles:
@@ -181,13 +194,13 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
             f"the image {boot.image.directory} is {boot.image.arch.value}, the VM "
             f"{arch.value}; build the image with --arch {arch.value}"
         )
+    kept = config.overlay is not None or config.incoming is not None
+    if kept and config.uses_uefi and config.uefi_vars is None:
+        raise VmError(
+            "a kept overlay or a restored state through UEFI needs its variable store "
+            "kept too (VmConfig.uefi_vars): the firmware wrote its boot entries there"
+        )
     if isinstance(boot, FirmwareBoot):
-        kept = config.overlay is not None or config.incoming is not None
-        if kept and boot.firmware is Firmware.UEFI and config.uefi_vars is None:
-            raise VmError(
-                "a kept overlay or a restored state through UEFI needs its variable store "
-                "kept too (VmConfig.uefi_vars): the firmware wrote its boot entries there"
-            )
         machine = machine_arg(boot.firmware, boot.secure_boot, arch)
     args = [
         # Start paused: the console reader and the monitor attach before the first byte.
@@ -211,6 +224,10 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
             "-initrd", str(boot.image.initrd),
             "-append", boot.append or kernel_append(arch),
         ]  # fmt: skip
+        if config.uses_uefi:
+            args += firmware_args(
+                Firmware.UEFI, False, config.vars_file(files), files.sercon, arch=arch
+            )
     else:
         args += firmware_args(
             boot.firmware, boot.secure_boot, config.vars_file(files), files.sercon, arch=arch

@@ -345,11 +345,10 @@ class Vm:
             make_overlay(boot.image.disk, "raw", files.overlay)
         else:
             make_overlay(boot.disk, boot.disk_format, files.overlay)
-        if isinstance(boot, FirmwareBoot):
-            if boot.firmware is Firmware.BIOS:
-                sercon_file(files.sercon)
-            elif self.config.uefi_vars is None:
-                fresh_vars(boot.secure_boot, files.uefi_vars, arch=self.config.guest_arch)
+        if isinstance(boot, FirmwareBoot) and boot.firmware is Firmware.BIOS:
+            sercon_file(files.sercon)
+        elif self.config.uses_uefi and self.config.uefi_vars is None:
+            fresh_vars(self.config.secure_boot, files.uefi_vars, arch=self.config.guest_arch)
         self.t0 = time.monotonic()
         incoming = self.config.incoming
         try:

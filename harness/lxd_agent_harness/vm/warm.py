@@ -47,7 +47,7 @@ from lxd_agent_harness.lxd.monitor import ONE_REFRESH
 from lxd_agent_harness.qemu.disk import make_overlay
 from lxd_agent_harness.qemu.process import DEFAULT_QEMU_BINARY
 from lxd_agent_harness.vm.config import DirectBoot, FirmwareBoot, VmConfig
-from lxd_agent_harness.vm.firmware import Firmware, machine_arg, ovmf_files
+from lxd_agent_harness.vm.firmware import machine_arg, ovmf_files
 from lxd_agent_harness.vm.instance import BOOT_TIMEOUT, Vm
 
 WARM_FORMAT = 1
@@ -183,10 +183,6 @@ def status_port(config: VmConfig) -> str:
     return config.layout.rings[0].port_name
 
 
-def _uses_uefi(config: VmConfig) -> bool:
-    return isinstance(config.boot, FirmwareBoot) and config.boot.firmware is Firmware.UEFI
-
-
 @contextlib.asynccontextmanager
 async def started_vm(
     config: VmConfig,
@@ -260,7 +256,7 @@ async def _restore(
     overlay = work / "overlay.qcow2"
     make_overlay(saved.disk, "qcow2", overlay)
     uefi_vars = None
-    if _uses_uefi(config):
+    if config.uses_uefi:
         uefi_vars = work / VARS_FILE
         shutil.copyfile(saved.uefi_vars, uefi_vars)
     restored = _with(config, overlay=overlay, uefi_vars=uefi_vars, incoming=saved.state)
@@ -307,11 +303,11 @@ async def save_guest(
         staged = SavedGuest(staging)
         make_overlay(*_base_disk(config), staged.disk)
         uefi_vars = None
-        if _uses_uefi(config):
+        if config.uses_uefi:
             assert isinstance(config.boot, FirmwareBoot)
             uefi_vars = staged.uefi_vars
             # Vm makes a fresh store only when none is given: make it here, to keep it.
-            template = ovmf_files(config.boot.secure_boot, arch=config.guest_arch).vars_template
+            template = ovmf_files(config.secure_boot, arch=config.guest_arch).vars_template
             shutil.copyfile(template, uefi_vars)
         booting = _with(config, overlay=staged.disk, uefi_vars=uefi_vars, incoming=None)
         started = time.monotonic()

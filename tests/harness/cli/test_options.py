@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lxd_agent_harness.base.arch import host_arch
 from lxd_agent_harness.cli.options import build_parser
 from lxd_agent_harness.image.agents import AGENTS
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
@@ -128,3 +129,16 @@ def test_image_builds_a_cloud_disk_without_an_agent_unless_told_which() -> None:
     assert build_parser().parse_args(["image", "--cloud"]).agent == "none"
     for agent in ("ours", *AGENTS):
         assert build_parser().parse_args(["image", "--cloud", "--agent", agent]).agent == agent
+
+
+def test_every_command_that_builds_or_boots_takes_the_guests_architecture() -> None:
+    for argv in (
+        ["boot"],
+        ["image"],
+        ["soak"],
+        ["snapshot"],
+        ["matrix"],
+        ["check", "--image", "d"],
+    ):
+        assert build_parser().parse_args(argv).arch == host_arch().value
+        assert build_parser().parse_args([*argv, "--arch", "arm64"]).arch == "arm64"

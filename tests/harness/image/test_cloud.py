@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.image import cloud as cloudimage
 from lxd_agent_harness.image.cloud import (
@@ -114,3 +115,15 @@ def test_a_missing_boot_loader_is_one_error_naming_the_package(
     with pytest.raises(ImageError, match="shim-signed") as caught:
         cloudimage.require_cloud_tools()
     assert "make setup" in str(caught.value)
+
+
+def test_an_arm64_cloud_disk_boots_through_uefi_only_with_the_trees_own_loaders() -> None:
+    spec = cloudimage.cloud_spec(arch=Arch.ARM64)
+    assert set(cloudimage.TREE_LOADER_PACKAGES) <= set(spec.packages)
+    assert cloudimage.cloud_key(spec) != cloudimage.cloud_key(cloudimage.cloud_spec())
+    loaders = cloudimage.EFI_LOADERS[Arch.ARM64]
+    assert loaders.in_tree and loaders.removable_name == "BOOTAA64.EFI"
+    script = cloudimage.sfdisk_script(Arch.ARM64)
+    assert "B921B045-1DF0-41C3-AF44-4C6F280D3FAE" in script  # root (ARM64)
+    cfg = cloudimage.grub_cfg("u", "6.1", Arch.ARM64)
+    assert "serial --unit" not in cfg and "console=ttyAMA0,115200" in cfg

@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import BuildStepFailed, HarnessError, ImageError
 from lxd_agent_harness.image import buildsteps
 from lxd_agent_harness.image import rootfs as image
 from lxd_agent_harness.image.deb import BadPackage
-from lxd_agent_harness.image.rootfs import ImageSpec, prune_images
+from lxd_agent_harness.image.rootfs import (
+    ImageSpec,
+    mmdebstrap_command,
+    pinned_packages,
+    prune_images,
+)
 from lxd_agent_harness.vm.config import GuestImage
 from tests.helpers import minimal_deb
 
@@ -258,3 +264,22 @@ def test_pruning_keeps_the_most_recently_used_images(tmp_path: Path) -> None:
         "key3",
         "key4",
     ]
+
+
+def test_an_arm64_image_gets_its_kernel_its_console_and_mmdebstrap_told_the_architecture(
+    tmp_path: Path,
+) -> None:
+    amd64, arm64 = ImageSpec(), ImageSpec(arch=Arch.ARM64)
+    assert "linux-image-cloud-amd64" in pinned_packages(amd64)
+    assert "linux-image-cloud-arm64" in pinned_packages(arm64)
+    assert "linux-image-cloud-amd64" not in pinned_packages(arm64)
+    assert amd64.key() != arm64.key()
+    command = mmdebstrap_command(arm64, tmp_path / "t", tmp_path / "s", tmp_path / "customize.sh")
+    assert "--architectures=arm64" in command
+    assert f'--customize-hook=sh "{tmp_path / "customize-arm64.sh"}" "$1"' in command
+    assert not any(
+        a.startswith("--architectures")
+        for a in mmdebstrap_command(
+            amd64, tmp_path / "t", tmp_path / "s", tmp_path / "customize.sh"
+        )
+    )

@@ -59,6 +59,7 @@ def test_the_plugins_options_and_marks_are_in_pytests_help(tmp_path: Path) -> No
         "--lxd-layout",
         "--lxd-firmware",
         "--lxd-release",
+        "--lxd-arch",
         "--lxd-warm",
         "--lxd-keep-on-failure",
         "--lxd-artifacts",
