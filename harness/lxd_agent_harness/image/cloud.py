@@ -156,9 +156,10 @@ CORE_MODULES = (
 KERNEL_CONSOLE = "console=tty0 console=ttyS0,115200"
 KERNEL_CONSOLES = {Arch.AMD64: KERNEL_CONSOLE, Arch.ARM64: "console=ttyAMA0,115200"}
 
-# Each cloud image is about 1 GB. A whole `make test` uses 3: without an agent (booted with a
-# seed, and checked as it is), with ours and with the LXD 5.0 emulation (checked as they are).
-KEEP_CLOUD_IMAGES = 4
+# Each cloud image is about 1 GB. A whole `make test` uses 4: without an agent (booted with a
+# seed, and checked as it is), with ours and with the LXD 5.0 emulation (checked as they are),
+# and arm64's with ours.
+KEEP_CLOUD_IMAGES = 5
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.errors import GuestStopped, HarnessError, QemuError, VmError
 from lxd_agent_harness.vm import kvm_probe as accel
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import GuestImage
+from lxd_agent_harness.vm.config import ARCH_FILE, GuestImage
 
 
 def test_auto_without_usable_dev_kvm_is_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,3 +119,16 @@ def test_a_hypervisor_error_under_kvm_forgets_the_cached_verdict(kvm_verdict: Pa
     assert kvm_verdict.exists()
     assert accel.forget_verdict_after(broken, Accel.KVM)
     assert not kvm_verdict.exists()
+
+
+def test_a_guest_of_another_architecture_runs_under_tcg_and_kvm_is_refused_for_it(
+    tmp_path: Path,
+) -> None:
+    other = Arch.ARM64 if host_arch() is Arch.AMD64 else Arch.AMD64
+    choice = asyncio.run(accel.choose_accel(Accel.AUTO, None, arch=other))
+    assert choice.accel is Accel.TCG and f"an {other.value} guest" in choice.reason
+    image = GuestImage(tmp_path)
+    (tmp_path / ARCH_FILE).write_text(other.value)
+    assert asyncio.run(accel.choose_accel(Accel.AUTO, image)).accel is Accel.TCG
+    with pytest.raises(accel.KvmUnusable):
+        asyncio.run(accel.choose_accel(Accel.KVM, image))
