@@ -1,6 +1,7 @@
 """The agent's costs next to their floors, measured in one run and printed as one table.
 
-Natively: exec -> READY=1 and peak RSS of the unit's own command line (`lxd-agent run
+Natively: the CPU time of one refresh on Incus's port (gather, write) with Incus 7.3's state
+line and without it; exec -> READY=1 and peak RSS of the unit's own command line (`lxd-agent run
 --if-no-port=skip`, started as the package starts it: `/usr/bin/python3 -IS`) against a bare
 `/usr/bin/python3 -I -S -c pass`. In one real guest (TCG, LXD 5.20's layout, the .deb from
 out/ or $LXD_AGENT_DEB): the unit's start -> active and CPU to READY by systemd's own
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
 import pty
@@ -33,7 +35,9 @@ import tty
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-from lxd_agent.protocol import PORT_NAME, STARTED, STOPPED
+from lxd_agent.guest.ports import write_line
+from lxd_agent.guest.state import guest_state, state_line
+from lxd_agent.protocol import INCUS_PORT_NAME, LINES_PER_WRITE, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind
@@ -188,6 +192,56 @@ def native_rows(runs: int, tree: Path) -> Rows:
             f"{agent_kib / 1024:.1f} MiB",
             f"bare {bare_kib / 1024:.1f} MiB",
             f"+{(agent_kib - bare_kib) / 1024:.1f} MiB",
+        ),
+    ]
+
+
+def refresh_rows(count: int) -> Rows:
+    """CPU time (this process's, user + system) of one refresh to a pty, median of `count`,
+    with the state line gathered and written and without it; interleaved."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    device = os.ttyname(slave)
+    copies = LINES_PER_WRITE[INCUS_PORT_NAME]
+    sizes: list[int] = []
+
+    def plain() -> None:
+        write_line(device, STARTED, 2.0, copies)
+
+    def with_state() -> None:
+        line = state_line(guest_state())
+        sizes.append(len(line))
+        write_line(device, STARTED, 2.0, copies, line)
+
+    timings: dict[Callable[[], None], list[float]] = {plain: [], with_state: []}
+    try:
+        with_state()  # the imports (json, socket) once, as the agent's first full state does
+        for _ in range(count):
+            for refresh, times in timings.items():
+                began = time.process_time()
+                refresh()
+                times.append(time.process_time() - began)
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(master, 65536):
+                        pass
+    finally:
+        os.close(master)
+        os.close(slave)
+    plain_s = statistics.median(timings[plain])
+    state_s = statistics.median(timings[with_state])
+    return [
+        (
+            f"native: one refresh with the state line, CPU (median of {count})",
+            f"{state_s * 1e3:.2f} ms ({statistics.median(sizes):.0f} B of JSON)",
+            f"without {plain_s * 1e3:.3f} ms",
+            f"{state_s / plain_s:.1f}x",
+        ),
+        (
+            "native: the state line's CPU a minute (12 refreshes)",
+            f"{REFRESH_WRITES_PER_MINUTE * state_s * 1e3:.1f} ms",
+            f"without {REFRESH_WRITES_PER_MINUTE * plain_s * 1e3:.2f} ms",
+            f"{REFRESH_WRITES_PER_MINUTE * state_s / 60 * 100:.3f}% of a core",
         ),
     ]
 
@@ -454,6 +508,7 @@ def print_table(rows: Rows) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="native starts (default: 20)")
+    parser.add_argument("--refreshes", type=int, default=200, help="timed refreshes (default: 200)")
     parser.add_argument("--idle", type=float, default=60.0, help="idle window in s (default: 60)")
     parser.add_argument("--writes", type=int, default=24, help="timed writes (default: 24)")
     parser.add_argument("--restores", type=int, default=5, help="warm starts (default: 5)")
@@ -467,7 +522,8 @@ def main() -> None:
     )
     options = parser.parse_args()
     print(f"agent: {options.tree}; package: {'-' if options.native_only else built_deb()}")
-    rows = native_rows(options.runs, options.tree.resolve())
+    rows = refresh_rows(options.refreshes)
+    rows += native_rows(options.runs, options.tree.resolve())
     if not options.native_only:
         rows += asyncio.run(guest_rows(options.idle, options.writes))
         rows += asyncio.run(warm_rows(options.restores))

@@ -8,9 +8,11 @@ timeline are printed (pytest shows them under "Captured stdout").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from pathlib import Path
-from typing import AsyncIterator, Dict
+from typing import Any, AsyncIterator, Callable, Dict
 
 from lxd_agent.protocol import STOPPED
 from lxd_agent_harness.cli.report import failure_lines
@@ -37,9 +39,14 @@ Figures = Dict[str, str]
 
 
 @contextlib.asynccontextmanager
-async def booted(image: GuestImage, layout: str, seed: Path | None = None) -> AsyncIterator[Vm]:
-    """A running guest; on any failure, its console tail and timeline are printed."""
-    config = VmConfig(layout=get_layout(layout), boot=DirectBoot(image), accel=Accel.TCG, seed=seed)
+async def booted(
+    image: GuestImage, layout: str, seed: Path | None = None, **machine: Any
+) -> AsyncIterator[Vm]:
+    """A running guest; on any failure, its console tail and timeline are printed. `machine`:
+    more of `VmConfig`'s fields (`network`, `credentials`, `user_qmp`)."""
+    config = VmConfig(
+        layout=get_layout(layout), boot=DirectBoot(image), accel=Accel.TCG, seed=seed, **machine
+    )
     vm = Vm(config, progress=print)
     async with vm:
         pid = vm.qemu.pid
@@ -98,6 +105,21 @@ def checked_boot(
         print("\n".join(verdict.timeline))
     assert verdict.passed, verdict.error
     return verdict
+
+
+async def wait_for_instance_state(
+    vm: Vm, port: str, wanted: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    """The instance state Incus 7.3's rule holds for `port`, once `wanted` says it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = vm.monitor.instance_states.get(port)
+        if state is not None and wanted(state):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no such instance state on {port} within {timeout:g} s: {state}")
+        await vm.check_running()
+        await asyncio.sleep(0.2)
 
 
 async def power_off_and_wait_stopped(vm: Vm, port: str) -> float:

@@ -11,6 +11,7 @@ On the path from exec to READY=1 at every boot, so it imports only what that pat
 
 from __future__ import annotations
 
+import os
 import time
 
 from lxd_agent.guest.notify import Log, Notifier, make_notifier, watchdog_interval
@@ -26,7 +27,9 @@ from lxd_agent.guest.ports import (
 from lxd_agent.protocol import (
     CANDIDATE_PORT_NAMES,
     DEFAULT_REFRESH_SECONDS,
+    MINIMAL_STATE_LINE,
     STARTED,
+    STATE_PORT_NAMES,
     STOPPED,
 )
 
@@ -64,11 +67,23 @@ _MAX_SCAN_INTERVAL = 5.0
 
 DEFAULT_WAIT_SECONDS = 30.0
 
+STATE_LINE_CHOICES = ("auto", "on", "off")
+"""`AgentConfig.state_line`: auto asks `state.state_switch` (the host's credential, the image's
+file) at the first write to a port in `STATE_PORT_NAMES`; on and off say it outright."""
+
 
 class AgentConfig(Record):
     """How one run behaves; the unit's is ``AgentConfig(skip_without_port=True)``."""
 
-    __slots__ = ("names", "refresh", "roots", "skip_without_port", "wait", "write_timeout")
+    __slots__ = (
+        "names",
+        "refresh",
+        "roots",
+        "skip_without_port",
+        "state_line",
+        "wait",
+        "write_timeout",
+    )
 
     def __init__(
         self,
@@ -78,6 +93,7 @@ class AgentConfig(Record):
         roots: PortRoots | None = None,
         names: Sequence[str] = CANDIDATE_PORT_NAMES,
         skip_without_port: bool = False,
+        state_line: str = "auto",
     ) -> None:
         self.refresh = refresh
         """Seconds between STARTED rewrites; 0 writes it once."""
@@ -88,6 +104,8 @@ class AgentConfig(Record):
         self.names = tuple(names)
         self.skip_without_port = skip_without_port
         """No usable port at the first look: tell systemd it is done and exit 0, not wait."""
+        self.state_line = state_line
+        """Whether STARTED on Incus's port carries the guest's state (`STATE_LINE_CHOICES`)."""
 
 
 def describe_port(port: Candidate) -> str:
@@ -117,6 +135,11 @@ class Agent:
         self._problem = ""
         # The port last written to, so that "reporting to" is logged once, after it worked.
         self._reported: tuple[str, str | None] | None = None
+        # The state line: decided at the first write to a state port; the first one written
+        # is MINIMAL_STATE_LINE and the full state follows at once (`_state_for`).
+        self._state_on: bool | None = None
+        self._full_state_due = False
+        self._state_problem = ""
 
     def run(self) -> int:
         # Blocked for good, not restored: a late SIGTERM must not kill us while writing STOPPED.
@@ -162,7 +185,8 @@ class Agent:
                     # Only now: READY=1 promises that the host can already read STARTED.
                     self.notifier.notify("READY=1")
                     ready = True
-                delay = self.config.refresh or None
+                # A first state line that was only the minimal one: the full one goes now.
+                delay = 0.0 if self._full_state_due else self.config.refresh or None
             else:
                 self.port = None
                 if not ready and self.clock() - started_at >= self.config.wait:
@@ -196,11 +220,42 @@ class Agent:
             self._problem = problem
         return port
 
+    def _state_for(self, port: Candidate) -> str | None:
+        """The state line to follow STARTED on ``port`` with, or None for none."""
+        if port.name not in STATE_PORT_NAMES or self.config.state_line == "off":
+            return None
+        if self._state_on is None:
+            if self.config.state_line == "on":
+                self._state_on, why = True, "on (--state-line=on)"
+            else:
+                from lxd_agent.guest.state import state_switch
+
+                directory = os.environ.get("CREDENTIALS_DIRECTORY")
+                self._state_on, why = state_switch(credentials_directory=directory)
+            self.log.info("state line after %s on %s: %s", STARTED, port.name, why)
+            if self._state_on:
+                self._full_state_due = True
+                return MINIMAL_STATE_LINE
+        if not self._state_on:
+            return None
+        self._full_state_due = False
+        try:
+            from lxd_agent.guest.state import guest_state, state_line
+
+            return state_line(guest_state())
+        except Exception as e:  # the status goes out whatever the state's sources do
+            problem = f"{type(e).__name__}: {e}"
+            if problem != self._state_problem:
+                self.log.warning("could not gather the state, writing the minimal one: %s", problem)
+            self._state_problem = problem
+            return MINIMAL_STATE_LINE
+
     def _write(self, line: str) -> bool:
         port = self.port
         assert port is not None and port.device is not None
+        state = self._state_for(port) if line == STARTED else None
         try:
-            write_line(port.device, line, self.config.write_timeout)
+            write_line(port.device, line, self.config.write_timeout, port.copies, state)
         except PortError as e:
             # A port can look usable and still refuse the write (ENOSPC, EIO): keep why.
             problem = f"{port.name}: {e}"
@@ -236,7 +291,7 @@ class Agent:
             problem = describe_all(seen)
         if port is not None and port.device is not None:
             try:
-                write_line(port.device, STOPPED, self.config.write_timeout)
+                write_line(port.device, STOPPED, self.config.write_timeout, port.copies)
             except PortError as e:
                 problem = f"{port.name}: {e}"
             else:

@@ -1,4 +1,4 @@
-"""The ``lxd-agent`` commands: ``run`` (the daemon), ``probe`` and ``status write``.
+"""The ``lxd-agent`` commands: ``run`` (the daemon), ``probe``, ``status write`` and ``state``.
 
 Runs in the guest, loaded by the entry point (``lxd_agent.guest.cli``) once the stop signals
 are blocked. Bad options and values get one line on stderr and exit status 2.
@@ -16,7 +16,13 @@ from typing import Callable, NoReturn, Sequence
 
 from lxd_agent import __version__
 from lxd_agent.guest import agent
-from lxd_agent.guest.agent import DEFAULT_WAIT_SECONDS, EXIT_NO_PORT, AgentConfig, describe_port
+from lxd_agent.guest.agent import (
+    DEFAULT_WAIT_SECONDS,
+    EXIT_NO_PORT,
+    STATE_LINE_CHOICES,
+    AgentConfig,
+    describe_port,
+)
 from lxd_agent.guest.notify import LEVELS
 from lxd_agent.guest.ports import (
     DEV_ROOT,
@@ -28,7 +34,7 @@ from lxd_agent.guest.ports import (
     survey,
     write_line,
 )
-from lxd_agent.protocol import DEFAULT_REFRESH_SECONDS, STATUS_LINES
+from lxd_agent.protocol import DEFAULT_REFRESH_SECONDS, STATE_PORT_NAMES, STATUS_LINES
 
 PROG = "lxd-agent"
 EXIT_USAGE = 2
@@ -134,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "does where the only LXD port has nothing behind it (default: %(default)s)",
     )
     run.add_argument(
+        "--state-line",
+        choices=STATE_LINE_CHOICES,
+        default="auto",
+        help="follow STARTED on " + ", ".join(STATE_PORT_NAMES) + " with a JSON line of this "
+        "guest's state, which Incus 7.3 and later show (see 'lxd-agent state'); auto: when the "
+        "lxd-agent.state credential or /etc/lxd-agent/state says on (default: %(default)s)",
+    )
+    run.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info", help="(default: %(default)s)"
     )
     _add_roots(run)
@@ -155,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long in all (default: %(default)g)",
     )
     _add_roots(write)
+
+    commands.add_parser(
+        "state",
+        help="print the state line the agent would write after STARTED on Incus's port, and "
+        "whether it is switched on",
+    )
     return parser
 
 
@@ -171,6 +191,7 @@ def run_config(args: argparse.Namespace) -> AgentConfig:
         wait=args.wait,
         roots=_roots(args),
         skip_without_port=args.if_no_port == "skip",
+        state_line=args.state_line,
     )
 
 
@@ -213,10 +234,19 @@ def cmd_status_write(args: argparse.Namespace) -> int:
         print(f"{PROG}: no usable port for {args.state}: {describe_all(seen)}", file=sys.stderr)
         return EXIT_NO_PORT
     try:
-        write_line(port.device, args.state, max(deadline - time.monotonic(), 0.0))
+        write_line(port.device, args.state, max(deadline - time.monotonic(), 0.0), port.copies)
     except PortError as e:
         print(f"{PROG}: could not write {args.state}: {e}", file=sys.stderr)
         return EXIT_NO_PORT
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from lxd_agent.guest.state import guest_state, state_line, state_switch
+
+    _on, why = state_switch(credentials_directory=os.environ.get("CREDENTIALS_DIRECTORY"))
+    print(f"state line: {why}", file=sys.stderr)
+    print(state_line(guest_state()))
     return 0
 
 
@@ -239,6 +269,8 @@ def run_command(args: argparse.Namespace) -> int:
             # probe is the unit's ExecCondition=, where 1 means "skip": a bug must fail it (255).
             print(f"{PROG}: probe failed: {type(e).__name__}: {e}", file=sys.stderr)
             return EXIT_PROBE_BROKEN
+    if args.command == "state":
+        return cmd_state(args)
     return cmd_status_write(args)
 
 

@@ -14,7 +14,7 @@ import select
 import stat
 import time
 
-from lxd_agent.protocol import CANDIDATE_PORT_NAMES, PORT_NAME
+from lxd_agent.protocol import CANDIDATE_PORT_NAMES, LEGACY_PORT_NAME, LINES_PER_WRITE
 
 # typing, dataclasses and enum are left out on purpose: they are most of a bare start's import
 # time, and this module is on the path from exec to READY=1 (mypy reads TYPE_CHECKING by name).
@@ -120,7 +120,13 @@ class Candidate(Record):
 
     @property
     def legacy(self) -> bool:
-        return self.name != PORT_NAME
+        """LXD's name from before the rename (LXD <= 5.19)."""
+        return self.name == LEGACY_PORT_NAME
+
+    @property
+    def copies(self) -> int:
+        """How many times a status line goes into one write on this port (`LINES_PER_WRITE`)."""
+        return LINES_PER_WRITE.get(self.name, 1)
 
     @property
     def settled(self) -> bool:
@@ -358,14 +364,27 @@ def find_connected_port(
     return None, seen
 
 
-def write_line(device: str, line: str, timeout: float = 2.0) -> None:
-    """Open ``device``, write ``line`` and a newline, close it: all within ``timeout`` seconds.
+def status_payload(line: str, copies: int = 1, state: str | None = None) -> bytes:
+    """What one write carries: ``line`` and a newline ``copies`` times, or, with ``state``,
+    ``line`` once and the state line after it."""
+    text = (line + "\n") * copies if state is None else f"{line}\n{state}\n"
+    return text.encode("ascii")
+
+
+def write_line(
+    device: str, line: str, timeout: float = 2.0, copies: int = 1, state: str | None = None
+) -> None:
+    """Open ``device``, write ``line`` and a newline (``copies`` times), close it: all within
+    ``timeout`` seconds. With ``state`` (one line of JSON), ``line`` goes once, followed by it:
+    Incus 7.3's ``STARTED\n{json}\n``.
 
     Open-write-close per line, like LXD's own agent, so that QEMU emits VSERPORT_CHANGE
-    and the host reads the ring at once. Raises PortUnusable, PortGone or PortBusy.
+    and the host reads the ring at once. One write() call: the virtio console driver hands
+    QEMU up to 32 KiB as one buffer, so the host never reads half of it. Raises PortUnusable,
+    PortGone or PortBusy.
     """
     deadline = time.monotonic() + timeout
-    data = (line + "\n").encode("ascii")
+    data = status_payload(line, copies, state)
     fd = _open_port(device, deadline)
     try:
         delay = 0.005

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import select
@@ -22,7 +23,15 @@ from lxd_agent.guest.agent import Agent, AgentConfig
 from lxd_agent.guest.cli import UNIT_RUN
 from lxd_agent.guest.notify import Notifier
 from lxd_agent.guest.ports import PortGone
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent.guest.state import CREDENTIAL
+from lxd_agent.protocol import (
+    INCUS_PORT_NAME,
+    LEGACY_PORT_NAME,
+    MINIMAL_STATE_LINE,
+    PORT_NAME,
+    STARTED,
+    STOPPED,
+)
 from tests.guest.conftest import CLI, REPO, DeadPort, LivePort, PortTree, run_cli, start
 
 
@@ -173,6 +182,65 @@ def test_started_is_rewritten_every_refresh(tree: PortTree, live_port: LivePort)
     assert lines.count(STARTED) >= 3, lines
 
 
+def test_on_incus_without_the_switch_each_status_goes_twice_and_no_state(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(INCUS_PORT_NAME, live_port.device)
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path)}  # empty: nothing said
+    with notify_socket(tmp_path) as notify, agent(
+        tree, "--refresh", "0", notify=notify, env=env
+    ) as proc:
+        notify.wait_for("READY=1")
+        assert live_port.read_lines(timeout=0) == [STARTED, STARTED]
+        code, err = stop(proc)
+    assert code == 0
+    assert live_port.read_written() == [STOPPED, STOPPED]
+    assert "state line after STARTED on org.linuxcontainers.incus: off" in err
+
+
+def credentials(tmp_path: Path, value: str) -> dict[str, str]:
+    """The environment of a unit given the state switch as a credential."""
+    directory = tmp_path / "credentials"
+    directory.mkdir()
+    (directory / CREDENTIAL).write_text(value)
+    return {"CREDENTIALS_DIRECTORY": str(directory)}
+
+
+def test_on_incus_with_the_switch_started_carries_the_minimal_state_then_the_full_one(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(INCUS_PORT_NAME, live_port.device)
+    env = credentials(tmp_path, "on")
+    with notify_socket(tmp_path) as notify, agent(
+        tree, "--refresh", "0", notify=notify, env=env
+    ) as proc:
+        notify.wait_for("READY=1")
+        # READY=1 after the first write: nothing was gathered for it.
+        assert live_port.read_lines(timeout=0)[:2] == [STARTED, MINIMAL_STATE_LINE]
+        # The full state at once, without waiting for a refresh (there is none: --refresh 0).
+        lines = live_port.wait_for(STARTED, timeout=10)
+        lines += live_port.read_lines(timeout=5)
+        code, err = stop(proc)
+    assert code == 0
+    assert lines[0] == STARTED and len(lines) == 2, lines
+    state = json.loads(lines[1])
+    assert state["pid"] == 1 and "os_info" in state and "network" in state
+    assert live_port.read_written() == [STOPPED, STOPPED]
+    assert "state line after STARTED on org.linuxcontainers.incus: on" in err
+
+
+def test_the_state_line_never_goes_to_an_lxd_port(
+    tmp_path: Path, tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(PORT_NAME, live_port.device)
+    with notify_socket(tmp_path) as notify, agent(
+        tree, "--refresh", "0", "--state-line", "on", notify=notify
+    ) as proc:
+        notify.wait_for("READY=1")
+        stop(proc)
+    assert live_port.read_written() == [STARTED, STOPPED]
+
+
 def test_legacy_port_is_used_when_the_new_one_is_dead(
     tmp_path: Path, tree: PortTree, dead_port: DeadPort, live_port: LivePort
 ) -> None:
@@ -318,7 +386,9 @@ def test_a_port_that_keeps_failing_is_logged_once(
     log.setLevel(logging.DEBUG)
     agent_ = Agent(AgentConfig(roots=tree.roots), Notifier(None, "none"), log)
 
-    def failing(device: str, line: str, timeout: float) -> None:
+    def failing(
+        device: str, line: str, timeout: float, copies: int = 1, state: str | None = None
+    ) -> None:
         raise PortGone(f"{device}: Input/output error")
 
     monkeypatch.setattr(agent_module, "write_line", failing)

@@ -3,6 +3,7 @@ bad input gets), run as a process."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from lxd_agent import __version__
 from lxd_agent.guest import commands
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.guest.conftest import (
     CLI,
     DeadPort,
@@ -123,9 +124,10 @@ def test_probe_shows_each_candidate_and_the_choice(
     tree.link(LEGACY_PORT_NAME, live_port.device)
     result = run_cli("probe", *tree.cli_args())
     assert result.returncode == 0, result.stderr
-    new, legacy, verdict = result.stdout.splitlines()
+    new, legacy, incus, verdict = result.stdout.splitlines()
     assert new.startswith(PORT_NAME) and "char-device=yes  host-connected=no" in new
     assert legacy.startswith(LEGACY_PORT_NAME) and "host-connected=yes  usable" in legacy
+    assert incus.startswith(INCUS_PORT_NAME) and "no such port" in incus
     assert (
         verdict
         == f"would use: {LEGACY_PORT_NAME} ({tree.dev_root / LEGACY_PORT_NAME}, legacy fallback)"
@@ -183,3 +185,14 @@ def test_a_broken_probe_fails_the_unit_instead_of_skipping_it(
     # ExecCondition= skips on 1-254 and fails on 255.
     assert commands.main(["probe", *tree.cli_args()]) == 255
     assert "probe failed: RuntimeError: surprise" in capsys.readouterr().err
+
+
+def test_state_prints_the_line_the_agent_would_write_and_the_switch(tmp_path: Path) -> None:
+    result = run_cli("state", env={**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    state = json.loads(result.stdout)
+    assert state["pid"] == 1 and state["os_info"]["kernel_version"] == os.uname().release
+    assert result.stderr.startswith("state line: off (no lxd-agent.state credential")
+    (tmp_path / "lxd-agent.state").write_text("on\n")
+    result = run_cli("state", env={**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert result.stderr.startswith("state line: on (the unit's credential")

@@ -27,7 +27,7 @@ from lxd_agent.guest.ports import (
     survey,
     write_line,
 )
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from tests.guest.conftest import AS_NOBODY, DeadPort, LivePort, PortTree, run_cli
 
 
@@ -310,7 +310,7 @@ def test_write_to_hung_up_port_fails_at_once(dead_port: DeadPort) -> None:
 def test_survey_reports_every_candidate_in_order(tree: PortTree, live_port: LivePort) -> None:
     tree.link(LEGACY_PORT_NAME, live_port.device)
     names = [c.name for c in survey(roots=tree.roots)]
-    assert names == [PORT_NAME, LEGACY_PORT_NAME]
+    assert names == [PORT_NAME, LEGACY_PORT_NAME, INCUS_PORT_NAME]
 
 
 def test_eagain_after_pollout_is_retried_with_back_off(
@@ -340,3 +340,13 @@ def test_eagain_for_the_whole_timeout_gives_up(
     monkeypatch.setattr(os, "write", always_eagain)
     with pytest.raises(PortBusy, match="kept failing with EAGAIN"):
         write_line(live_port.device, STARTED, timeout=0.3)
+
+
+def test_incus_port_gets_each_status_line_twice_in_one_write(
+    tree: PortTree, live_port: LivePort
+) -> None:
+    tree.link(INCUS_PORT_NAME, live_port.device)
+    port, _ = find_connected_port(roots=tree.roots)
+    assert port is not None and port.name == INCUS_PORT_NAME and not port.legacy
+    write_line(live_port.device, STOPPED, copies=port.copies)
+    assert live_port.read_lines(timeout=2) == [STOPPED, STOPPED]

@@ -3,7 +3,8 @@
 Booted with the kernel's exec tracepoint on from the first instant (`trace_event=` on the
 command line), so the guest's own kernel counts every start of `/usr/bin/lxd-agent`: the
 daemon, a condition probe, a stop hook that started an interpreter. Nothing the agent or its
-unit could forget to log. On LXD 5.20's layout (the agent reports) and Incus's (it skips).
+unit could forget to log. On LXD 5.20's layout and Incus's (the agent reports on each host's
+own port).
 """
 
 from __future__ import annotations

@@ -184,9 +184,12 @@ def test_unit_may_write_only_virtio_ports_and_keeps_no_privilege(unit: Unit) -> 
     assert service["DevicePolicy"] == ["closed"]
     assert service["DeviceAllow"] == ["char-virtio-portsdev w"]
     assert service["ProtectSystem"] == ["strict"] and service["ProtectHome"] == ["yes"]
-    # No network: journald and the notify socket only.
-    assert service["PrivateNetwork"] == ["yes"]
-    assert service["RestrictAddressFamilies"] == ["AF_UNIX"]
+    # No IP: journald and the notify socket, and netlink to read the guest's addresses for
+    # Incus's state line (the guest's own network namespace, so no PrivateNetwork=).
+    assert "PrivateNetwork" not in service
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX AF_NETLINK"]
+    assert service["IPAddressDeny"] == ["any"]
+    assert service["ProtectProc"] == ["invisible"] and service["ProcSubset"] == ["pid"]
     assert service["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
 
 

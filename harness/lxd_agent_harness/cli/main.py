@@ -82,7 +82,14 @@ from lxd_agent_harness.scenarios.matrix import (
 from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, snapshot_and_restore
 from lxd_agent_harness.scenarios.soak import SoakVerdict, soak
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import DirectBoot, FirmwareBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.config import (
+    DirectBoot,
+    FirmwareBoot,
+    GuestImage,
+    Network,
+    VmConfig,
+    credential_arg,
+)
 from lxd_agent_harness.vm.firmware import Firmware, machine_arg
 from lxd_agent_harness.vm.instance import Vm
 from lxd_agent_harness.vm.kvm_probe import choose_accel, forget_verdict_after
@@ -126,6 +133,9 @@ class BootPlan:
     keep: bool
     verbose: bool
     rebuild: bool
+    network: Network | None = None
+    """None: the default (open for a user's image, which may need apt; else none)."""
+    credentials: tuple[tuple[str, str], ...] = ()
 
 
 def _failed(error: HarnessError) -> int:
@@ -148,6 +158,21 @@ def _positive_number(text: str, what: str) -> float:
     if not value > 0:
         raise UsageError(f"{what} must be more than 0 seconds, not {text}")
     return value
+
+
+def parse_credentials(given: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
+    """`--credential NAME=VALUE` options as (name, value) pairs, each checked as QEMU gets it."""
+    credentials = []
+    for text in given or ():
+        name, sep, value = text.partition("=")
+        if not sep:
+            raise UsageError(f"--credential {text!r}: give NAME=VALUE, e.g. lxd-agent.state=on")
+        try:
+            credential_arg(name, value)
+        except HarnessError as e:
+            raise UsageError(f"--credential {text!r}: {e}") from None
+        credentials.append((name, value))
+    return tuple(credentials)
 
 
 def plan_boot(args: argparse.Namespace) -> BootPlan:
@@ -199,6 +224,8 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
         keep=args.keep,
         verbose=args.verbose,
         rebuild=args.rebuild,
+        network=Network(args.nic) if args.nic is not None else None,
+        credentials=parse_credentials(args.credential),
     )
 
 
@@ -246,7 +273,12 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
         ring_size=plan.ring_size,
         seed=seed_iso,
         # A user's cloud image may need apt to fetch the package's dependencies.
-        network=plan.user_image is not None,
+        network=plan.network
+        if plan.network is not None
+        else Network.OPEN
+        if plan.user_image is not None
+        else Network.NONE,
+        credentials=plan.credentials,
         user_qmp=plan.keep,
     )
     say(f"boot: layout {plan.layout.name}: {plan.layout.description}")
@@ -414,6 +446,7 @@ def check_command(args: argparse.Namespace) -> int:
         _writable(args.junit, "--junit")
         image_format = disk_format(args.image)
         check_boot_sector(args.image, image_format)
+        credentials = parse_credentials(args.credential)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
@@ -432,6 +465,8 @@ def check_command(args: argparse.Namespace) -> int:
             accel=accel.accel,
             timeout=timeout,
             bound=bound,
+            network=Network(args.nic or Network.NONE.value),
+            credentials=credentials,
             progress=say,
         )
 

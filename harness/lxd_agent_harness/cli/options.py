@@ -22,6 +22,7 @@ from lxd_agent_harness.scenarios.check import (
 )
 from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
 from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import Network
 from lxd_agent_harness.vm.firmware import Firmware
 
 HOST_ARCH = host_arch().value
@@ -108,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
 
+    def guest_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--credential",
+            action="append",
+            metavar="NAME=VALUE",
+            help="a systemd credential for the guest, as an SMBIOS type 11 string: what Incus "
+            "passes for `incus config set VM systemd.credential.NAME=VALUE` (e.g. "
+            "lxd-agent.state=on turns on the agent's state line); repeat for more",
+        )
+        p.add_argument(
+            "--nic",
+            choices=[n.value for n in Network],
+            help="a NIC on QEMU's user network: isolated (restrict=on: DHCP, no way out), open "
+            "(NAT to the outside) or none (default: none; open for boot --image)",
+        )
+
+    guest_options(boot)
+
     def results_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", type=Path, help="also write every field of the result to FILE")
         p.add_argument("--junit", type=Path, help="also write the result as JUnit XML to FILE")
@@ -147,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the power button may take to power the guest off before the layout "
         f"counts as held (default {DEFAULT_CHECK_BOUND:g})",
     )
+    guest_options(check)
     results_options(check)
     check.add_argument("-v", "--verbose", action="store_true", help="print each timeline")
 

@@ -34,7 +34,8 @@ SERIAL_BUS = f"{SERIAL_BUS_DEVICE_ID}.0"
 """The bus every port hangs on."""
 
 INCUS_RING_SIZE = 16384
-"""Incus (since v7.3) gives its status ring 16 KiB: room for a JSON state line."""
+"""Incus (since v7.3) gives its status ring 16 KiB: room for a JSON state line. Before 7.3 it
+was LXD's 16 B (Debian 13's Incus 6.0 among them)."""
 
 MIN_RING_SIZE = DEFAULT_RING_SIZE
 """The smallest ring the harness runs: LXD's own 16 B. A ring under 8 B can never hold
@@ -53,8 +54,9 @@ SPICE_WEBDAV_PORT_NAME = "org.spice-space.webdav.0"
 class ReadingRule(str, enum.Enum):
     """How a host takes the status line from a ring read (`monitor.interpret_ring_read`)."""
 
-    LXD = "lxd"  # the last complete line
-    INCUS = "incus"  # the line before a trailing JSON state line, else the last complete line
+    LXD = "lxd"  # the last complete line (LXD; Incus before 7.3)
+    INCUS = "incus"  # Incus 7.3's: with more than one line, the line before last is read as a
+    # JSON state and the status is the one before it (`lxd.reading_rules`)
 
 
 class Backend(str, enum.Enum):
@@ -244,8 +246,8 @@ LXD_5_20 = Layout(
 
 INCUS = Layout(
     name="incus",
-    description=f"Incus: 16 KiB ring buffer on {INCUS_PORT_NAME}, {LEGACY_PORT_NAME} with no "
-    "chardev, two SPICE ports",
+    description=f"Incus >= 7.3: 16 KiB ring buffer on {INCUS_PORT_NAME} read by 7.3's rule "
+    f"(a JSON state line), {LEGACY_PORT_NAME} with no chardev, two SPICE ports",
     ports=(
         _ring_port(INCUS_PORT_NAME, _MAIN),
         _stub_port(LEGACY_PORT_NAME, _LEGACY),
@@ -253,6 +255,13 @@ INCUS = Layout(
     ),
     ring_size=INCUS_RING_SIZE,
     rule=ReadingRule.INCUS,
+)
+
+INCUS_6 = Layout(
+    name="incus-6",
+    description=f"Incus < 7.3 (Debian 13's 6.0): 16 B ring buffer on {INCUS_PORT_NAME} read by "
+    f"LXD's rule, {LEGACY_PORT_NAME} with no chardev, two SPICE ports",
+    ports=INCUS.ports,
 )
 
 BRIDGED = Layout(
@@ -263,7 +272,7 @@ BRIDGED = Layout(
 )
 
 LAYOUTS: Mapping[str, Layout] = {
-    layout.name: layout for layout in (LXD_5_19, LXD_5_20, INCUS, BRIDGED)
+    layout.name: layout for layout in (LXD_5_19, LXD_5_20, INCUS, INCUS_6, BRIDGED)
 }
 """Every layout by name, in the order a help text should list them."""
 
@@ -282,6 +291,7 @@ def describe_layouts() -> dict[str, str]:
 
 
 def lxd_ring_port(layout: Layout) -> str | None:
-    """The port whose ring the agent should report on: the first LXD name with a ring."""
+    """The port whose ring the agent should report on: the first of the names it tries
+    (`CANDIDATE_PORT_NAMES`: LXD's new, LXD's old, Incus's) with a ring; None without one."""
     ringed = {ring.port_name for ring in layout.rings}
     return next((name for name in CANDIDATE_PORT_NAMES if name in ringed), None)

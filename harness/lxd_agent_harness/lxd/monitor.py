@@ -145,6 +145,34 @@ def reads(entries: Iterable[TimelineEntry], port: str) -> list[str]:
     return [e.text for e in entries if e.kind is EntryKind.READ and e.port == port]
 
 
+@dataclass(frozen=True)
+class StateRead:
+    """One read by Incus 7.3's rule and the instance state it left the host holding."""
+
+    seconds: float
+    port: str
+    state: dict[str, object] | None
+
+
+def describe_state(state: dict[str, object] | None) -> str:
+    """What `incus list` would show from an instance state: the OS, the host name, addresses."""
+    if state is None:
+        return "none (the host shows what it learns by itself)"
+    os_info = state.get("os_info")
+    parts = []
+    if isinstance(os_info, dict):
+        os_name = " ".join(str(os_info.get(k, "")) for k in ("os", "os_version")).strip()
+        parts += [p for p in (os_name, str(os_info.get("hostname") or "")) if p]
+    network = state.get("network")
+    if isinstance(network, dict):
+        for name, interface in sorted(network.items()):
+            addresses = interface.get("addresses") if isinstance(interface, dict) else None
+            for address in addresses if isinstance(addresses, list) else []:
+                if isinstance(address, dict) and address.get("scope") == "global":
+                    parts.append(f"{name} {address.get('address')}")
+    return ", ".join(parts) or "present (no OS or address in it)"
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more chars)"
 
@@ -210,6 +238,11 @@ class RingbufMonitor:
         """Port device ids the guest opened (`VSERPORT_CHANGE` with `open: true`), each with the
         first time, in seconds since t0. A port with no chardev (LXD's legacy stub) shows here
         too: QEMU reports the guest's open whatever is behind the port."""
+        self.instance_states: dict[str, dict[str, object] | None] = {}
+        """Incus 7.3: the instance state each ring's host holds now (the JSON line of the last
+        read with more than one line; None once a read cleared it), by port name."""
+        self.state_reads: list[StateRead] = []
+        """Incus 7.3: every read that set an instance state (or cleared it), in order."""
         self.last_opened: dict[str, float] = {}
         """The same, with the latest time: a refreshing agent's last write (QEMU sends a port's
         first event at once, and an agent writing every 5 s is never held by its 1 s limit)."""
@@ -393,7 +426,17 @@ class RingbufMonitor:
         reading = interpret_ring_read(data, ring.rule)
         shown = _clip(repr(data.decode("utf-8", errors="replace")), self.text_limit)
         meaning = f" -> {reading.status}" if reading.status else " (no change)"
-        self.timeline.add(EntryKind.READ, f"{shown}{meaning}", ring.port_name, trigger)
+        read = self.timeline.add(EntryKind.READ, f"{shown}{meaning}", ring.port_name, trigger)
+        if reading.sets_state:
+            held = self.instance_states.get(ring.port_name)
+            self.instance_states[ring.port_name] = reading.state
+            self.state_reads.append(StateRead(read.seconds, ring.port_name, reading.state))
+            if held != reading.state:
+                self.timeline.add(
+                    EntryKind.NOTE,
+                    _clip(f"instance state: {describe_state(reading.state)}", self.text_limit),
+                    ring.port_name,
+                )
         if reading.status is None:
             return
         before = self._states[ring.port_name]

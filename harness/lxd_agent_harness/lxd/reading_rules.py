@@ -1,15 +1,20 @@
-"""What one ring-buffer read means to the host: LXD's rule and Incus's, in one place.
+"""What one ring-buffer read means to the host: LXD's rule and Incus 7.3's, in one place.
 
 LXD's host asks QEMU's `ringbuf-read` for `format: utf8`; QEMU's reply stops at the first NUL and
 replaces invalid UTF-8 its own way (`qemu_utf8_text`). Then it splits on newlines and takes the
-last complete line; Incus's host takes the line before a trailing JSON state line. `STARTED`
-means up, `STOPPED` down, anything else leaves the state as it was. Pure functions: no I/O.
-Host side only.
+last complete line (LXD, and Incus before 7.3). Incus 7.3 (`checkBuffer` in its
+`qmp/monitor.go`, facts §10), with more than one piece, takes the last complete line too, but
+with more than two it reads that line as a JSON instance state (kept only with `pid` 1) and
+takes the status from the line before it, and it sets the instance's state (that JSON, or none)
+on every read with more than one piece: a plain `STARTED\n` read clears it. `STARTED` means up,
+`STOPPED` down, anything else leaves the status as it was. Pure functions: no I/O. Host side only.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from lxd_agent.protocol import STARTED, STOPPED
 from lxd_agent_harness.lxd.layouts import ReadingRule
@@ -26,6 +31,10 @@ class RingRead:
 
     line: str | None
     status: str | None
+    sets_state: bool = False
+    """Incus 7.3: this read sets the instance's state (to `state`, or to none)."""
+    state: dict[str, Any] | None = None
+    """Incus 7.3: the JSON instance state the read carried (with `pid` 1), else None."""
 
 
 # QEMU's `mod_utf8_codepoint` (util/unicode.c): the smallest code point each sequence length
@@ -84,9 +93,9 @@ def qemu_utf8_text(data: bytes) -> str:
 def interpret_ring_text(text: str, rule: ReadingRule = ReadingRule.LXD) -> RingRead:
     """Apply a host's rule (LXD's by default) to the text of one `format: utf8` read.
 
-    Both rules split on newline. LXD takes the last complete line (`entries[len-2]`). Incus,
-    whose agent may write `STARTED\n{JSON state}\n`, takes the line before a trailing JSON
-    line (`entries[len-3]`) and otherwise the last complete line, as LXD does.
+    Both rules split on newline. LXD takes the last complete line (`entries[len-2]`). Incus
+    7.3, whose agent may write `STARTED\n{JSON state}\n`, takes `entries[len-3]` whenever
+    there are more than two entries, whether or not `entries[len-2]` is JSON.
     """
     entries = text.split("\n")
     if len(entries) < 2:
@@ -94,9 +103,27 @@ def interpret_ring_text(text: str, rule: ReadingRule = ReadingRule.LXD) -> RingR
         return RingRead(line=None, status=None)
     # Whatever follows the last newline is an unfinished write; the host takes a line before it.
     line = entries[-2]
-    if rule is ReadingRule.INCUS and len(entries) > 2 and line.startswith("{"):
+    state = None
+    if rule is ReadingRule.INCUS and len(entries) > 2:
+        state = _instance_state(entries[-2])
         line = entries[-3]
-    return RingRead(line=line, status=line if line in (STARTED, STOPPED) else None)
+    return RingRead(
+        line=line,
+        status=line if line in (STARTED, STOPPED) else None,
+        sets_state=rule is ReadingRule.INCUS,
+        state=state,
+    )
+
+
+def _instance_state(line: str) -> dict[str, Any] | None:
+    """Incus 7.3's reading of a state line: JSON of `api.InstanceState`, kept if `pid` is 1."""
+    try:
+        state = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(state, dict) or state.get("pid") != 1:
+        return None
+    return state
 
 
 def interpret_ring_read(data: bytes, rule: ReadingRule = ReadingRule.LXD) -> RingRead:

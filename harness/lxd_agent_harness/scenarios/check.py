@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lxd_agent.protocol import LEGACY_PORT_NAME, STARTED, STOPPED
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
-from lxd_agent_harness.lxd.layouts import Layout, ReadingRule
+from lxd_agent_harness.lxd.layouts import Layout
 from lxd_agent_harness.lxd.monitor import TimelineEntry
 from lxd_agent_harness.scenarios.observed import (
     PowerOffFigures,
@@ -41,7 +41,7 @@ from lxd_agent_harness.scenarios.observed import (
     record,
 )
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import FirmwareBoot, VmConfig
+from lxd_agent_harness.vm.config import FirmwareBoot, Network, VmConfig
 from lxd_agent_harness.vm.console import LOGIN_PROMPT
 from lxd_agent_harness.vm.firmware import Firmware
 from lxd_agent_harness.vm.instance import Vm
@@ -221,9 +221,12 @@ async def check_image(
     accel: Accel = Accel.TCG,
     timeout: float = DEFAULT_CHECK_TIMEOUT,
     bound: float = DEFAULT_CHECK_BOUND,
+    network: Network = Network.NONE,
+    credentials: tuple[tuple[str, str], ...] = (),
     progress: Progress | None = None,
 ) -> CheckVerdict:
-    """Boot `disk` as it is once per layout, one at a time; the judged verdict.
+    """Boot `disk` as it is once per layout, one at a time; the judged verdict. `network` and
+    `credentials` are the VM's (`VmConfig`): nothing is added to the disk.
 
     A harness failure in one layout (the image does not boot) is kept in that layout's check.
     """
@@ -236,6 +239,8 @@ async def check_image(
             boot=FirmwareBoot(disk, disk_format, firmware, secure_boot),
             accel=accel,
             arch=arch,
+            network=network,
+            credentials=credentials,
         )
         verdict.checks.append(await check_layout(config, timeout, bound, progress))
     judge(verdict.checks)
@@ -250,7 +255,8 @@ async def check_layout(
     check = LayoutCheck(
         layout=layout.name,
         status_port=status_port(layout),
-        must_report=layout.rule is ReadingRule.LXD,
+        # An LXD agent is asked to report to LXD; on Incus (either rule) it may stand aside.
+        must_report=status_port(layout) != INCUS_PORT_NAME,
         bound=bound,
     )
     vm = Vm(config, progress=progress)

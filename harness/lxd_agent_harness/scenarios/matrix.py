@@ -35,7 +35,7 @@ from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
 from lxd_agent_harness.vm.units import AGENT_UNIT, UnitFacts, agent_unit, unit_properties
 
-MATRIX_LAYOUTS = ("lxd-5.19", "lxd-5.20", "incus", "bridged")
+MATRIX_LAYOUTS = ("lxd-5.19", "lxd-5.20", "incus", "incus-6", "bridged")
 
 # How long a cell waits for the boot to finish and for the guest to power off before it calls
 # it "held". systemd itself gives up on a start or stop job after 90 s (DefaultTimeout*Sec);

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -25,6 +27,31 @@ ARCH_FILE = "arch"
 DEFAULT_MEMORY_MIB = 1024
 # Two vCPUs use both host cores under multi-threaded TCG: login in 11 s instead of 22 s.
 DEFAULT_CPUS = 2
+
+
+class Network(str, enum.Enum):
+    """The guest's NIC: none, or one on QEMU's user network (DHCP at 10.0.2.15)."""
+
+    NONE = "none"
+    ISOLATED = "isolated"  # `restrict=on`: no way out, to the host or beyond; DHCP still answers
+    OPEN = "open"  # NAT to the outside (a user's cloud image fetching packages with apt)
+
+
+# systemd's credential names: no "/", no control characters; the harness keeps to the plain
+# ones an Incus config key can carry (`systemd.credential.NAME`).
+CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
+
+
+def credential_arg(name: str, value: str) -> str:
+    """QEMU's `-smbios` value for one systemd credential, as Incus passes
+    `systemd.credential.NAME=VALUE` (an SMBIOS type 11 string systemd 252+ imports)."""
+    if not CREDENTIAL_NAME.fullmatch(name):
+        raise VmError(f"credential name {name!r}: use letters, digits and _ . @ - only")
+    if "," in value or not value.isprintable():
+        raise VmError(
+            f"credential {name}: the value {value!r} may hold no comma or control character"
+        )
+    return f"type=11,value=io.systemd.credential:{name}={value}"
 
 
 @dataclass(frozen=True)
@@ -95,7 +122,10 @@ class VmConfig:
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = DEFAULT_CPUS
     seed: Path | None = None
-    network: bool = False
+    network: Network = Network.NONE
+    credentials: tuple[tuple[str, str], ...] = ()
+    """systemd credentials for the guest, as (name, value): SMBIOS type 11 strings, the way
+    Incus hands a VM its `systemd.credential.*` config keys."""
     # A second QMP socket for a person (`--keep`), a second host reader (the soak's monitor
     # restart, a host upgraded while the VM runs): the harness's own is taken by the harness.
     user_qmp: bool = False
@@ -245,9 +275,15 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     ]
     if config.seed is not None:
         args += ["-drive", f"file={config.seed},format=raw,if=virtio,readonly=on"]
-    if config.network:
+    if config.network is not Network.NONE:
+        restrict = ",restrict=on" if config.network is Network.ISOLATED else ""
         # No option ROM: the BIOS must not try a network boot before it gives up on the disk.
-        args += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="]
+        args += [
+            "-netdev", f"user,id=net0{restrict}",
+            "-device", "virtio-net-pci,netdev=net0,romfile=",
+        ]  # fmt: skip
+    for name, value in config.credentials:
+        args += ["-smbios", credential_arg(name, value)]
     args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
     if config.user_qmp:
         args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]

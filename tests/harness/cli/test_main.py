@@ -93,7 +93,7 @@ def test_a_missing_deb_says_to_run_make_deb(
     [
         (["--cycles", "0"], "--cycles must be 1..1000"),
         (["--cycles", "many"], "is not a whole number"),
-        (["--layout", "incus"], "nothing to soak"),
+        (["--layout", "lxd-6"], "unknown layout 'lxd-6'"),
     ],
 )
 def test_bad_soak_input_is_one_line_and_exit_2(

@@ -43,8 +43,8 @@ SPICE = [
 ]  # fmt: skip
 
 
-def test_layout_names_are_the_four_known_ones() -> None:
-    assert list(LAYOUTS) == ["lxd-5.19", "lxd-5.20", "incus", "bridged"]
+def test_layout_names_are_the_five_known_ones() -> None:
+    assert list(LAYOUTS) == ["lxd-5.19", "lxd-5.20", "incus", "incus-6", "bridged"]
     assert all(LAYOUTS[name].name == name for name in LAYOUTS)
     assert set(describe_layouts()) == set(LAYOUTS)
     assert all(describe_layouts().values())
@@ -95,6 +95,9 @@ def test_incus_rings_its_own_name_with_16_kib_and_reads_by_incus_rule() -> None:
     ]  # fmt: skip
     assert INCUS.rings == (Ring(INCUS_PORT_NAME, "qemu_serial-chardev", ReadingRule.INCUS),)
     assert INCUS.ring_size == 16384
+    # Before 7.3: the same ports, LXD's 16 B ring and LXD's rule.
+    old = get_layout("incus-6")
+    assert old.ports == INCUS.ports and (old.ring_size, old.rule) == (16, ReadingRule.LXD)
 
 
 def test_bridged_gives_each_lxd_name_its_own_ring() -> None:
@@ -166,11 +169,12 @@ def test_ring_for_finds_the_ring_behind_a_port_and_refuses_a_stub() -> None:
         LXD_5_20.ring_for(LEGACY_PORT_NAME)
 
 
-def test_the_agent_is_expected_on_the_first_lxd_name_with_a_ring() -> None:
+def test_the_agent_is_expected_on_the_first_name_it_tries_that_has_a_ring() -> None:
     assert lxd_ring_port(get_layout("lxd-5.20")) == PORT_NAME
     assert lxd_ring_port(get_layout("lxd-5.19")) == LEGACY_PORT_NAME
     assert lxd_ring_port(get_layout("bridged")) == PORT_NAME
-    assert lxd_ring_port(get_layout("incus")) is None
+    assert lxd_ring_port(get_layout("incus")) == INCUS_PORT_NAME
+    assert lxd_ring_port(get_layout("incus-6")) == INCUS_PORT_NAME
 
 
 # -- QEMU's verdict -----------------------------------------------------------------------------

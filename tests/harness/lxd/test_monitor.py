@@ -4,6 +4,7 @@ when it reads, an untrusted guest); the reading rules' own table is in test_read
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -12,7 +13,7 @@ import pytest
 from lxd_agent.protocol import CONNECTED, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import MonitorError, MonitorTimeout
 from lxd_agent_harness.lxd import monitor as monitor_module
-from lxd_agent_harness.lxd.layouts import BRIDGED, Ring
+from lxd_agent_harness.lxd.layouts import BRIDGED, INCUS_RING_SIZE, ReadingRule, Ring
 from lxd_agent_harness.lxd.monitor import EntryKind, RingbufMonitor, Timeline
 from tests.harness.lxd.test_reading_rules import CASES, Case
 from tests.helpers import TEST_DEADLINE, monitored_ring, ring_qemu, run, write_ring
@@ -45,6 +46,34 @@ def test_monitor_reads_qemu_ring_and_concludes_as_the_host(case: Case) -> None:
     read, state = run(_through_qemu(case))
     assert read == case.ring  # QEMU keeps the ring's last bytes, as the table assumes
     assert state == (case.status or _prior(case))
+
+
+def test_incus_7_3s_instance_state_is_held_until_a_read_without_it_clears_it() -> None:
+    state = {"pid": 1, "os_info": {"os": "Debian GNU/Linux", "os_version": "12"}}
+    line = json.dumps(state).encode()
+
+    async def scenario() -> list[object]:
+        seen: list[object] = []
+        async with monitored_ring(
+            size=INCUS_RING_SIZE, rule=ReadingRule.INCUS, read_size=INCUS_RING_SIZE
+        ) as (qemu, mon):
+            for written in (b"STARTED\n" + line + b"\n", b"", b"STARTED\nSTARTED\n"):
+                if written:
+                    await write_ring(qemu, "ring", written)
+                await mon.read_rings()
+                seen.append(mon.instance_states.get(PORT_NAME))
+            notes = [e.text for e in mon.timeline.entries if e.text.startswith("instance state")]
+            seen.append(notes)
+        return seen
+
+    with_state, after_empty_read, after_plain, notes = run(scenario())
+    assert with_state == state
+    assert after_empty_read == state  # a read of nothing leaves it (one piece: no SetState)
+    assert after_plain is None  # a plain STARTED read clears it, as Incus 7.3 does
+    assert notes == [
+        "instance state: Debian GNU/Linux 12",
+        "instance state: none (the host shows what it learns by itself)",
+    ]
 
 
 def test_monitor_read_consumes_the_ring() -> None:

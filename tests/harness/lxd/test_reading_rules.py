@@ -34,6 +34,12 @@ class Case:
     line: str | None  # the line the host takes its status from
     status: str | None  # the state it sets; None: unchanged
     rule: ReadingRule = ReadingRule.LXD
+    state: dict[str, object] | None = None  # Incus 7.3: the instance state the read sets
+
+    @property
+    def reading(self) -> RingRead:
+        sets_state = self.rule is INCUS and self.line is not None
+        return RingRead(self.line, self.status, sets_state, self.state)
 
     @property
     def ring_size(self) -> int:
@@ -82,13 +88,30 @@ CASES = [
     Case("wrap-cuts-the-status-line", b"STOPPED\n" + b"x" * 10, "OPPED", None),
     Case("incus-json-line-is-not-a-status-to-lxd", b'STARTED\n{"a":1}\n', '{"a":1}', None),
     Case("incus-partial-json-after-status", b'STARTED\n{"a":1}', STARTED, STARTED),
-    # Incus's rule, on its 16 KiB ring: the status line may be followed by a JSON state line.
+    # Incus 7.3's rule, on its 16 KiB ring: with more than two entries the line before last is
+    # read as a JSON state (kept with pid 1) and the status comes from the line before it.
     Case("i-started", b"STARTED\n", STARTED, STARTED, INCUS),
     Case("i-stopped", b"STOPPED\n", STOPPED, STOPPED, INCUS),
-    Case("i-json-after-started", b'STARTED\n{"state":"up"}\n', STARTED, STARTED, INCUS),
+    Case(
+        "i-state-after-started",
+        b'STARTED\n{"pid":1,"os_info":{"os":"Debian"}}\n',
+        STARTED,
+        STARTED,
+        INCUS,
+        {"pid": 1, "os_info": {"os": "Debian"}},
+    ),
+    Case("i-state-of-another-pid-is-dropped", b'STARTED\n{"pid":2}\n', STARTED, STARTED, INCUS),
+    Case("i-json-without-pid-is-dropped", b'STARTED\n{"state":"up"}\n', STARTED, STARTED, INCUS),
     Case("i-json-after-stopped", b"STOPPED\n{}\n", STOPPED, STOPPED, INCUS),
-    Case("i-started-then-stopped", b"STARTED\nSTOPPED\n", STOPPED, STOPPED, INCUS),
-    Case("i-json-then-started", b'STOPPED\n{"a":1}\nSTARTED\n', STARTED, STARTED, INCUS),
+    # One read of STARTED and then STOPPED: the line before last wins, so STARTED.
+    Case("i-started-then-stopped-reads-started", b"STARTED\nSTOPPED\n", STARTED, STARTED, INCUS),
+    Case(
+        "i-doubled-stopped-reads-stopped", b"STARTED\nSTOPPED\nSTOPPED\n", STOPPED, STOPPED, INCUS
+    ),
+    Case(
+        "i-doubled-started-reads-started", b"STOPPED\nSTARTED\nSTARTED\n", STARTED, STARTED, INCUS
+    ),
+    Case("i-json-then-started", b'STOPPED\n{"a":1}\nSTARTED\n', '{"a":1}', None, INCUS),
     Case("i-json-alone", b'{"a":1}\n', '{"a":1}', None, INCUS),
     Case("i-partial-json", b'STOPPED\n{"a":', STOPPED, STOPPED, INCUS),
     Case("i-connected-then-json", b"CONNECTED\n{}\n", CONNECTED, None, INCUS),
@@ -108,7 +131,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_interpret_ring_read_follows_each_hosts_rule(case: Case) -> None:
-    assert interpret_ring_read(case.ring, case.rule) == RingRead(case.line, case.status)
+    assert interpret_ring_read(case.ring, case.rule) == case.reading
 
 
 def test_interpret_ring_read_handles_any_byte_and_long_input() -> None:
@@ -138,7 +161,7 @@ def test_qemus_utf8_reply_gives_the_tables_line_and_status(case: Case) -> None:
 
     reply = run(scenario())
     assert reply == qemu_utf8_text(case.ring)
-    assert interpret_ring_text(reply, case.rule) == RingRead(case.line, case.status)
+    assert interpret_ring_text(reply, case.rule) == case.reading
 
 
 # Bytes a guest (or a wrapped ring) can leave: status lines, NULs, every kind of bad UTF-8.

@@ -10,7 +10,7 @@ from typing import cast
 
 import pytest
 
-from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import GuestStateMismatch, VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
@@ -110,7 +110,8 @@ def test_the_verdict_lists_one_ports_changes_and_reads_and_passes_without_an_err
 
 
 @pytest.mark.parametrize(
-    ("layout", "port"), [("lxd-5.19", LEGACY_PORT_NAME), ("lxd-5.20", PORT_NAME), ("incus", None)]
+    ("layout", "port"),
+    [("lxd-5.19", LEGACY_PORT_NAME), ("lxd-5.20", PORT_NAME), ("incus", INCUS_PORT_NAME)],
 )
 def test_a_boot_that_cannot_start_is_a_failed_verdict_not_an_exception(
     layout: str, port: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -71,6 +71,7 @@ def test_each_layouts_host_reads_the_port_lxds_template_puts_the_ring_on() -> No
         "lxd-5.19": LEGACY_PORT_NAME,
         "lxd-5.20": PORT_NAME,
         "incus": INCUS_PORT_NAME,
+        "incus-6": INCUS_PORT_NAME,
         "bridged": PORT_NAME,
     }
     assert CHECK_LAYOUTS == ("lxd-5.19", "lxd-5.20", "incus")
@@ -246,11 +247,12 @@ def test_check_passes_an_image_with_our_agent_on_lxd_5_19_5_20_and_incus(
     assert findings(record) == {
         "lxd-5.19": "reports",
         "lxd-5.20": "reports",
-        "incus": "stands-aside",
+        "incus": "reports",
     }
     by_layout = {layout["layout"]: layout for layout in record["layouts"]}
     assert by_layout["lxd-5.19"]["started"]["port"] == LEGACY_PORT_NAME
     assert by_layout["lxd-5.20"]["started"]["port"] == PORT_NAME
+    assert by_layout["incus"]["started"]["port"] == INCUS_PORT_NAME
     for name, layout in by_layout.items():
         assert not layout["power_off_held"], name
         figures[f"check, ours on {name}: QEMU start -> STARTED"] = (

@@ -248,9 +248,13 @@ def test_ours_reports_on_the_ring_lxd_reads_and_never_on_the_other(matrix: Matri
     assert [
         e for e in bridged.entries if e.kind is EntryKind.READ and e.port == LEGACY_PORT_NAME
     ] == []
-    incus = matrix.cell(OURS, "incus")
-    assert incus.unit is not None and incus.unit.status_text.startswith("skipped, no usable port")
-    assert changes(incus, INCUS_PORT_NAME) == []
+    # Incus's own port, whether 7.3's rule reads it (16 KiB) or LXD's (16 B, before 7.3).
+    for layout in ("incus", "incus-6"):
+        incus = matrix.cell(OURS, layout)
+        assert changes(incus, INCUS_PORT_NAME) == full, layout
+        assert incus.unit is not None and incus.unit.status_text.startswith(
+            f"reporting to {INCUS_PORT_NAME} ("
+        ), layout
 
 
 @pytest.mark.vm
@@ -265,7 +269,7 @@ def test_lxd_5_0s_agent_reports_only_where_the_old_name_has_a_ring(matrix: Matri
             assert cell.stopped is not None, layout
         else:
             assert cell.started is None and not cell.unit.condition_met, layout
-    for layout in ("lxd-5.20", "incus"):
+    for layout in ("lxd-5.20", "incus", "incus-6"):
         assert matrix.cell("lxd-5.0", layout).started is None, layout
 
 
@@ -277,7 +281,7 @@ def test_lxd_5_0s_agent_never_gets_ready_on_the_dead_legacy_port(matrix: MatrixV
     or was skipped earlier because the port had no name yet when the job ran (a race in LXD 5.0's
     unit, which nothing orders after udev). Never active: that would need READY=1.
     """
-    for layout in ("lxd-5.20", "incus"):
+    for layout in ("lxd-5.20", "incus", "incus-6"):
         cell = matrix.cell("lxd-5.0", layout)
         assert cell.unit is not None, layout
         stuck = (cell.unit.active, cell.unit.sub) == ("activating", "start")

@@ -14,7 +14,7 @@ import pytest
 from lxd_agent.protocol import STARTED, STOPPED
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.config import DirectBoot, GuestImage, Network, VmConfig
 from lxd_agent_harness.vm.warm import How, SavedGuest, started_vm, warm_key
 from tests.helpers import run
 from tests.vms import Figures
@@ -40,7 +40,8 @@ def test_a_saved_guest_fits_only_the_same_image_layout_machine_and_qemu(tmp_path
         warm_key(replace(config, ring_size=64), QEMU),
         warm_key(replace(config, memory_mib=2048), QEMU),
         warm_key(replace(config, cpus=1), QEMU),
-        warm_key(replace(config, network=True), QEMU),
+        warm_key(replace(config, network=Network.ISOLATED), QEMU),
+        warm_key(replace(config, credentials=(("lxd-agent.state", "on"),)), QEMU),
         warm_key(config, "QEMU emulator version 8.2.0"),
     ]
     assert len({key, *others}) == len(others) + 1
