@@ -157,7 +157,8 @@ class Agent:
         return EXIT_OK if self._stop() else EXIT_STOPPED_UNREPORTED
 
     def _skip(self, problem: str) -> int:
-        """Nothing to report to (Incus's stub, no LXD port): done, neither failed nor waiting.
+        """Nothing to report to (only ports with nothing behind them): done, neither failed
+        nor waiting.
 
         READY=1 first: a Type=notify unit whose process exits 0 without it counts as failed
         (Result=protocol). The unit then goes inactive with Result=success, and

@@ -36,8 +36,10 @@ from tests.vms import (
 
 pytestmark = pytest.mark.vm
 
-# The unit's `systemd-analyze security` exposure in every release's guest (it is 0.7 on 12).
-EXPOSURE_BOUND = 1.0
+# The unit's `systemd-analyze security` exposure in every release's guest (1.2 on 12: the
+# guest's network namespace and netlink for Incus's state line; 0.7 before). As the host's
+# check of the unit file (tests/systemd/test_units.py).
+EXPOSURE_BOUND = 1.5
 # Debian's own lxd-agent is in these releases' archives (tests/packaging/test_apt.py checks).
 RELEASES_WITH_DEBIANS_LXD_AGENT = ("bookworm", "trixie")
 

@@ -88,7 +88,7 @@ from lxd_agent_harness.vm.config import (
     GuestImage,
     Network,
     VmConfig,
-    credential_arg,
+    parse_credential,
 )
 from lxd_agent_harness.vm.firmware import Firmware, machine_arg
 from lxd_agent_harness.vm.instance import Vm
@@ -162,17 +162,10 @@ def _positive_number(text: str, what: str) -> float:
 
 def parse_credentials(given: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
     """`--credential NAME=VALUE` options as (name, value) pairs, each checked as QEMU gets it."""
-    credentials = []
-    for text in given or ():
-        name, sep, value = text.partition("=")
-        if not sep:
-            raise UsageError(f"--credential {text!r}: give NAME=VALUE, e.g. lxd-agent.state=on")
-        try:
-            credential_arg(name, value)
-        except HarnessError as e:
-            raise UsageError(f"--credential {text!r}: {e}") from None
-        credentials.append((name, value))
-    return tuple(credentials)
+    try:
+        return tuple(parse_credential(text) for text in given or ())
+    except HarnessError as e:
+        raise UsageError(f"--credential: {e}") from None
 
 
 def plan_boot(args: argparse.Namespace) -> BootPlan:

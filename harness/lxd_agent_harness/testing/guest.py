@@ -125,6 +125,12 @@ class LxdVm:
         """What the host believes now: `STARTED`, `STOPPED` or None (nothing read yet)."""
         return self.vm.monitor.state(port or self.port)
 
+    def instance_state(self, port: str | None = None) -> dict[str, object] | None:
+        """Incus 7.3: the guest state its host holds now (the JSON line after `STARTED`, with
+        `pid` 1), or None: none read yet, or the last read cleared it. Always None under
+        LXD's rule."""
+        return self.vm.monitor.instance_states.get(port or self.port)
+
     def power_off(self, bound: float = POWER_OFF_BOUND) -> PowerOffResult:
         """Press the power button; what the host saw within `bound` s. Never raises for a
         held power-off or a missing `STOPPED`: those are answers."""

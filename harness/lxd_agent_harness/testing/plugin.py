@@ -41,7 +41,15 @@ from lxd_agent_harness.lxd.layouts import LAYOUTS, get_layout
 from lxd_agent_harness.qemu.disk import check_boot_sector, disk_format
 from lxd_agent_harness.testing.guest import LxdVm
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.config import Boot, DirectBoot, FirmwareBoot, GuestImage, VmConfig
+from lxd_agent_harness.vm.config import (
+    Boot,
+    DirectBoot,
+    FirmwareBoot,
+    GuestImage,
+    Network,
+    VmConfig,
+    parse_credential,
+)
 from lxd_agent_harness.vm.firmware import Firmware
 from lxd_agent_harness.vm.instance import BOOT_TIMEOUT
 from lxd_agent_harness.vm.kvm_probe import choose_accel
@@ -117,6 +125,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         f"DIR/<test id>/ (default ./{DEFAULT_ARTIFACTS})",
     )
     group.addoption(
+        "--lxd-credential",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a systemd credential for every guest (SMBIOS type 11, as Incus passes "
+        "systemd.credential.NAME=VALUE), e.g. lxd-agent.state=on; repeat for more",
+    )
+    group.addoption(
+        "--lxd-nic",
+        default=Network.NONE.value,
+        choices=[n.value for n in Network],
+        help="a NIC on QEMU's user network: isolated (restrict=on), open, or none (default)",
+    )
+    group.addoption(
         "--lxd-keep-on-failure",
         action="store_true",
         help="keep a failed test's guest running until Enter is pressed (prints its console "
@@ -129,6 +151,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "lxd_layout(name): the layout the lxd_vm guest boots in (default: --lxd-layout)",
         "lxd_release(name): the Debian release of the harness's image (default: --lxd-release)",
         "lxd_cold: the lxd_vm guest boots, even with --lxd-warm (tests of the boot itself)",
+        "lxd_credential(name, value): a systemd credential for the lxd_vm guest, added to "
+        "--lxd-credential's",
     ):
         config.addinivalue_line("markers", line)
 
@@ -157,6 +181,8 @@ class LxdOptions:
     timeout: float
     artifacts: Path
     keep_on_failure: bool
+    credentials: tuple[tuple[str, str], ...] = ()
+    network: Network = Network.NONE
 
 
 def _options(config: pytest.Config) -> LxdOptions:
@@ -168,6 +194,7 @@ def _options(config: pytest.Config) -> LxdOptions:
         if image is not None:
             image_format = disk_format(image)
             check_boot_sector(image, image_format)
+        credentials = tuple(parse_credential(c) for c in config.getoption("lxd_credential"))
         deb = None
         if image is None or deb_option:
             deb = find_deb(Path(deb_option) if deb_option else None)
@@ -190,6 +217,8 @@ def _options(config: pytest.Config) -> LxdOptions:
         timeout=timeout,
         artifacts=Path(config.getoption("lxd_artifacts")),
         keep_on_failure=bool(config.getoption("lxd_keep_on_failure")),
+        credentials=credentials,
+        network=Network(config.getoption("lxd_nic")),
     )
 
 
@@ -289,6 +318,10 @@ def lxd_vm(
         else:
             assert lxd_options.image is not None and lxd_options.image_format is not None
             boot = FirmwareBoot(lxd_options.image, lxd_options.image_format, lxd_options.firmware)
+        marked = tuple(
+            parse_credential(f"{m.args[0]}={m.args[1]}")
+            for m in item.iter_markers("lxd_credential")
+        )
     except HarnessError as e:
         pytest.fail(f"lxd-agent-harness: {e}", pytrace=False)
     config = VmConfig(
@@ -297,6 +330,8 @@ def lxd_vm(
         accel=accel,
         arch=lxd_options.arch,
         seed=seed,
+        network=lxd_options.network,
+        credentials=lxd_options.credentials + marked,
         user_qmp=lxd_options.keep_on_failure,
     )
     warm = lxd_options.warm and item.get_closest_marker("lxd_cold") is None

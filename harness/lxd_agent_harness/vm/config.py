@@ -54,6 +54,15 @@ def credential_arg(name: str, value: str) -> str:
     return f"type=11,value=io.systemd.credential:{name}={value}"
 
 
+def parse_credential(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` (a `--credential` option) as (name, value), checked as QEMU will get it."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise VmError(f"credential {text!r}: give NAME=VALUE, e.g. lxd-agent.state=on")
+    credential_arg(name, value)
+    return name, value
+
+
 @dataclass(frozen=True)
 class GuestImage:
     """A built image: a raw ext4 root filesystem, its kernel and its initrd (`image.rootfs` makes

@@ -63,10 +63,17 @@ def test_the_plugins_options_and_marks_are_in_pytests_help(tmp_path: Path) -> No
         "--lxd-warm",
         "--lxd-keep-on-failure",
         "--lxd-artifacts",
+        "--lxd-credential",
+        "--lxd-nic",
     ):
         assert option in help_text, option
     marks = run_pytest(tmp_path, "--markers").stdout
-    for mark in ("@pytest.mark.lxd_layout(name)", "@pytest.mark.lxd_release(name)", "lxd_cold"):
+    for mark in (
+        "@pytest.mark.lxd_layout(name)",
+        "@pytest.mark.lxd_release(name)",
+        "lxd_cold",
+        "@pytest.mark.lxd_credential(name, value)",
+    ):
         assert mark in marks, mark
 
 
@@ -79,6 +86,8 @@ def test_an_image_that_is_not_there_fails_the_test_in_one_line(tmp_path: Path) -
 
 
 USER_TESTS = """
+import time
+
 import pytest
 
 
@@ -103,6 +112,18 @@ def test_cold_even_when_warm(lxd_vm):
 @pytest.mark.parametrize("lxd_layout", ["lxd-5.20"])
 def test_parametrized_layout(lxd_vm):
     assert lxd_vm.warm and lxd_vm.layout.name == "lxd-5.20"
+
+
+@pytest.mark.lxd_layout("incus")
+@pytest.mark.lxd_credential("lxd-agent.state", "on")
+def test_incus_shows_the_guests_state(lxd_vm):
+    lxd_vm.wait_for("STARTED", timeout=120)
+    deadline = time.monotonic() + 30
+    while "os_info" not in (lxd_vm.instance_state() or {}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    state = lxd_vm.instance_state()
+    assert state["pid"] == 1
+    assert state["os_info"]["hostname"] == lxd_vm.run("hostname").output
 """
 
 
@@ -129,6 +150,7 @@ def test_a_users_tests_get_guests_by_mark_and_a_failure_leaves_its_files(
         "test_marked_layout": "passed",
         "test_cold_even_when_warm": "passed",
         "test_parametrized_layout[lxd-5.20]": "passed",
+        "test_incus_shows_the_guests_state": "passed",
     }, done.stdout
     folder = artifact_folder(artifacts, "test_user.py::test_fails_with_the_guest_up")
     assert sorted(p.name for p in folder.iterdir()) == [
