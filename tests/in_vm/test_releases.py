@@ -87,9 +87,10 @@ def test_release_reports_at_boot_after_a_kill_and_at_power_off(
             # The agent picked the new name and saw the chardev-less legacy port hang up.
             probe = await vm.run("lxd-agent probe")
             assert probe.status == 0, probe.output
-            new, legacy, verdict = probe.output.strip().splitlines()
+            new, legacy, incus, verdict = probe.output.strip().splitlines()
             assert new.startswith(PORT_NAME) and "host-connected=yes  usable" in new
             assert legacy.startswith(LEGACY_PORT_NAME) and "POLLHUP" in legacy, legacy
+            assert incus.startswith(INCUS_PORT_NAME) and "no such port" in incus, incus
             assert verdict.startswith(f"would use: {PORT_NAME} (")
 
             # The unit as shipped, as this release's systemd reads it.
