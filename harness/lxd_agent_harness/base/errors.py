@@ -21,6 +21,22 @@ class LayoutError(HarnessError):
     """An unknown layout name or an invalid ring size, caught before QEMU runs."""
 
 
+class QemuConfError(LayoutError):
+    """A `raw.qemu.conf` the harness will not apply (`lxd.qemu_conf`), found before QEMU runs."""
+
+    def __init__(self, source: str, line_number: int, line: str, problem: str) -> None:
+        where = f"{source}:{line_number}" if line_number else source
+        super().__init__(f"{where}: {problem}" + (f": {line!r}" if line else ""))
+        self.source = source
+        """The file (or "raw.qemu.conf") the text came from."""
+        self.line_number = line_number
+        """The line the problem is on, from 1; 0 when it is about the whole text."""
+        self.line = line
+        """That line as written."""
+        self.problem = problem
+        """What is wrong with it, and what LXD's rules expect."""
+
+
 class QemuError(HarnessError):
     """QEMU could not be found or started, died early, or its QMP socket did not answer."""
 

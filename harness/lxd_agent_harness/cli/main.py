@@ -63,6 +63,12 @@ from lxd_agent_harness.lxd.layouts import (
     get_layout,
     lxd_ring_port,
 )
+from lxd_agent_harness.lxd.qemu_conf import (
+    Override,
+    apply_overrides,
+    layout_sections,
+    read_raw_qemu_conf,
+)
 from lxd_agent_harness.qemu.disk import check_boot_sector, disk_format
 from lxd_agent_harness.scenarios.boot import boot_and_check
 from lxd_agent_harness.scenarios.check import (
@@ -136,6 +142,7 @@ class BootPlan:
     network: Network | None = None
     """None: the default (open for a user's image, which may need apt; else none)."""
     credentials: tuple[tuple[str, str], ...] = ()
+    raw_qemu_conf: tuple[Override, ...] = ()
 
 
 def _failed(error: HarnessError) -> int:
@@ -166,6 +173,17 @@ def parse_credentials(given: Sequence[str] | None) -> tuple[tuple[str, str], ...
         return tuple(parse_credential(text) for text in given or ())
     except HarnessError as e:
         raise UsageError(f"--credential: {e}") from None
+
+
+def checked_raw_qemu_conf(path: Path | None, *layouts: Layout) -> tuple[Override, ...]:
+    """`--raw-qemu-conf FILE`, parsed and tried on each layout's sections: every error it can
+    give comes here, before anything is built or booted."""
+    if path is None:
+        return ()
+    overrides = read_raw_qemu_conf(path)
+    for layout in layouts:
+        apply_overrides(layout_sections(layout), list(overrides), source=str(path))
+    return overrides
 
 
 def plan_boot(args: argparse.Namespace) -> BootPlan:
@@ -219,6 +237,7 @@ def plan_boot(args: argparse.Namespace) -> BootPlan:
         rebuild=args.rebuild,
         network=Network(args.nic) if args.nic is not None else None,
         credentials=parse_credentials(args.credential),
+        raw_qemu_conf=checked_raw_qemu_conf(args.raw_qemu_conf, layout),
     )
 
 
@@ -272,6 +291,7 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
         if plan.user_image is not None
         else Network.NONE,
         credentials=plan.credentials,
+        raw_qemu_conf=plan.raw_qemu_conf,
         user_qmp=plan.keep,
     )
     say(f"boot: layout {plan.layout.name}: {plan.layout.description}")
@@ -334,6 +354,14 @@ def snapshot_command(args: argparse.Namespace) -> int:
     try:
         deb = find_deb(args.deb)
         timeout = _positive_number(args.timeout, "--timeout") if args.timeout else DEFAULT_TIMEOUT
+        raw_qemu_conf = (
+            checked_raw_qemu_conf(args.raw_qemu_conf, get_layout("lxd-5.20"))
+            if args.raw_qemu_conf is not None
+            else None
+        )
+        old_agent = args.agent != "ours"
+        if old_agent:
+            deb = emulation_deb(AGENTS[args.agent], say)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
@@ -342,7 +370,14 @@ def snapshot_command(args: argparse.Namespace) -> int:
     async def run(image: GuestImage) -> SnapshotVerdict:
         accel = await choose_accel(Accel(args.accel), image, say)
         say(f"accel: {accel.reason}")
-        return await snapshot_and_restore(image, accel.accel, timeout, progress=say)
+        return await snapshot_and_restore(
+            image,
+            accel.accel,
+            timeout,
+            progress=say,
+            raw_qemu_conf=raw_qemu_conf,
+            old_agent=old_agent,
+        )
 
     try:
         image = build_image(
@@ -440,6 +475,7 @@ def check_command(args: argparse.Namespace) -> int:
         image_format = disk_format(args.image)
         check_boot_sector(args.image, image_format)
         credentials = parse_credentials(args.credential)
+        raw_qemu_conf = checked_raw_qemu_conf(args.raw_qemu_conf, *layouts)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
@@ -460,6 +496,7 @@ def check_command(args: argparse.Namespace) -> int:
             bound=bound,
             network=Network(args.nic or Network.NONE.value),
             credentials=credentials,
+            raw_qemu_conf=raw_qemu_conf,
             progress=say,
         )
 

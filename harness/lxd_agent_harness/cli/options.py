@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
 
+    def raw_qemu_conf_option(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--raw-qemu-conf",
+            type=Path,
+            metavar="FILE",
+            help="LXD's raw.qemu.conf, applied to the layout's QEMU configuration sections as "
+            f"LXD applies it ({what}); a line it does not allow stops the run before QEMU starts",
+        )
+
     def guest_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--credential",
@@ -126,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     guest_options(boot)
+    raw_qemu_conf_option(boot, "at the start")
 
     def results_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", type=Path, help="also write every field of the result to FILE")
@@ -167,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"counts as held (default {DEFAULT_CHECK_BOUND:g})",
     )
     guest_options(check)
+    raw_qemu_conf_option(check, "at every layout's start")
     results_options(check)
     check.add_argument("-v", "--verbose", action="store_true", help="print each timeline")
 
@@ -193,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
         "lxd-5.20, resumed with the saved layout, then restarted on lxd-5.20",
     )
     scenario_options(snapshot, timeout_help="seconds for each wait (default 120)")
+    raw_qemu_conf_option(
+        snapshot,
+        'to the restore on lxd-5.20; default: [device "qemu_serial_legacy"], the way through',
+    )
+    snapshot.add_argument(
+        "--agent",
+        choices=["ours", "lxd-5.0"],
+        default="ours",
+        help="the agent in the guest: ours (every step), or the emulation of LXD 5.0's (the "
+        "steps up to the way through: an old agent in an old snapshot)",
+    )
 
     matrix = sub.add_parser(
         "matrix",

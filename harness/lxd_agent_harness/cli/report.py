@@ -158,7 +158,8 @@ def snapshot_lines(verdict: SnapshotVerdict) -> list[str]:
     for number, step in enumerate(Step, 1):
         seen = verdict.step(step)
         if seen is None:
-            lines.append(f"step {number}: {step.value}: not run")
+            why = "not run" if step in verdict.planned else "not planned for this agent"
+            lines.append(f"step {number}: {step.value}: {why}")
             continue
         outcome = "OK" if seen.passed else "FAILED"
         lines += [
@@ -190,7 +191,7 @@ def snapshot_lines(verdict: SnapshotVerdict) -> list[str]:
             lines.append("  timeline (seconds since this step's QEMU start):")
             lines += [f"  {line}" for line in seen.timeline]
     if verdict.passed:
-        lines.append("OK: every step behaved as the specification describes")
+        lines.append("OK: every step behaved as described")
     else:
         lines.append("FAILED: a step did not behave as described (see above)")
     return lines

@@ -152,7 +152,10 @@ class Layout:
     def qemu_args(
         self, ring_size: int | None = None, spice_socket: Path | None = None
     ) -> list[str]:
-        """The `-chardev`/`-device` arguments, in LXD's order, each chardev before its port.
+        """The `-chardev`/`-device` arguments, in LXD's order, each chardev before its port:
+        the same devices as `lxd.qemu_conf.layout_sections` on the command line. A VM gets the
+        sections (`-readconfig`, as LXD starts QEMU); the tests of QEMU's own behaviour on a
+        bare machine (rings, migration) start QEMU with these.
 
         Rings are `ring_size` bytes (default: this layout's). A layout with SPICE ports needs
         `spice_socket`, the unix socket QEMU serves SPICE on, as LXD does: Debian's QEMU

@@ -117,6 +117,8 @@ async def boot_and_check(
     progress: Progress | None = None,
     while_up: WithVm | None = None,
     hold: WithVm | None = None,
+    shell_ready: bool = False,
+    prepare: WithVm | None = None,
 ) -> BootVerdict:
     """Boot, see STARTED on the LXD ring, press the power button, see STOPPED, see it off.
 
@@ -124,13 +126,18 @@ async def boot_and_check(
     agent is skipped, and the guest powers off within `STUB_POWEROFF_BOUND`. Every wait is
     bounded by `timeout`. `while_up` runs between STARTED and the power button (a caller's own
     checks; its `HarnessError` fails the verdict); `hold` instead of the power button.
+    `shell_ready`: a restored guest's console already has the harness's shell (`Vm`).
+    `prepare` runs once QEMU runs, before the wait for STARTED (a guest whose agent must be
+    started by hand).
     """
     port = lxd_ring_port(config.layout)
     verdict = BootVerdict(layout=config.layout.name, port=port)
-    vm = Vm(config, progress=progress)
+    vm = Vm(config, progress=progress, shell_ready=shell_ready)
     try:
         async with vm:
             try:
+                if prepare is not None:
+                    await prepare(vm)
                 await _boot_and_check(vm, port, timeout, while_up, hold, verdict)
             finally:
                 record(vm, verdict)

@@ -34,6 +34,7 @@ from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.layouts import Layout
 from lxd_agent_harness.lxd.monitor import TimelineEntry
+from lxd_agent_harness.lxd.qemu_conf import Override
 from lxd_agent_harness.scenarios.observed import (
     PowerOffFigures,
     first_state,
@@ -223,10 +224,11 @@ async def check_image(
     bound: float = DEFAULT_CHECK_BOUND,
     network: Network = Network.NONE,
     credentials: tuple[tuple[str, str], ...] = (),
+    raw_qemu_conf: tuple[Override, ...] = (),
     progress: Progress | None = None,
 ) -> CheckVerdict:
-    """Boot `disk` as it is once per layout, one at a time; the judged verdict. `network` and
-    `credentials` are the VM's (`VmConfig`): nothing is added to the disk.
+    """Boot `disk` as it is once per layout, one at a time; the judged verdict. `network`,
+    `credentials` and `raw_qemu_conf` are the VM's (`VmConfig`): nothing is added to the disk.
 
     A harness failure in one layout (the image does not boot) is kept in that layout's check.
     """
@@ -241,6 +243,7 @@ async def check_image(
             arch=arch,
             network=network,
             credentials=credentials,
+            raw_qemu_conf=raw_qemu_conf,
         )
         verdict.checks.append(await check_layout(config, timeout, bound, progress))
     judge(verdict.checks)

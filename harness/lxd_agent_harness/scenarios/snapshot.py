@@ -11,9 +11,15 @@ one disk (a qcow2 overlay kept in its own temporary directory), in these steps:
    and sees STARTED within one refresh;
 3. save: QMP `stop` + `migrate` to a file, the layout recorded next to it (JSON);
 4. restore on lxd-5.20: QEMU refuses, with the specification's lines;
-5. restore with the saved layout pinned: the guest resumes and the host reads STARTED on the
+5. the way through for an LXD user: restore into lxd-5.20's configuration with its
+   `raw.qemu.conf` applied (by default `[device "qemu_serial_legacy"]`, removing the chardev-less
+   stub: 5.19's port count, which is what QEMU checks): the state loads, the guest's agent
+   keeps writing to the port it saw at boot, which is now the one on LXD 5.20's ring, and the
+   host reads STARTED there within one refresh; power-off: STOPPED. On an overlay of its own
+   over the disk as saved, so the steps after it find that disk as it was;
+6. restore with the saved layout pinned: the guest resumes and the host reads STARTED on the
    port the guest saw at boot within one refresh (ring contents are not saved); power-off;
-6. restart on lxd-5.20 (a new QEMU on the same disk, as LXD does at the VM's next start): the
+7. restart on lxd-5.20 (a new QEMU on the same disk, as LXD does at the VM's next start): the
    agent now reports on `com.canonical.lxd`; power-off.
 
 The first step that fails ends the run. Every QEMU runs through `vm.Vm` (so it holds the
@@ -24,6 +30,7 @@ Host side only.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import tempfile
@@ -44,6 +51,7 @@ from lxd_agent_harness.lxd.layouts import (
     lxd_ring_port,
 )
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH, RingbufMonitor, TimelineEntry
+from lxd_agent_harness.lxd.qemu_conf import Override, parse_raw_qemu_conf
 from lxd_agent_harness.qemu.disk import make_overlay
 from lxd_agent_harness.qemu.migration import SavedState, is_specification_refusal
 from lxd_agent_harness.scenarios.boot import BootVerdict, boot_and_check
@@ -119,6 +127,7 @@ class Step(str, enum.Enum):
     HOST_UPGRADE = "host upgraded while the VM runs"
     SAVE = "save the state"
     RESTORE_UPGRADED = f"restore on {UPGRADED.name}"
+    RESTORE_RAW_CONF = f"restore on {UPGRADED.name} with raw.qemu.conf"
     RESTORE_PINNED = "restore with the saved layout pinned"
     RESTART = f"restart on {UPGRADED.name}"
 
@@ -130,6 +139,10 @@ EXPECTED = {
     Step.SAVE: "QMP stop + migrate write the state to a file; the layout is recorded next to it",
     Step.RESTORE_UPGRADED: "QEMU refuses the state (a port more than saved) with the "
     "specification's lines",
+    Step.RESTORE_RAW_CONF: f"QEMU loads the state into {UPGRADED.name}'s configuration with "
+    "the raw.qemu.conf applied; the guest's agent writes on to the port it saw at boot, and "
+    f"the host reads STARTED from {UPGRADED.name}'s ring ({lxd_ring_port(UPGRADED)}) within "
+    f"one refresh ({ONE_REFRESH:g} s) of the resume; power-off: STOPPED, off",
     Step.RESTORE_PINNED: f"the guest resumes; STARTED on {lxd_ring_port(SAVED_ON)} within one "
     f"refresh ({ONE_REFRESH:g} s) of the resume; power-off: STOPPED, off",
     Step.RESTART: f"a new QEMU on the same disk; the agent reports on {lxd_ring_port(UPGRADED)}; "
@@ -177,18 +190,25 @@ class StepVerdict:
 @dataclass
 class SnapshotVerdict:
     steps: list[StepVerdict] = field(default_factory=list)
+    planned: tuple[Step, ...] = tuple(Step)
+    """The steps this run was to take (an old agent's run ends after the way through)."""
     workdir: Path | None = None
     """The temporary directory of the overlay, the state and the record (gone afterwards)."""
 
     @property
     def passed(self) -> bool:
-        return len(self.steps) == len(Step) and all(step.passed for step in self.steps)
+        ran = tuple(step.step for step in self.steps)
+        return ran == self.planned and all(step.passed for step in self.steps)
 
     def step(self, step: Step) -> StepVerdict | None:
         return next((s for s in self.steps if s.step is step), None)
 
 
 # -- the scenario ---------------------------------------------------------------------------------
+
+
+WAY_THROUGH = '[device "qemu_serial_legacy"]\n'
+"""The `raw.qemu.conf` that gives an LXD >= 5.20 VM LXD 5.19's port count (facts §11)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,8 @@ class _Run:
     timeout: float
     progress: Progress
     workdir: Path
+    raw_qemu_conf: tuple[Override, ...]
+    old_agent: bool
 
     @property
     def overlay(self) -> Path:
@@ -223,19 +245,51 @@ class _Run:
 
 
 async def snapshot_and_restore(
-    image: GuestImage, accel: Accel, timeout: float, progress: Progress | None = None
+    image: GuestImage,
+    accel: Accel,
+    timeout: float,
+    progress: Progress | None = None,
+    raw_qemu_conf: tuple[Override, ...] | None = None,
+    old_agent: bool = False,
 ) -> SnapshotVerdict:
-    """Run the steps (module docstring) on `image`; each wait bounded by `timeout`."""
+    """Run the steps (module docstring) on `image`; each wait bounded by `timeout`.
+    `raw_qemu_conf`: what the restore on the upgraded host applies (default `WAY_THROUGH`).
+
+    `old_agent`: the image carries LXD 5.0's agent (the real case: an old agent in an old
+    snapshot). Its unit is started by hand once the guest is up, as it runs in an old VM (at
+    boot its start races udev, README's matrix), and the run ends after the way through: on a
+    plain LXD 5.20 that agent never reports, it knows only the old name.
+    """
     verdict = SnapshotVerdict()
+    if old_agent:
+        verdict.planned = tuple(Step)[: tuple(Step).index(Step.RESTORE_RAW_CONF) + 1]
+    if raw_qemu_conf is None:
+        raw_qemu_conf = tuple(parse_raw_qemu_conf(WAY_THROUGH))
     with tempfile.TemporaryDirectory(prefix="lxd-agent-snapshot-") as tmp:
-        run = _Run(image, accel, timeout, progress or (lambda _m: None), Path(tmp))
+        run = _Run(
+            image,
+            accel,
+            timeout,
+            progress or (lambda _m: None),
+            Path(tmp),
+            raw_qemu_conf,
+            old_agent,
+        )
         verdict.workdir = run.workdir
         try:
             make_overlay(image.disk, "raw", run.overlay)
         except HarnessError as e:
             verdict.steps.append(StepVerdict(Step.BOOT, SAVED_ON.name, error=e))
             return verdict
-        for steps in (_boot_upgrade_save, _restore_upgraded, _restore_pinned, _restart):
+        for steps in (
+            _boot_upgrade_save,
+            _restore_upgraded,
+            _restore_raw_conf,
+            _restore_pinned,
+            _restart,
+        ):
+            if _STEPS_OF[steps][0] not in verdict.planned:
+                break
             run.progress(f"--- {', '.join(s.value for s in _STEPS_OF[steps])} ---")
             await steps(run, verdict)
             if not verdict.steps[-1].passed:
@@ -256,6 +310,8 @@ async def _boot_upgrade_save(run: _Run, verdict: SnapshotVerdict) -> None:
         verdict.steps.append(upgrade)
         if not upgrade.passed:
             return
+        # Logged in before the save, so that a restored guest's console takes commands.
+        await vm.login(timeout=run.timeout)
         marks["save"] = vm.seconds()
         save = StepVerdict(Step.SAVE, vm.config.layout.name)
         verdict.steps.append(save)
@@ -270,8 +326,19 @@ async def _boot_upgrade_save(run: _Run, verdict: SnapshotVerdict) -> None:
             save.error = e
         save.seconds = time.monotonic() - begun
 
+    async def start_old_agent(vm: Vm) -> None:
+        await vm.login(timeout=run.timeout)
+        started = await vm.run("systemctl start --no-block lxd-agent")
+        vm.note(f"LXD 5.0's unit started by hand (exit status {started.status})")
+
     config = run.config(SAVED_ON, user_qmp=True)  # the upgraded host's monitor connects there
-    result = await boot_and_check(config, run.timeout, run.progress, hold=upgrade_and_save)
+    result = await boot_and_check(
+        config,
+        run.timeout,
+        run.progress,
+        hold=upgrade_and_save,
+        prepare=start_old_agent if run.old_agent else None,
+    )
     boot.port, boot.started_after = result.port, _seconds(result.started)
     cut = marks.get("upgrade", float("inf"))
     boot.timeline = [e.render() for e in result.entries if e.seconds < cut]
@@ -340,6 +407,41 @@ async def _restore_upgraded(run: _Run, verdict: SnapshotVerdict) -> None:
     step.seconds = time.monotonic() - begun
 
 
+async def _restore_raw_conf(run: _Run, verdict: SnapshotVerdict) -> None:
+    step = StepVerdict(Step.RESTORE_RAW_CONF, UPGRADED.name, since="the resume", bound=ONE_REFRESH)
+    verdict.steps.append(step)
+    begun = time.monotonic()
+    overlay = run.workdir / "overlay-raw-conf.qcow2"
+    try:
+        make_overlay(run.overlay, "qcow2", overlay)
+    except HarnessError as e:
+        step.error = e
+        return
+    resumed: list[float] = []
+
+    async def note_resume(vm: Vm) -> None:
+        since = vm.since_start(vm.running_at)
+        assert since is not None
+        resumed.append(since)
+        # What the guest itself calls the port it writes to: the name it saw at boot.
+        names = await vm.run("cat /sys/class/virtio-ports/vport*p1/name")
+        vm.note(f"the guest's first port is named {names.output.strip()!r} in the guest")
+
+    config = dataclasses.replace(
+        run.config(UPGRADED, incoming=run.state),
+        overlay=overlay,
+        raw_qemu_conf=run.raw_qemu_conf,
+    )
+    result = await boot_and_check(
+        config, run.timeout, run.progress, while_up=note_resume, shell_ready=True
+    )
+    _from_boot(step, result)
+    if result.passed and result.started is not None and resumed:
+        step.started_after = result.started.seconds - resumed[0]
+        check_bound(step)
+    step.seconds = time.monotonic() - begun
+
+
 async def _restore_pinned(run: _Run, verdict: SnapshotVerdict) -> None:
     step = StepVerdict(Step.RESTORE_PINNED, SAVED_ON.name, since="the resume", bound=ONE_REFRESH)
     verdict.steps.append(step)
@@ -379,6 +481,7 @@ async def _restart(run: _Run, verdict: SnapshotVerdict) -> None:
 _STEPS_OF = {
     _boot_upgrade_save: (Step.BOOT, Step.HOST_UPGRADE, Step.SAVE),
     _restore_upgraded: (Step.RESTORE_UPGRADED,),
+    _restore_raw_conf: (Step.RESTORE_RAW_CONF,),
     _restore_pinned: (Step.RESTORE_PINNED,),
     _restart: (Step.RESTART,),
 }

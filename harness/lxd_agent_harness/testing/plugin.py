@@ -38,6 +38,12 @@ from lxd_agent_harness.image.deb import check_deb, find_deb
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
 from lxd_agent_harness.image.seed import make_seed_iso
 from lxd_agent_harness.lxd.layouts import LAYOUTS, get_layout
+from lxd_agent_harness.lxd.qemu_conf import (
+    Override,
+    apply_overrides,
+    layout_sections,
+    read_raw_qemu_conf,
+)
 from lxd_agent_harness.qemu.disk import check_boot_sector, disk_format
 from lxd_agent_harness.testing.guest import LxdVm
 from lxd_agent_harness.vm.accel import Accel
@@ -139,6 +145,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="a NIC on QEMU's user network: isolated (restrict=on), open, or none (default)",
     )
     group.addoption(
+        "--lxd-raw-qemu-conf",
+        metavar="FILE",
+        help="LXD's raw.qemu.conf for every guest, applied to the layout's QEMU configuration "
+        "sections as LXD applies it",
+    )
+    group.addoption(
         "--lxd-keep-on-failure",
         action="store_true",
         help="keep a failed test's guest running until Enter is pressed (prints its console "
@@ -183,6 +195,7 @@ class LxdOptions:
     keep_on_failure: bool
     credentials: tuple[tuple[str, str], ...] = ()
     network: Network = Network.NONE
+    raw_qemu_conf: tuple[Override, ...] = ()
 
 
 def _options(config: pytest.Config) -> LxdOptions:
@@ -195,6 +208,8 @@ def _options(config: pytest.Config) -> LxdOptions:
             image_format = disk_format(image)
             check_boot_sector(image, image_format)
         credentials = tuple(parse_credential(c) for c in config.getoption("lxd_credential"))
+        raw_option = config.getoption("lxd_raw_qemu_conf")
+        raw_qemu_conf = read_raw_qemu_conf(Path(raw_option)) if raw_option else ()
         deb = None
         if image is None or deb_option:
             deb = find_deb(Path(deb_option) if deb_option else None)
@@ -219,6 +234,7 @@ def _options(config: pytest.Config) -> LxdOptions:
         keep_on_failure=bool(config.getoption("lxd_keep_on_failure")),
         credentials=credentials,
         network=Network(config.getoption("lxd_nic")),
+        raw_qemu_conf=raw_qemu_conf,
     )
 
 
@@ -322,6 +338,8 @@ def lxd_vm(
             parse_credential(f"{m.args[0]}={m.args[1]}")
             for m in item.iter_markers("lxd_credential")
         )
+        # A raw.qemu.conf that does not fit this layout fails here, in one line.
+        apply_overrides(layout_sections(layout), list(lxd_options.raw_qemu_conf))
     except HarnessError as e:
         pytest.fail(f"lxd-agent-harness: {e}", pytrace=False)
     config = VmConfig(
@@ -332,6 +350,7 @@ def lxd_vm(
         seed=seed,
         network=lxd_options.network,
         credentials=lxd_options.credentials + marked,
+        raw_qemu_conf=lxd_options.raw_qemu_conf,
         user_qmp=lxd_options.keep_on_failure,
     )
     warm = lxd_options.warm and item.get_closest_marker("lxd_cold") is None

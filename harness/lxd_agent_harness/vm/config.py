@@ -16,6 +16,14 @@ from typing import Union
 from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.lxd.layouts import Layout
+from lxd_agent_harness.lxd.qemu_conf import (
+    SPICE_BACKENDS,
+    Override,
+    Section,
+    apply_overrides,
+    layout_sections,
+    render,
+)
 from lxd_agent_harness.qemu.migration import incoming_uri
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.arches import GuestMachine, guest_machine
@@ -135,6 +143,9 @@ class VmConfig:
     credentials: tuple[tuple[str, str], ...] = ()
     """systemd credentials for the guest, as (name, value): SMBIOS type 11 strings, the way
     Incus hands a VM its `systemd.credential.*` config keys."""
+    raw_qemu_conf: tuple[Override, ...] = ()
+    """LXD's `raw.qemu.conf`, parsed (`lxd.qemu_conf.parse_raw_qemu_conf`): applied to the
+    layout's configuration sections before QEMU reads them, as LXD applies it at every start."""
     # A second QMP socket for a person (`--keep`), a second host reader (the soak's monitor
     # restart, a host upgraded while the VM runs): the harness's own is taken by the harness.
     user_qmp: bool = False
@@ -204,6 +215,11 @@ class VmFiles:
         return self.workdir / "console.log"
 
     @property
+    def qemu_conf(self) -> Path:
+        """The layout's configuration sections, for `-readconfig` (LXD's `qemu.conf`)."""
+        return self.workdir / "qemu.conf"
+
+    @property
     def spice_socket(self) -> Path:
         return self.workdir / "spice.sock"
 
@@ -214,6 +230,25 @@ class VmFiles:
     @property
     def sercon(self) -> Path:
         return self.workdir / "seabios-sercon-port"
+
+
+def qemu_sections(config: VmConfig) -> list[Section]:
+    """The layout's configuration sections, with the VM's `raw.qemu.conf` applied."""
+    sections = layout_sections(config.layout, config.ring_size)
+    return apply_overrides(sections, list(config.raw_qemu_conf))
+
+
+def qemu_conf_text(config: VmConfig) -> str:
+    """What the VM writes to `VmFiles.qemu_conf` for QEMU's `-readconfig`."""
+    return render(qemu_sections(config))
+
+
+def uses_spice(config: VmConfig) -> bool:
+    """Whether a SPICE chardev is left in the configuration: QEMU then needs `-spice`."""
+    return any(
+        section.name.startswith("chardev ") and section.get("backend") in SPICE_BACKENDS
+        for section in qemu_sections(config)
+    )
 
 
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
@@ -293,7 +328,13 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         ]  # fmt: skip
     for name, value in config.credentials:
         args += ["-smbios", credential_arg(name, value)]
-    args += config.layout.qemu_args(config.ring_size, spice_socket=files.spice_socket)
+    # The layout as LXD passes it: configuration sections QEMU reads with -readconfig (written
+    # by the VM from `qemu_conf_text`). SPICE itself stays on the command line, right after,
+    # where LXD's start puts it (`-readconfig`, then `-spice`, in driver_qemu.go): QEMU 7.2
+    # would read a [spice] group too, but LXD's raw.qemu.conf never sees one.
+    args += ["-readconfig", str(files.qemu_conf)]
+    if uses_spice(config):
+        args += ["-spice", f"unix=on,addr={files.spice_socket},disable-ticketing=on"]
     if config.user_qmp:
         args += ["-qmp", f"unix:{files.user_qmp},server=on,wait=off"]
     if config.incoming is not None:

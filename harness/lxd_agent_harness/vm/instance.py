@@ -40,6 +40,7 @@ from lxd_agent_harness.vm.config import (
     VmConfig,
     VmFiles,
     qemu_args,
+    qemu_conf_text,
 )
 from lxd_agent_harness.vm.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent_harness.vm.firmware import Firmware, fresh_vars, sercon_file, watch_firmware_boot
@@ -349,6 +350,7 @@ class Vm:
             sercon_file(files.sercon)
         elif self.config.uses_uefi and self.config.uefi_vars is None:
             fresh_vars(self.config.secure_boot, files.uefi_vars, arch=self.config.guest_arch)
+        files.qemu_conf.write_text(qemu_conf_text(self.config))
         self.t0 = time.monotonic()
         incoming = self.config.incoming
         try:

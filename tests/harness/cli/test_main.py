@@ -62,6 +62,11 @@ def random_image(tmp_path: Path) -> Path:
         (["--firmware", "bios"], "add --image FILE"),
         (["--secure-boot"], "add --image FILE"),
         (["--image", "{deb}", "--firmware", "bios", "--secure-boot"], "needs UEFI firmware"),
+        (["--credential", "lxd-agent.state"], "give NAME=VALUE"),
+        (["--credential", "a/b=on"], "use letters, digits"),
+        (["--raw-qemu-conf", "/nonexistent/raw.conf"], "/nonexistent/raw.conf: cannot read it"),
+        (["--raw-qemu-conf", "{conf}"], ':2: neither a [section] nor key = "value"'),
+        (["--raw-qemu-conf", "{past}"], "there are only 1 [device"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -74,7 +79,13 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     corrupt = tmp_path / "corrupt_all.deb"
     corrupt.write_bytes(os.urandom(4096))
-    args = [arg.format(deb=fake_deb, random=random_image, corrupt=corrupt) for arg in args]
+    conf, past = tmp_path / "raw.conf", tmp_path / "past.conf"
+    conf.write_text('[device "qemu_serial_legacy"]\nremove it\n')
+    past.write_text('[device "qemu_serial"][2]\ndriver = "virtconsole"\n')
+    args = [
+        arg.format(deb=fake_deb, random=random_image, corrupt=corrupt, conf=conf, past=past)
+        for arg in args
+    ]
     assert cli.main(["boot", "--deb", str(fake_deb), *args]) == cli.EXIT_USAGE
     out = capsys.readouterr().out
     assert message in out

@@ -75,17 +75,17 @@ def test_every_step_is_printed_with_its_figures_qemus_lines_and_timeline(tmp_pat
     assert "QEMU exited with status 1; its own lines:" in text
     assert all(f"    {line}" in text for line in SPECIFICATION_LINES)
     assert "unknown -> STARTED" in text
-    assert text.endswith("OK: every step behaved as the specification describes")
+    assert text.endswith("OK: every step behaved as described")
 
 
 def test_a_failed_step_fails_the_verdict_and_says_why(tmp_path: Path) -> None:
     verdict = _passed_verdict(tmp_path)
-    verdict.steps[4].error = StepMismatch(
+    verdict.steps[5].error = StepMismatch(
         "STARTED came 9.00 s after the resume", expected="", seen=""
     )
     assert not verdict.passed
     text = "\n".join(report.snapshot_lines(verdict))
-    assert "step 5: restore with the saved layout pinned (lxd-5.19): FAILED" in text
+    assert "step 6: restore with the saved layout pinned (lxd-5.19): FAILED" in text
     assert "FAILED: STARTED came 9.00 s after the resume" in text
 
 
@@ -93,7 +93,17 @@ def test_steps_never_run_fail_the_verdict(tmp_path: Path) -> None:
     verdict = _passed_verdict(tmp_path)
     del verdict.steps[3:]
     assert not verdict.passed
-    assert "step 6: restart on lxd-5.20: not run" in report.snapshot_lines(verdict)
+    assert "step 7: restart on lxd-5.20: not run" in report.snapshot_lines(verdict)
+
+
+def test_an_old_agents_run_ends_after_the_way_through_and_says_so(tmp_path: Path) -> None:
+    verdict = _passed_verdict(tmp_path)
+    verdict.planned = tuple(Step)[:5]
+    assert not verdict.passed  # it ran steps it was not to run
+    del verdict.steps[5:]
+    assert verdict.passed
+    lines = report.snapshot_lines(verdict)
+    assert "step 6: restore with the saved layout pinned: not planned for this agent" in lines
 
 
 # -- the matrix's table ------------------------------------------------------------------------

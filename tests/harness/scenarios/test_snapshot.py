@@ -11,6 +11,8 @@ import pytest
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
 from lxd_agent_harness.base.errors import LayoutError, StepMismatch
 from lxd_agent_harness.cli import report
+from lxd_agent_harness.image.agents import AGENTS, agent_images
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.lxd.layouts import (
     INCUS,
     LXD_5_19,
@@ -88,8 +90,23 @@ def test_started_later_than_one_refresh_fails_the_step(after: float, passes: boo
         assert isinstance(step.error, StepMismatch) and step.error.expected == step.expected
 
 
-# Four QEMUs, each of which may wait for another harness VM on this machine first.
-SCENARIO_DEADLINE = 900.0
+# Five QEMUs, each of which may wait for another harness VM on this machine first.
+SCENARIO_DEADLINE = 1200.0
+
+# What the restored guest calls the port it writes to: the name it saw at boot on LXD 5.19.
+GUEST_SIDE_NAME = f"the guest's first port is named {LEGACY_PORT_NAME!r} in the guest"
+
+
+def assert_the_way_through(through: StepVerdict) -> float:
+    """The state saved on 5.19 loaded into 5.20's configuration less the legacy stub; the
+    guest wrote on to the port it knew, and the host read it from 5.20's ring, in time."""
+    assert through.layout == "lxd-5.20" and through.error is None, through.error
+    assert through.port == PORT_NAME  # the ring LXD 5.20 reads: qemu_serial-chardev
+    assert through.started_after is not None and through.started_after <= ONE_REFRESH
+    assert through.stopped_after_power_off is not None
+    assert any("state loaded from" in line for line in through.timeline), through.timeline
+    assert any(GUEST_SIDE_NAME in line for line in through.timeline), through.timeline
+    return through.started_after
 
 
 @pytest.mark.vm
@@ -111,6 +128,8 @@ def test_the_snapshot_scenario_behaves_as_the_specification_says(
         assert within_a_refresh.started_after <= ONE_REFRESH
     refused = step[Step.RESTORE_UPGRADED]
     assert refused.exit_status == 1 and is_specification_refusal(refused.qemu_output)
+    through = assert_the_way_through(step[Step.RESTORE_RAW_CONF])
+    figures["snapshot: raw.qemu.conf restore -> STARTED on 5.20's ring"] = f"{through:.2f} s"
     assert step[Step.RESTART].port == PORT_NAME
     assert verdict.workdir is not None and not verdict.workdir.exists()
     saved = step[Step.SAVE].saved
@@ -118,3 +137,26 @@ def test_the_snapshot_scenario_behaves_as_the_specification_says(
     figures["snapshot: host upgraded -> STARTED"] = f"{upgrade.started_after:.2f} s"
     figures["snapshot: state saved"] = f"{saved.size / 1e6:.0f} MB in {saved.seconds:.2f} s"
     figures["snapshot: restored -> STARTED"] = f"{pinned.started_after:.2f} s"
+
+
+@pytest.mark.vm
+def test_the_way_through_works_for_lxd_5_0s_agent_in_an_old_snapshot(
+    deb: Path, figures: Figures
+) -> None:
+    image = agent_images([AGENTS["lxd-5.0"]], deb, DEFAULT_RELEASE, print, rebuild=False)["lxd-5.0"]
+    verdict = run(
+        snapshot_and_restore(image, Accel.TCG, BOOT_TIMEOUT, progress=print, old_agent=True),
+        SCENARIO_DEADLINE,
+    )
+    print("\n".join(report.snapshot_lines(verdict)))
+    assert verdict.passed
+    assert [seen.step for seen in verdict.steps] == [
+        Step.BOOT,
+        Step.HOST_UPGRADE,
+        Step.SAVE,
+        Step.RESTORE_UPGRADED,
+        Step.RESTORE_RAW_CONF,
+    ]
+    assert verdict.steps[0].port == LEGACY_PORT_NAME
+    through = assert_the_way_through(verdict.steps[-1])
+    figures["snapshot, LXD 5.0's agent: raw.qemu.conf restore -> STARTED"] = f"{through:.2f} s"

@@ -65,6 +65,7 @@ def test_the_plugins_options_and_marks_are_in_pytests_help(tmp_path: Path) -> No
         "--lxd-artifacts",
         "--lxd-credential",
         "--lxd-nic",
+        "--lxd-raw-qemu-conf",
     ):
         assert option in help_text, option
     marks = run_pytest(tmp_path, "--markers").stdout

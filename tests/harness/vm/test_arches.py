@@ -19,6 +19,7 @@ from lxd_agent_harness.vm.config import (
     VmConfig,
     VmFiles,
     qemu_args,
+    qemu_conf_text,
 )
 from lxd_agent_harness.vm.firmware import Firmware, machine_arg, ovmf_files
 
@@ -51,7 +52,8 @@ def test_an_arm64_image_boots_on_virt_with_its_console_on_the_pl011(tmp_path: Pa
     assert value(args, "-cpu") == guest_machine(Arch.ARM64).tcg_cpu
     assert value(args, "-append") == "root=/dev/vda rw console=ttyAMA0"
     # LXD's serial bus and ports, as on amd64.
-    assert "virtio-serial-pci,id=dev-qemu_serial" in args
+    assert "-readconfig" in args
+    assert 'driver = "virtio-serial-pci"' in qemu_conf_text(config)
 
 
 def test_an_image_of_one_architecture_is_not_booted_as_another(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from lxd_agent_harness.base.errors import (
     VmError,
 )
 from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.qemu_conf import layout_sections, parse_raw_qemu_conf, render
 from lxd_agent_harness.qemu.migration import incoming_uri
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import (
@@ -21,6 +22,8 @@ from lxd_agent_harness.vm.config import (
     VmConfig,
     VmFiles,
     qemu_args,
+    qemu_conf_text,
+    qemu_sections,
 )
 from lxd_agent_harness.vm.firmware import Firmware
 from tests.helpers import unbooted_config
@@ -37,14 +40,38 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
     assert "disk.raw" not in joined  # the base image is only the overlay's backing file
     assert "-nodefaults" in args and "-display none" in joined
     assert "-chardev pty,id=console" in joined
-    layout_args = get_layout("lxd-5.20").qemu_args(16, spice_socket=files.spice_socket)
-    assert " ".join(layout_args) in joined
+    # The layout as LXD passes it: configuration sections, read with -readconfig.
+    assert args[args.index("-readconfig") + 1] == str(files.qemu_conf)
+    assert qemu_conf_text(config) == render(layout_sections(get_layout("lxd-5.20"), 16))
+    assert "virtserialport" not in joined
     # LXD serves SPICE on a unix socket; ours is in the VM's temporary directory.
     assert f"-spice unix=on,addr={files.spice_socket},disable-ticketing=on" in joined
     assert files.spice_socket.parent == files.workdir
     # LXD's RNG: entropy from the host, not gathered by the guest under TCG.
     assert "-device virtio-rng-pci,id=dev-qemu_rng,rng=qemu_rng" in joined
     assert "-object rng-random,id=qemu_rng,filename=/dev/urandom" in joined
+
+
+def test_raw_qemu_conf_changes_the_sections_and_spice_goes_with_its_last_chardev(
+    tmp_path: Path,
+) -> None:
+    config, files = unbooted_config(tmp_path, Accel.TCG)
+    no_stub = replace(
+        config, raw_qemu_conf=tuple(parse_raw_qemu_conf('[device "qemu_serial_legacy"]'))
+    )
+    assert 'device "qemu_serial_legacy"' in qemu_conf_text(config)
+    assert 'device "qemu_serial_legacy"' not in qemu_conf_text(no_stub)
+    assert "-spice" in qemu_args(no_stub, files)
+    no_spice = replace(
+        config,
+        raw_qemu_conf=tuple(
+            parse_raw_qemu_conf(
+                '[chardev "qemu_spice-chardev"]\n[device "qemu_spice"]\n'
+                '[chardev "qemu_spicedir-chardev"]\n[device "qemu_spicedir"]\n'
+            )
+        ),
+    )
+    assert "-spice" not in qemu_args(no_spice, files)
 
 
 def test_a_restore_loads_the_state_onto_the_overlay_the_caller_keeps(tmp_path: Path) -> None:
@@ -78,16 +105,15 @@ def test_a_uefi_boot_keeps_an_overlay_or_restores_only_with_its_variable_store(
 
 
 def test_each_layout_gets_its_own_ring_size_unless_the_boot_overrides_it(tmp_path: Path) -> None:
-    files = VmFiles(tmp_path / "run")
     image = GuestImage(tmp_path / "image")
 
-    def ring_args(layout: str, ring_size: int | None) -> list[str]:
+    def ring_size(layout: str, ring_size: int | None) -> list[str | None]:
         config = VmConfig(get_layout(layout), DirectBoot(image), Accel.TCG, ring_size=ring_size)
-        return [a for a in qemu_args(config, files) if a.startswith("ringbuf,")]
+        return [s.get("size") for s in qemu_sections(config) if s.get("backend") == "ringbuf"]
 
-    assert ring_args("lxd-5.20", None) == ["ringbuf,id=qemu_serial-chardev,size=16"]
-    assert ring_args("incus", None) == ["ringbuf,id=qemu_serial-chardev,size=16384"]
-    assert ring_args("incus", 64) == ["ringbuf,id=qemu_serial-chardev,size=64"]
+    assert ring_size("lxd-5.20", None) == ["16B"]
+    assert ring_size("incus", None) == ["16384B"]
+    assert ring_size("incus", 64) == ["64B"]
 
 
 def test_kvm_gets_the_host_cpu_and_auto_is_refused_undecided(tmp_path: Path) -> None:
