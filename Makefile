@@ -92,7 +92,7 @@ matrix: setup deb
 # The agent's costs next to their floors, in one table: natively, then in one guest (TCG).
 # Figures only, never pass/fail. About 4 minutes; root (a private /dev for the agent's port).
 bench: setup deb
-	$(PY) benchmarks/bench.py
+	PYTHONPATH=. $(PY) benchmarks/bench.py
 
 clean:
 	rm -rf out build dist harness/build *.egg-info harness/*.egg-info *.egg-info .pytest_cache .mypy_cache .ruff_cache .pybuild
