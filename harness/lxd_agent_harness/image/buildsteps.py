@@ -37,14 +37,24 @@ def stop_process_group(proc: subprocess.Popen[str], timeout: float = STEP_STOP_T
 
 
 def run_build_step(
-    command: Sequence[str], progress: Progress, what: str, stdin: IO[str] | None = None
+    command: Sequence[str],
+    progress: Progress,
+    what: str,
+    stdin: IO[str] | None = None,
+    tmpdir: Path | None = None,
 ) -> None:
     """Run a build step, pass its output lines to `progress`, keep the tail for the error.
 
     The step runs in its own session, so that an interrupt of the harness (any exception out of
     here) ends the step and every process it started, never leaving apt running on a tree that
-    is about to be removed.
+    is about to be removed. `tmpdir`: the step's TMPDIR (in the build directory, so that what
+    a step ended half-way leaves there, such as mmdebstrap's `mmdebstrap.gpghome.*`, goes with
+    that directory).
     """
+    env = None
+    if tmpdir is not None:
+        tmpdir.mkdir(exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmpdir)}
     tail: list[str] = []
     with subprocess.Popen(
         command,
@@ -54,6 +64,7 @@ def run_build_step(
         text=True,
         errors="replace",
         start_new_session=True,
+        env=env,
     ) as proc:
         assert proc.stdout is not None
         try:

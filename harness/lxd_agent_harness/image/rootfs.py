@@ -256,6 +256,7 @@ def debian_tree(
             progress,
             f"mmdebstrap of Debian {spec.release} {spec.arch.value} "
             f"(suites {suites} of the host's mirror)",
+            tmpdir=work / "tmp",
         )
         yield tree
     finally:
