@@ -12,6 +12,8 @@ PY := $(VENV)/bin/python
 # Debian's signed shim and GRUB for secure boot; its UEFI boots need OVMF.
 # arm64 guests: QEMU's aarch64 system emulator and its UEFI (AAVMF), and qemu-user-static with
 # arch-test to build their trees (image/foreign.py: nothing is registered on the host).
+# On Debian 12, QEMU's system emulators then come from bookworm-backports, through the host's own
+# mirror (packaging/qemu-from-backports says why: 7.2's multi-threaded TCG crashes guests).
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-systemd \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
@@ -35,6 +37,7 @@ apt:
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	packaging/qemu-from-backports
 
 # Debian's own python3 (not a pyenv one) so that python3-systemd is importable in the venv.
 $(VENV)/.installed: pyproject.toml harness/pyproject.toml | apt

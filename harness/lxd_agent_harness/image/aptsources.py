@@ -139,19 +139,12 @@ def filter_apt_sources(
         host = host_release()
     stanzas: list[dict[str, str]] = []
     seen_suites: set[str] = set()
-    for path in _active_source_files(sources_dir, sources_list):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        parsed = _parse_deb822(text) if path.suffix == ".sources" else _one_line_to_deb822(text)
-        for stanza in parsed:
-            if stanza.get("Enabled", "yes").lower() == "no":
-                continue
-            if "deb" not in stanza.get("Types", "").split():
-                continue
-            suites = stanza.get("Suites", "").split()
-            seen_suites.update(suites)
-            kept = _release_suites(suites, release, host)
-            if kept and stanza.get("URIs"):
-                stanzas.append({**stanza, "Types": "deb", "Suites": " ".join(kept)})
+    for stanza in _active_binary_stanzas(sources_dir, sources_list):
+        suites = stanza.get("Suites", "").split()
+        seen_suites.update(suites)
+        kept = _release_suites(suites, release, host)
+        if kept and stanza.get("URIs"):
+            stanzas.append({**stanza, "Types": "deb", "Suites": " ".join(kept)})
     if not stanzas:
         found = sorted(seen_suites)
         raise AptSourcesError(
@@ -161,6 +154,50 @@ def filter_apt_sources(
             release=release,
             found_suites=found,
         )
+    return _deb822_text(stanzas)
+
+
+def backports_sources(
+    release: str, sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_SOURCES_LIST
+) -> str | None:
+    """A deb822 entry for `release`-backports on the host's own mirror; None if apt has one.
+
+    Made from the host's stanzas that serve `release` itself (their URIs, components and key):
+    packaging/qemu-from-backports adds it to install a QEMU newer than the release's own.
+    """
+    backports = f"{release}-backports"
+    stanzas = _active_binary_stanzas(sources_dir, sources_list)
+    suites = sorted({s for stanza in stanzas for s in stanza.get("Suites", "").split()})
+    if backports in suites:
+        return None
+    mains = [s for s in stanzas if release in s.get("Suites", "").split() and s.get("URIs")]
+    if not mains:
+        raise AptSourcesError(
+            f"looked for an apt source of the suite {release!r} to add {backports} beside it, "
+            f"in {sources_list} and {sources_dir}/*.sources|*.list, and found suites: "
+            f"{', '.join(suites) or 'none'}; add the host's Debian mirror to its apt sources",
+            release=release,
+            found_suites=suites,
+        )
+    return _deb822_text([{**stanza, "Types": "deb", "Suites": backports} for stanza in mains])
+
+
+def _active_binary_stanzas(sources_dir: Path, sources_list: Path) -> list[dict[str, str]]:
+    """The `deb` stanzas apt would use: from its active files, not `Enabled: no`."""
+    stanzas: list[dict[str, str]] = []
+    for path in _active_source_files(sources_dir, sources_list):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parsed = _parse_deb822(text) if path.suffix == ".sources" else _one_line_to_deb822(text)
+        stanzas += [
+            stanza
+            for stanza in parsed
+            if stanza.get("Enabled", "yes").lower() != "no"
+            and "deb" in stanza.get("Types", "").split()
+        ]
+    return stanzas
+
+
+def _deb822_text(stanzas: list[dict[str, str]]) -> str:
     return "\n".join(
         "".join(f"{name}: {value}\n" for name, value in stanza.items()) for stanza in stanzas
     )

@@ -9,6 +9,7 @@ import pytest
 
 from lxd_agent_harness.image.aptsources import (
     AptSourcesError,
+    backports_sources,
     filter_apt_sources,
     host_release,
     source_suites,
@@ -122,3 +123,37 @@ def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:
     )
     assert host_release(os_release) == "bookworm"
     assert host_release(tmp_path / "missing") == ""
+
+
+def test_backports_come_from_the_stanzas_that_serve_the_release_itself(tmp_path: Path) -> None:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "debian.sources").write_text(SOURCES)
+    listed = tmp_path / "sources.list"
+    listed.write_text("deb [signed-by=/k.gpg] http://list.invalid/debian bookworm main contrib\n")
+    text = backports_sources("bookworm", d, listed)
+    assert text is not None
+    stanzas = [dict(line.split(": ", 1) for line in s.splitlines()) for s in text.split("\n\n")]
+    # Only the stanzas with the suite `bookworm` itself: not -security, not the disabled one.
+    assert [(s["URIs"], s["Suites"], s["Components"], s.get("Signed-By")) for s in stanzas] == [
+        ("http://list.invalid/debian", "bookworm-backports", "main contrib", "/k.gpg"),
+        (
+            "http://mirror.invalid/debian",
+            "bookworm-backports",
+            "main",
+            "/usr/share/keyrings/debian-archive-keyring.gpg",
+        ),
+    ]
+    assert {s["Types"] for s in stanzas} == {"deb"}
+
+
+def test_backports_already_in_the_sources_are_not_added_twice(tmp_path: Path) -> None:
+    # old.list in _sources_dir already has bookworm-backports.
+    assert backports_sources("bookworm", _sources_dir(tmp_path), tmp_path / "missing.list") is None
+
+
+def test_backports_with_no_source_of_the_release_name_what_was_found(tmp_path: Path) -> None:
+    with pytest.raises(AptSourcesError) as caught:
+        backports_sources("buster", _sources_dir(tmp_path), tmp_path / "missing.list")
+    assert caught.value.release == "buster"
+    assert "bookworm" in caught.value.found_suites and "buster" not in caught.value.found_suites
