@@ -112,10 +112,14 @@ def _release_suites(suites: Iterable[str], release: str, host: str) -> list[str]
     """The suites of one stanza for `release`: its own, or the host's with the codename swapped.
 
     `bookworm-security` becomes `trixie-security` for a trixie guest on a bookworm host; suites
-    of other releases and of third-party repositories (`nodistro`) are dropped.
+    of other releases and of third-party repositories (`nodistro`) are dropped, and so are
+    backports: a guest is the release as Debian ships it, and an old release's backports leave
+    the mirrors (bullseye-backports is gone: a host's bookworm-backports, renamed, failed apt).
     """
     kept: list[str] = []
     for suite in suites:
+        if "-backports" in suite:
+            continue
         if _suite_belongs(suite, release):
             kept.append(suite)
         elif host and _suite_belongs(suite, host):

@@ -49,7 +49,9 @@ def _sources_dir(tmp_path: Path) -> Path:
         "Types: deb\nURIs: http://disabled.invalid/\nSuites: bookworm\nComponents: main\n"
     )
     (d / "old.list").write_text(
-        "deb [signed-by=/k.gpg arch=amd64] http://list.invalid/debian bookworm-backports main\n"
+        "deb [signed-by=/k.gpg arch=amd64] http://list.invalid/debian "
+        "bookworm-proposed-updates main\n"
+        "deb http://list.invalid/debian bookworm-backports main  # never for a guest\n"
         "deb-src http://list.invalid/debian bookworm main\n"
         "deb http://list.invalid/debian bullseye main  # another release\n"
     )
@@ -70,7 +72,8 @@ def test_sources_keep_only_the_release_suites_of_active_binary_stanzas(tmp_path:
     assert "off.invalid" not in text
     assert "disabled.invalid" not in text
     assert "bullseye" not in text
-    assert "Signed-By: /k.gpg" in text and "Suites: bookworm-backports" in text
+    assert "Signed-By: /k.gpg" in text and "Suites: bookworm-proposed-updates" in text
+    assert "backports" not in text
     assert len(stanzas) == 3
 
 
@@ -84,12 +87,12 @@ def test_sources_for_another_release_swap_only_the_hosts_codename(tmp_path: Path
     assert "Suites: trixie trixie-updates\n" in stanzas[0]
     assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in stanzas[0]
     assert "Suites: trixie-security\n" in stanzas[1]
-    assert "Suites: trixie-backports\n" in stanzas[2] and "Signed-By: /k.gpg" in stanzas[2]
+    assert "Suites: trixie-proposed-updates\n" in stanzas[2] and "Signed-By: /k.gpg" in stanzas[2]
     assert source_suites(text) == [
         "trixie",
         "trixie-updates",
         "trixie-security",
-        "trixie-backports",
+        "trixie-proposed-updates",
     ]
     assert "bookworm" not in text and "bullseye" not in text and "nodistro" not in text
     assert len(stanzas) == 3
@@ -99,14 +102,28 @@ def test_sources_for_bullseye_come_from_the_same_mirror(tmp_path: Path) -> None:
     text = filter_apt_sources(
         "bullseye", _sources_dir(tmp_path), tmp_path / "missing.list", host="bookworm"
     )
-    # old.list's own bullseye line is kept too: it is a source for the release asked for.
+    # old.list's own bullseye line is kept too: it is a source for the release asked for. Its
+    # bookworm-backports is not renamed bullseye-backports: guests get no backports.
     assert source_suites(text) == [
         "bullseye",
         "bullseye-updates",
         "bullseye-security",
-        "bullseye-backports",
+        "bullseye-proposed-updates",
         "bullseye",
     ]
+
+
+def test_a_hosts_backports_never_reach_a_guest(tmp_path: Path) -> None:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "debian.sources").write_text(SOURCES)
+    (d / "lxd-agent-backports.sources").write_text(
+        "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm-backports\n"
+        "Components: main\n"
+    )
+    for release in ("bullseye", "bookworm", "trixie"):
+        text = filter_apt_sources(release, d, tmp_path / "missing.list", host="bookworm")
+        assert not [s for s in source_suites(text) if "backports" in s], text
 
 
 def test_sources_on_a_host_of_unknown_release_name_what_was_found(tmp_path: Path) -> None:
