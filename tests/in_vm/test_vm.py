@@ -24,11 +24,14 @@ from lxd_agent_harness.lxd import monitor
 from lxd_agent_harness.testing.guest import LxdVm
 from lxd_agent_harness.vm.config import GuestImage
 from lxd_agent_harness.vm.instance import Vm
+from tests.harness.vm.test_config import DEBIAN_12_QEMU
+from tests.helpers import run
 from tests.vms import (
     BOOT_TIMEOUT,
     SEED_BOOT_TIMEOUT,
     STOP_TIMEOUT,
     Figures,
+    booted,
     checked_boot,
     multi_user_after,
 )
@@ -77,6 +80,35 @@ def test_lxd_5_19_falls_back_to_the_legacy_port(lxd_vm: LxdVm, figures: Figures)
 
 
 # Ours on `bridged`: a cell of the compatibility matrix (tests/harness/scenarios/test_matrix.py).
+
+
+# -- QEMU before 8.1 --------------------------------------------------------------------------
+
+
+def test_a_qemu_older_than_8_1_runs_the_vcpus_on_one_thread_and_the_timeline_says_why(
+    guest_image: GuestImage, monkeypatch: pytest.MonkeyPatch, figures: Figures
+) -> None:
+    """The harness as it runs under Debian 12's own QEMU 7.2 (told it is, by its version line)."""
+    asked: list[str] = []
+
+    def debian_12_qemu(binary: str) -> str:
+        asked.append(binary)
+        return DEBIAN_12_QEMU
+
+    monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", debian_12_qemu)
+    monkeypatch.setattr("lxd_agent_harness.vm.instance.qemu_version", debian_12_qemu)
+
+    async def scenario() -> None:
+        async with booted(guest_image, "lxd-5.20") as vm:
+            argv = Path(f"/proc/{vm.qemu.pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"-accel") + 1] == b"tcg,thread=single"
+            started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
+            figures["2 vCPUs on one TCG thread: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
+            notes = [line for line in vm.render_timeline() if "older than 8.1" in line]
+            assert len(notes) == 1 and "the 2 vCPUs share one thread" in notes[0], notes
+
+    run(scenario(), BOOT_TIMEOUT + STOP_TIMEOUT)
+    assert asked and set(asked) == {"qemu-system-x86_64"}
 
 
 # -- the NoCloud install path ------------------------------------------------------------------

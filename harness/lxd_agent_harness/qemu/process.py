@@ -18,7 +18,9 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +33,7 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.events import EventFilter, EventNames
 from qemu.qmp.message import Message
 
-from lxd_agent_harness.base.errors import QemuError
+from lxd_agent_harness.base.errors import QemuError, VmError
 
 DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
 
@@ -43,6 +45,26 @@ DEFAULT_EVENT_BACKLOG = 1000
 OUTPUT_LINES = 10
 
 _PR_SET_PDEATHSIG = 1
+
+
+@functools.lru_cache(maxsize=None)
+def qemu_version(binary: str = DEFAULT_QEMU_BINARY) -> str:
+    """QEMU's own version line (`QEMU emulator version 10.0.2 (Debian ...)`)."""
+    try:
+        done = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise VmError(
+            f"could not ask {binary} for its version ({e}); install Debian's qemu-system-x86"
+        ) from None
+    return done.stdout.splitlines()[0] if done.stdout else ""
+
+
+def version_number(version_line: str) -> tuple[int, int] | None:
+    """(major, minor) from QEMU's version line; None if the line does not say."""
+    match = re.search(r"version (\d+)\.(\d+)", version_line)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 class BoundedEventListener(EventListener):

@@ -25,6 +25,7 @@ from lxd_agent_harness.lxd.qemu_conf import (
     render,
 )
 from lxd_agent_harness.qemu.migration import incoming_uri
+from lxd_agent_harness.qemu.process import qemu_version, version_number
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.arches import GuestMachine, guest_machine
 from lxd_agent_harness.vm.firmware import Firmware, firmware_args, machine_arg
@@ -35,6 +36,13 @@ ARCH_FILE = "arch"
 DEFAULT_MEMORY_MIB = 1024
 # Two vCPUs use both host cores under multi-threaded TCG: login in 11 s instead of 22 s.
 DEFAULT_CPUS = 2
+# QEMU before 8.1 could translate guest code while another vCPU thread was rewriting it and keep
+# the stale translation (fixed by "accel/tcg: Always lock pages before translation"): a Linux
+# guest patching a static key through an int3 then dies of "int3" at random (seen once in CI on
+# Debian 12's 7.2: a Debian 13 guest, 1.3 s into its boot). Under an older QEMU a guest with more
+# than one vCPU runs them on one thread: slower (that guest to STARTED in 31 s instead of 21 s
+# under 7.2) but never stale.
+MTTCG_FIXED_IN = (8, 1)
 
 
 class Network(str, enum.Enum):
@@ -251,6 +259,23 @@ def uses_spice(config: VmConfig) -> bool:
     )
 
 
+def tcg_accel(version_line: str, cpus: int) -> tuple[str, str | None]:
+    """`-accel` under TCG for the QEMU whose version line is given, and why, if not the default.
+
+    Multi-threaded TCG (QEMU's default) unless the QEMU predates `MTTCG_FIXED_IN` and the guest
+    has more than one vCPU; a QEMU whose version cannot be read keeps the default.
+    """
+    version = version_number(version_line)
+    if cpus < 2 or version is None or version >= MTTCG_FIXED_IN:
+        return "tcg", None
+    fixed = ".".join(map(str, MTTCG_FIXED_IN))
+    return "tcg,thread=single", (
+        f"QEMU {version[0]}.{version[1]} is older than {fixed}: its multi-threaded TCG can run a "
+        f"stale translation of kernel text a vCPU is patching, so the {cpus} vCPUs share one "
+        f"thread (slower; install QEMU {fixed} or later, e.g. from bookworm-backports)"
+    )
+
+
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     """QEMU's whole command line after the binary, top to bottom.
 
@@ -281,7 +306,7 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         "-S",
         "-name", f"lxd-agent-harness-{config.layout.name}",
         "-machine", machine,
-        "-accel", "kvm" if kvm else "tcg",
+        "-accel", "kvm" if kvm else tcg_accel(qemu_version(guest.qemu_binary), config.cpus)[0],
         # Under TCG the model measured fastest for the architecture (vm.arches).
         "-cpu", "host" if kvm else guest.tcg_cpu,
         "-m", str(config.memory_mib),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from lxd_agent_harness.base.cache import cache_root
 from lxd_agent_harness.base.errors import GuestStopped, HarnessError, QemuError, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.layouts import get_layout
-from lxd_agent_harness.qemu.process import DEFAULT_QEMU_BINARY
+from lxd_agent_harness.qemu.process import DEFAULT_QEMU_BINARY, qemu_version
 from lxd_agent_harness.vm.accel import Accel, AccelChoice
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.console import SHELL_PROMPT
@@ -44,10 +43,8 @@ def _host_identity() -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     qemu = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        qemu = subprocess.run(
-            [DEFAULT_QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.splitlines()[0]
+    with contextlib.suppress(VmError):
+        qemu = qemu_version(DEFAULT_QEMU_BINARY)
     return {"kernel": os.uname().release, "qemu": qemu, "cpu": cpu}
 
 

@@ -28,11 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import hashlib
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ from lxd_agent_harness.base.errors import HarnessError, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.monitor import ONE_REFRESH
 from lxd_agent_harness.qemu.disk import make_overlay
-from lxd_agent_harness.qemu.process import DEFAULT_QEMU_BINARY
+from lxd_agent_harness.qemu.process import qemu_version
 from lxd_agent_harness.vm.config import DirectBoot, FirmwareBoot, VmConfig
 from lxd_agent_harness.vm.firmware import machine_arg, ovmf_files
 from lxd_agent_harness.vm.instance import BOOT_TIMEOUT, Vm
@@ -86,20 +84,6 @@ class WarmStart:
 class WarmStartError(HarnessError):
     """A guest could not be saved for warm starts (the reason is in the message); the caller
     boots cold."""
-
-
-@functools.lru_cache(maxsize=None)
-def qemu_version(binary: str = DEFAULT_QEMU_BINARY) -> str:
-    """QEMU's own version line: a state saved by one QEMU is only ever loaded by the same."""
-    try:
-        done = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        raise VmError(
-            f"could not ask {binary} for its version ({e}); install Debian's qemu-system-x86"
-        ) from None
-    return done.stdout.splitlines()[0] if done.stdout else ""
 
 
 def _file_identity(path: Path) -> dict[str, object]:

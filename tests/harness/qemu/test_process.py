@@ -10,7 +10,13 @@ import pytest
 from qemu.qmp.message import Message
 
 from lxd_agent_harness.base.errors import QemuError
-from lxd_agent_harness.qemu.process import BoundedEventListener, QemuProcess, process_exists
+from lxd_agent_harness.qemu.process import (
+    BoundedEventListener,
+    QemuProcess,
+    process_exists,
+    qemu_version,
+    version_number,
+)
 from tests.helpers import MACHINE_NONE, run
 
 
@@ -122,3 +128,25 @@ def test_default_qmp_listener_is_bounded() -> None:
             assert qemu.qmp.events.dropped > 0
 
     run(scenario())
+
+
+def test_the_installed_qemu_says_a_version_we_can_read() -> None:
+    line = qemu_version()
+    assert line.startswith("QEMU emulator version "), line
+    assert version_number(line) is not None
+
+
+@pytest.mark.parametrize(
+    ("line", "number"),
+    [
+        ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", (7, 2)),
+        ("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)", (10, 0)),
+        ("QEMU emulator version 8.1.0", (8, 1)),
+        ("", None),
+        ("qemu-system-x86_64: not a version line", None),
+    ],
+)
+def test_version_numbers_are_read_from_qemus_version_line(
+    line: str, number: tuple[int, int] | None
+) -> None:
+    assert version_number(line) == number

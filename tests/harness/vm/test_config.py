@@ -24,6 +24,7 @@ from lxd_agent_harness.vm.config import (
     qemu_args,
     qemu_conf_text,
     qemu_sections,
+    tcg_accel,
 )
 from lxd_agent_harness.vm.firmware import Firmware
 from tests.helpers import unbooted_config
@@ -35,7 +36,7 @@ def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_pa
     joined = " ".join(args)
     assert args[0] == "-S"
     assert "-action shutdown=pause,reboot=shutdown" in joined
-    assert "-accel tcg" in joined and "-cpu host" not in joined
+    assert args[args.index("-accel") + 1] == "tcg" and "-cpu host" not in joined
     assert f"file={files.overlay},format=qcow2" in joined
     assert "disk.raw" not in joined  # the base image is only the overlay's backing file
     assert "-nodefaults" in args and "-display none" in joined
@@ -143,3 +144,49 @@ def test_a_bios_boot_has_no_pflash(tmp_path: Path) -> None:
     boot = FirmwareBoot(tmp_path / "user.qcow2", "qcow2", Firmware.BIOS)
     args = qemu_args(VmConfig(get_layout("lxd-5.20"), boot, Accel.TCG), VmFiles(tmp_path))
     assert not any("if=pflash" in arg for arg in args) and "-kernel" not in args
+
+
+DEBIAN_12_QEMU = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+BACKPORTS_QEMU = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
+
+
+@pytest.mark.parametrize(
+    ("version_line", "cpus", "accel"),
+    [
+        (DEBIAN_12_QEMU, 2, "tcg,thread=single"),  # the race: vCPUs on one thread
+        (DEBIAN_12_QEMU, 1, "tcg"),  # one vCPU has nobody to race with
+        ("QEMU emulator version 8.0.4", 4, "tcg,thread=single"),
+        ("QEMU emulator version 8.1.0", 2, "tcg"),  # the fix's release
+        (BACKPORTS_QEMU, 2, "tcg"),
+        ("something else entirely", 2, "tcg"),  # unknown: QEMU's default
+    ],
+)
+def test_tcg_runs_vcpus_on_one_thread_only_under_a_qemu_with_the_stale_code_race(
+    version_line: str, cpus: int, accel: str
+) -> None:
+    chosen, why = tcg_accel(version_line, cpus)
+    assert chosen == accel
+    assert (why is None) == (accel == "tcg")
+
+
+def test_the_reason_names_the_qemu_and_the_version_that_fixed_it() -> None:
+    _, why = tcg_accel(DEBIAN_12_QEMU, 2)
+    assert why is not None and "QEMU 7.2 is older than 8.1" in why and "2 vCPUs" in why
+
+
+def test_the_command_line_asks_the_installed_qemu_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, files = unbooted_config(tmp_path, Accel.TCG)
+    asked: list[str] = []
+
+    def old_qemu(binary: str) -> str:
+        asked.append(binary)
+        return DEBIAN_12_QEMU
+
+    monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", old_qemu)
+    args = qemu_args(config, files)
+    assert args[args.index("-accel") + 1] == "tcg,thread=single"
+    assert asked == [config.machine.qemu_binary]
+    kvm = qemu_args(replace(config, accel=Accel.KVM), files)
+    assert kvm[kvm.index("-accel") + 1] == "kvm" and asked == [config.machine.qemu_binary]
