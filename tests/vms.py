@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Dict
 
-from lxd_agent.protocol import STOPPED
+from lxd_agent.protocol import STARTED, STOPPED
 from lxd_agent_harness.cli.report import failure_lines
 from lxd_agent_harness.lxd import monitor
 from lxd_agent_harness.lxd.layouts import get_layout
@@ -132,6 +132,21 @@ async def power_off_and_wait_stopped(vm: Vm, port: str) -> float:
     after = stopped.seconds - powered_down
     assert after >= 0, f"STOPPED at {stopped.seconds:.2f} s came before the power button"
     return after
+
+
+async def kill_and_wait_restarted(
+    vm: Vm, port: str, stop_timeout: float = STOP_TIMEOUT, restart_timeout: float = STOP_TIMEOUT
+) -> str:
+    """SIGKILL the agent: it cannot say STOPPED, the unit's stop hook does, and Restart=on-failure
+    brings it back (after RestartSec=5s). The figure: seconds from the kill to STOPPED, and to
+    STARTED again."""
+    killed_at = time.monotonic()
+    kill = await vm.run("systemctl kill -s KILL lxd-agent")
+    assert kill.status == 0, kill.output
+    await vm.wait_for_state(STOPPED, port, timeout=stop_timeout)
+    stopped = time.monotonic() - killed_at
+    await vm.wait_for_state(STARTED, port, timeout=restart_timeout)
+    return f"{stopped:.2f} s, {time.monotonic() - killed_at:.2f} s"
 
 
 async def multi_user_after(vm: Vm) -> float:

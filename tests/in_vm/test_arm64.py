@@ -24,7 +24,7 @@ from lxd_agent_harness.lxd import monitor
 from lxd_agent_harness.vm.config import GuestImage
 from tests.helpers import harness_command, run
 from tests.in_vm.test_releases import EXPOSURE_BOUND, exposure
-from tests.vms import Figures, booted, power_off_and_wait_stopped
+from tests.vms import Figures, booted, kill_and_wait_restarted, power_off_and_wait_stopped
 
 pytestmark = pytest.mark.vm
 
@@ -57,15 +57,8 @@ def test_arm64_reports_at_boot_after_a_kill_and_at_power_off(
             score = await exposure(vm)
             figures["arm64: systemd-analyze security exposure"] = f"{score}"
             assert score <= EXPOSURE_BOUND
-            # SIGKILL: the unit's stop hook says STOPPED, Restart=on-failure brings it back.
-            killed_at = time.monotonic()
-            kill = await vm.run("systemctl kill -s KILL lxd-agent")
-            assert kill.status == 0, kill.output
-            await vm.wait_for_state(STOPPED, PORT_NAME, timeout=ARM64_STOP_TIMEOUT)
-            stopped_after = time.monotonic() - killed_at
-            await vm.wait_for_state(STARTED, PORT_NAME, timeout=ARM64_STOP_TIMEOUT)
-            figures["arm64: kill -> STOPPED, STARTED again"] = (
-                f"{stopped_after:.2f} s, {time.monotonic() - killed_at:.2f} s"
+            figures["arm64: kill -> STOPPED, STARTED again"] = await kill_and_wait_restarted(
+                vm, PORT_NAME, ARM64_STOP_TIMEOUT, ARM64_STOP_TIMEOUT
             )
             off = await power_off_and_wait_stopped(vm, PORT_NAME)
             figures["arm64, lxd-5.20: power-off -> STOPPED"] = f"{off:.2f} s"

@@ -25,10 +25,10 @@ from lxd_agent_harness.vm.instance import Vm
 from tests.helpers import run
 from tests.vms import (
     BOOT_TIMEOUT,
-    STOP_TIMEOUT,
     TEST_DEADLINE,
     Figures,
     booted,
+    kill_and_wait_restarted,
     power_off_and_wait_stopped,
     state_changes,
     wait_for_instance_state,
@@ -65,14 +65,8 @@ async def restart_kill_and_power_off(vm: Vm, figures: Figures, name: str) -> Non
     await vm.wait_for_state(STARTED, INCUS_PORT_NAME, timeout=ONE_REFRESH)
     figures[f"{name}: host restart -> STARTED"] = f"{time.monotonic() - before:.2f} s"
 
-    killed_at = time.monotonic()
-    kill = await vm.run("systemctl kill -s KILL lxd-agent")
-    assert kill.status == 0, kill.output
-    await vm.wait_for_state(STOPPED, INCUS_PORT_NAME, timeout=STOP_TIMEOUT)
-    stopped = time.monotonic() - killed_at
-    await vm.wait_for_state(STARTED, INCUS_PORT_NAME, timeout=AGENT_RESTART_TIMEOUT)
-    figures[f"{name}: kill -> STOPPED, STARTED again"] = (
-        f"{stopped:.2f} s, {time.monotonic() - killed_at:.2f} s"
+    figures[f"{name}: kill -> STOPPED, STARTED again"] = await kill_and_wait_restarted(
+        vm, INCUS_PORT_NAME, restart_timeout=AGENT_RESTART_TIMEOUT
     )
     off = await power_off_and_wait_stopped(vm, INCUS_PORT_NAME)
     figures[f"{name}: power-off -> STOPPED"] = f"{off:.2f} s"
