@@ -41,10 +41,17 @@ Components: main
 """
 
 
-def _sources_dir(tmp_path: Path) -> Path:
+def _debian_sources_dir(tmp_path: Path) -> Path:
+    """A sources.list.d with SOURCES only."""
     d = tmp_path / "sources.list.d"
     d.mkdir()
     (d / "debian.sources").write_text(SOURCES)
+    return d
+
+
+def _sources_dir(tmp_path: Path) -> Path:
+    """SOURCES, a disabled file, and a one-line list with options, backports and deb-src."""
+    d = _debian_sources_dir(tmp_path)
     (d / "thirdparty.sources.disabled-by-farm").write_text(
         "Types: deb\nURIs: http://disabled.invalid/\nSuites: bookworm\nComponents: main\n"
     )
@@ -114,9 +121,7 @@ def test_sources_for_bullseye_come_from_the_same_mirror(tmp_path: Path) -> None:
 
 
 def test_a_hosts_backports_never_reach_a_guest(tmp_path: Path) -> None:
-    d = tmp_path / "sources.list.d"
-    d.mkdir()
-    (d / "debian.sources").write_text(SOURCES)
+    d = _sources_dir(tmp_path)  # old.list has bookworm-backports, one-line
     (d / "lxd-agent-backports.sources").write_text(
         "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm-backports\n"
         "Components: main\n"
@@ -143,9 +148,7 @@ def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:
 
 
 def test_backports_come_from_the_stanzas_that_serve_the_release_itself(tmp_path: Path) -> None:
-    d = tmp_path / "sources.list.d"
-    d.mkdir()
-    (d / "debian.sources").write_text(SOURCES)
+    d = _debian_sources_dir(tmp_path)
     listed = tmp_path / "sources.list"
     listed.write_text("deb [signed-by=/k.gpg] http://list.invalid/debian bookworm main contrib\n")
     text = backports_sources("bookworm", d, listed)
