@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent_harness.base.errors import GuestPanicked
 from lxd_agent_harness.image.deb import DEB_PACKAGE
 from lxd_agent_harness.image.rootfs import BASE_PACKAGES, CLOUD_INIT_PACKAGES, ImageSpec
 from lxd_agent_harness.image.rootfs import build_image as build_guest_image
@@ -109,6 +110,28 @@ def test_a_qemu_older_than_8_1_runs_the_vcpus_on_one_thread_and_the_timeline_say
 
     run(scenario(), BOOT_TIMEOUT + STOP_TIMEOUT)
     assert asked and set(asked) == {"qemu-system-x86_64"}
+
+
+def test_a_kernel_panic_in_the_guest_ends_every_wait_at_once_with_the_kernels_reason(
+    guest_image: GuestImage,
+) -> None:
+    """What a guest that dies looks like to a test: a GuestPanicked, not a 120 s timeout."""
+
+    async def scenario() -> None:
+        async with booted(guest_image, "lxd-5.20") as vm:
+            await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
+            await vm.login(timeout=BOOT_TIMEOUT)
+            # Root may always write the trigger, whatever kernel.sysrq allows.
+            with pytest.raises(GuestPanicked) as at_the_prompt:
+                await vm.run("echo c > /proc/sysrq-trigger", timeout=BOOT_TIMEOUT)
+            assert at_the_prompt.value.panic == "sysrq triggered crash", at_the_prompt.value
+            assert any("sysrq triggered crash" in line for line in at_the_prompt.value.console_tail)
+            # A wait on the ring too: the agent never got to say STOPPED.
+            with pytest.raises(GuestPanicked):
+                await vm.wait_for_state(STOPPED, PORT_NAME, timeout=BOOT_TIMEOUT)
+            assert any("kernel panic: sysrq" in line for line in vm.render_timeline())
+
+    run(scenario(), 2 * BOOT_TIMEOUT + STOP_TIMEOUT)
 
 
 # -- the NoCloud install path ------------------------------------------------------------------

@@ -101,6 +101,17 @@ class GuestStopped(VmError):
         return self.run_state == "internal-error"
 
 
+class GuestPanicked(VmError):
+    """The guest's kernel panicked (its console says so): nothing it was to do will happen."""
+
+    def __init__(self, message: str, *, panic: str, oops: str, **fields: Sequence[str]) -> None:
+        super().__init__(message, **fields)
+        self.panic = panic
+        """The kernel's reason, after `Kernel panic - not syncing: ` (`Fatal exception`)."""
+        self.oops = oops
+        """The first oops line before it (`Oops: int3: 0000 [#1] PREEMPT SMP NOPTI`), "" if none."""
+
+
 class GuestStateMismatch(VmError):
     """What the guest's own systemd says did not hold (the boot, the agent's unit)."""
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import serial
 
-from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.base.errors import GuestPanicked, VmError
 
 LOGIN_PROMPT = re.compile(rb"login: ")
 """getty's prompt (or the autologin's line that repeats it): the boot got that far."""
@@ -35,6 +35,10 @@ CONSOLE_MILESTONES = (
     ("login prompt", LOGIN_PROMPT),
 )
 SHELL_PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n]*# ")
+KERNEL_PANIC = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+# What the kernel prints first when it dies: `Oops: int3: 0000 [#1] ...` (6.12), `int3: 0000
+# [#1] ...` and `general protection fault: 0000 [#1]` (6.1), `BUG: kernel NULL pointer ...`.
+KERNEL_OOPS = re.compile(rb"\] ((?:Oops: |BUG: )[^\r\n]*|[\w ]+: [0-9a-f]{4} \[#1\][^\r\n]*)")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 # A guest can print without end: keep this much of the console in memory (the log has it all).
@@ -72,6 +76,8 @@ class SerialConsole:
         self._base = 0  # offset of _data[0] in everything ever received
         self._pending_milestones = list(CONSOLE_MILESTONES)
         self.milestones: dict[str, float] = {}
+        self.panic: GuestPanicked | None = None
+        """Set once the console shows a kernel panic; every wait raises it from then on."""
 
     def __enter__(self) -> SerialConsole:
         try:
@@ -123,6 +129,8 @@ class SerialConsole:
                         del self._data[:cut]
                         self._base += cut
                     self._check_milestones()
+                    if self.panic is None:
+                        self._check_panic(len(chunk))
 
     def _check_milestones(self) -> None:
         # Milestones come in boot order; only the tail of the buffer needs looking at.
@@ -134,6 +142,27 @@ class SerialConsole:
             self.milestones[name] = time.monotonic()
             if self._on_milestone is not None:
                 self._on_milestone(name)
+
+    def _check_panic(self, new_bytes: int) -> None:
+        panic = KERNEL_PANIC.search(self._data, max(0, len(self._data) - new_bytes - 256))
+        if panic is None or panic.end() >= len(self._data):
+            return  # not yet, or its line still coming
+        oops = KERNEL_OOPS.search(self._data, max(0, panic.start() - 64 * 1024), panic.start())
+        reason = panic.group(1).decode(errors="replace").strip()
+        first = oops.group(1).decode(errors="replace").strip() if oops else ""
+        self.panic = GuestPanicked(
+            f"the guest's kernel panicked: {reason}" + (f" (after {first!r})" if first else ""),
+            panic=reason,
+            oops=first,
+        )
+        if self._on_milestone is not None:
+            self._on_milestone(f"kernel panic: {reason}")
+
+    def raise_if_panicked(self) -> None:
+        """Raise the guest's kernel panic, with the console tail, if there was one."""
+        if self.panic is not None:
+            self.panic.console_tail = self.tail_lines()
+            raise self.panic
 
     def search(self, pattern: re.Pattern[bytes], start: int) -> re.Match[bytes] | None:
         with self._lock:
@@ -161,6 +190,7 @@ class SerialConsole:
             match = self.search(pattern, start)
             if match is not None:
                 return self._base + match.start(), self._base + match.end()
+            self.raise_if_panicked()
             if time.monotonic() > deadline:
                 raise VmError(
                     f"waited {timeout:g} s for {what or pattern.pattern!r} on the guest console "

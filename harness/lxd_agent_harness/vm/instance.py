@@ -484,4 +484,6 @@ class Vm:
             self._raise_if_stopped(
                 status, powered_off="the guest powered off before the awaited state was seen"
             )
+            if self._console is not None:
+                self._console.raise_if_panicked()
             await asyncio.sleep(0.5)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_agent_harness.base.errors import VmError
+from lxd_agent_harness.base.errors import GuestPanicked, VmError
 from lxd_agent_harness.vm.console import ConsoleShell, NoAutologin, SerialConsole
 
 
@@ -67,3 +67,54 @@ def test_the_last_match_of_a_pattern_is_found_with_its_groups(tmp_path: Path) ->
     finally:
         os.close(master)
         os.close(slave)
+
+
+# The console of the trixie guest that died in CI under QEMU 7.2 (shortened).
+PANIC_CONSOLE = (
+    b"[    1.260610] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\r\n"
+    b"[    1.260620] RIP: 0010:hrtimer_start_range_ns+0x1c6/0x430\r\n"
+    b"[    1.261259] ---[ end trace 0000000000000000 ]---\r\n"
+    b"[    1.261484] Kernel panic - not syncing: Fatal exception in interrupt\r\n"
+)
+
+
+def test_a_kernel_panic_ends_a_console_wait_at_once_and_names_the_oops(tmp_path: Path) -> None:
+    seen: list[str] = []
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log", seen.append) as console:
+            # The panic's line in two writes: only a whole line counts.
+            os.write(master, PANIC_CONSOLE[:-20])
+            time.sleep(0.3)
+            assert console.panic is None
+            os.write(master, PANIC_CONSOLE[-20:])
+
+            async def wait() -> None:
+                # A timeout would be a plain VmError, after 60 s.
+                with pytest.raises(GuestPanicked) as caught:
+                    await console.wait_for(re.compile(rb"login: "), 60, what="a login prompt")
+                assert caught.value.panic == "Fatal exception in interrupt"
+                assert caught.value.oops == "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
+                assert caught.value.console_tail[-1].endswith("Fatal exception in interrupt")
+
+            asyncio.run(wait())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert seen == ["kernel panic: Fatal exception in interrupt"]
+
+
+def test_a_panic_without_an_oops_line_before_it_has_an_empty_oops(tmp_path: Path) -> None:
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
+            os.write(master, b"[    0.9] Kernel panic - not syncing: VFS: Unable to mount root\r\n")
+            deadline = time.monotonic() + 5
+            while console.panic is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with pytest.raises(GuestPanicked) as caught:
+                console.raise_if_panicked()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert caught.value.panic == "VFS: Unable to mount root" and caught.value.oops == ""
