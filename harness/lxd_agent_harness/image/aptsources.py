@@ -22,6 +22,8 @@ DEFAULT_RELEASE = "bookworm"
 OS_RELEASE = Path("/etc/os-release")
 
 APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
+DEBIAN_KEYRING = "debian-archive-keyring"
+"""In a Debian stanza's Signed-By (or none: apt's trusted keys, Debian's on a Debian host)."""
 APT_SOURCES_LIST = Path("/etc/apt/sources.list")
 
 
@@ -166,19 +168,27 @@ def backports_sources(
 ) -> str | None:
     """A deb822 entry for `release`-backports on the host's own mirror; None if apt has one.
 
-    Made from the host's stanzas that serve `release` itself (their URIs, components and key):
-    packaging/qemu-from-backports adds it to install a QEMU newer than the release's own.
+    Made from the host's Debian stanzas that serve `release` itself (their URIs, components and
+    key): packaging/qemu-from-backports adds it to install a QEMU newer than the release's own.
+    A stanza signed by another key than Debian's archive keyring is another vendor's (Docker's
+    and others use the suite `bookworm` too), whose repository has no backports.
     """
     backports = f"{release}-backports"
     stanzas = _active_binary_stanzas(sources_dir, sources_list)
     suites = sorted({s for stanza in stanzas for s in stanza.get("Suites", "").split()})
     if backports in suites:
         return None
-    mains = [s for s in stanzas if release in s.get("Suites", "").split() and s.get("URIs")]
+    mains = [
+        s
+        for s in stanzas
+        if release in s.get("Suites", "").split()
+        and s.get("URIs")
+        and DEBIAN_KEYRING in s.get("Signed-By", DEBIAN_KEYRING)
+    ]
     if not mains:
         raise AptSourcesError(
-            f"looked for an apt source of the suite {release!r} to add {backports} beside it, "
-            f"in {sources_list} and {sources_dir}/*.sources|*.list, and found suites: "
+            f"looked for a Debian apt source of the suite {release!r} to add {backports} beside "
+            f"it, in {sources_list} and {sources_dir}/*.sources|*.list, and found suites: "
             f"{', '.join(suites) or 'none'}; add the host's Debian mirror to its apt sources",
             release=release,
             found_suites=suites,

@@ -35,10 +35,16 @@ CONSOLE_MILESTONES = (
     ("login prompt", LOGIN_PROMPT),
 )
 SHELL_PROMPT = re.compile(rb"root@[\w.-]+:[^\r\n]*# ")
-KERNEL_PANIC = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+# The kernel's own line, at the start of a console line (after its printk time, if any): not
+# the `---[ end Kernel panic ...` trailer, nor an old panic a command prints (journalctl -k).
+KERNEL_PANIC = re.compile(rb"(?m)^(?:\[ *\d+\.\d+\] )?Kernel panic - not syncing: ([^\r\n]*)")
 # What the kernel prints first when it dies: `Oops: int3: 0000 [#1] ...` (6.12), `int3: 0000
-# [#1] ...` and `general protection fault: 0000 [#1]` (6.1), `BUG: kernel NULL pointer ...`.
-KERNEL_OOPS = re.compile(rb"\] ((?:Oops: |BUG: )[^\r\n]*|[\w ]+: [0-9a-f]{4} \[#1\][^\r\n]*)")
+# [#1] ...` and `general protection fault, ...: 0000 [#1]` (6.1), arm64's `Internal error:
+# Oops: 0000000096000004 [#1]`, `BUG: kernel NULL pointer ...`, `kernel BUG at mm/...`.
+KERNEL_OOPS = re.compile(
+    rb"\] ((?:Oops: |BUG: |kernel BUG at |Internal error: )[^\r\n]*"
+    rb"|[^\r\n]*: [0-9a-f]+ \[#1\][^\r\n]*)"
+)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 # A guest can print without end: keep this much of the console in memory (the log has it all).
@@ -76,8 +82,7 @@ class SerialConsole:
         self._base = 0  # offset of _data[0] in everything ever received
         self._pending_milestones = list(CONSOLE_MILESTONES)
         self.milestones: dict[str, float] = {}
-        self.panic: GuestPanicked | None = None
-        """Set once the console shows a kernel panic; every wait raises it from then on."""
+        self._panic: tuple[str, str] | None = None  # (reason, oops) once the kernel panicked
 
     def __enter__(self) -> SerialConsole:
         try:
@@ -129,7 +134,7 @@ class SerialConsole:
                         del self._data[:cut]
                         self._base += cut
                     self._check_milestones()
-                    if self.panic is None:
+                    if self._panic is None:
                         self._check_panic(len(chunk))
 
     def _check_milestones(self) -> None:
@@ -150,19 +155,27 @@ class SerialConsole:
         oops = KERNEL_OOPS.search(self._data, max(0, panic.start() - 64 * 1024), panic.start())
         reason = panic.group(1).decode(errors="replace").strip()
         first = oops.group(1).decode(errors="replace").strip() if oops else ""
-        self.panic = GuestPanicked(
-            f"the guest's kernel panicked: {reason}" + (f" (after {first!r})" if first else ""),
-            panic=reason,
-            oops=first,
-        )
+        self._panic = (reason, first)
         if self._on_milestone is not None:
             self._on_milestone(f"kernel panic: {reason}")
 
+    def panicked(self) -> GuestPanicked | None:
+        """A new `GuestPanicked` with the console tail if the guest's kernel panicked, else None."""
+        if self._panic is None:
+            return None
+        reason, oops = self._panic
+        return GuestPanicked(
+            f"the guest's kernel panicked: {reason}" + (f" (after {oops!r})" if oops else ""),
+            panic=reason,
+            oops=oops,
+            console_tail=self.tail_lines(),
+        )
+
     def raise_if_panicked(self) -> None:
-        """Raise the guest's kernel panic, with the console tail, if there was one."""
-        if self.panic is not None:
-            self.panic.console_tail = self.tail_lines()
-            raise self.panic
+        """Raise `panicked()` if there is one."""
+        panic = self.panicked()
+        if panic is not None:
+            raise panic
 
     def search(self, pattern: re.Pattern[bytes], start: int) -> re.Match[bytes] | None:
         with self._lock:
@@ -243,6 +256,8 @@ class ConsoleShell:
             await self.console.wait_for(
                 SHELL_PROMPT, timeout, start=self._prompt_after, what="the root shell prompt"
             )
+        except GuestPanicked:
+            raise
         except VmError as e:
             if self.console.search(LOGIN_PROMPT, self._prompt_after) is None:
                 raise

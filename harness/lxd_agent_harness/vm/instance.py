@@ -448,8 +448,12 @@ class Vm:
 
         `powered_off` is the message for a plain power-off; without one, a power-off is no error.
         The error only says what happened: `hypervisor_failed` tells the caller (e.g. the
-        accelerator's verdict cache) that the accelerator broke, not the guest.
+        accelerator's verdict cache) that the accelerator broke, not the guest. A kernel panic
+        on the console comes first, as `GuestPanicked`: QEMU still says "running" then.
         """
+        panic = self._console.panicked() if self._console is not None else None
+        if panic is not None:
+            raise self.fill(panic)
         if status == "internal-error":
             message = (
                 f"the guest stopped with a hypervisor error under {self.config.accel.value} "
@@ -484,6 +488,4 @@ class Vm:
             self._raise_if_stopped(
                 status, powered_off="the guest powered off before the awaited state was seen"
             )
-            if self._console is not None:
-                self._console.raise_if_panicked()
             await asyncio.sleep(0.5)

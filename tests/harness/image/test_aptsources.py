@@ -150,19 +150,20 @@ def test_the_hosts_release_is_read_from_os_release(tmp_path: Path) -> None:
 def test_backports_come_from_the_stanzas_that_serve_the_release_itself(tmp_path: Path) -> None:
     d = _debian_sources_dir(tmp_path)
     listed = tmp_path / "sources.list"
-    listed.write_text("deb [signed-by=/k.gpg] http://list.invalid/debian bookworm main contrib\n")
+    listed.write_text(
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+        "http://list.invalid/debian bookworm main contrib\n"
+        "deb [signed-by=/etc/apt/keyrings/vendor.asc] http://vendor.invalid/ bookworm stable\n"
+    )
     text = backports_sources("bookworm", d, listed)
     assert text is not None
     stanzas = [dict(line.split(": ", 1) for line in s.splitlines()) for s in text.split("\n\n")]
-    # Only the stanzas with the suite `bookworm` itself: not -security, not the disabled one.
+    # Only Debian's stanzas with the suite `bookworm` itself: not -security, not the disabled
+    # one, not another vendor's `bookworm` (signed by its own key).
+    debian_key = "/usr/share/keyrings/debian-archive-keyring.gpg"
     assert [(s["URIs"], s["Suites"], s["Components"], s.get("Signed-By")) for s in stanzas] == [
-        ("http://list.invalid/debian", "bookworm-backports", "main contrib", "/k.gpg"),
-        (
-            "http://mirror.invalid/debian",
-            "bookworm-backports",
-            "main",
-            "/usr/share/keyrings/debian-archive-keyring.gpg",
-        ),
+        ("http://list.invalid/debian", "bookworm-backports", "main contrib", debian_key),
+        ("http://mirror.invalid/debian", "bookworm-backports", "main", debian_key),
     ]
     assert {s["Types"] for s in stanzas} == {"deb"}
 

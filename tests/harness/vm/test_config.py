@@ -30,7 +30,11 @@ from lxd_agent_harness.vm.firmware import Firmware
 from tests.helpers import unbooted_config
 
 
-def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(tmp_path: Path) -> None:
+def test_qemu_command_line_pauses_on_shutdown_and_writes_only_the_overlay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever QEMU this host has: the thread mode is test_tcg_runs_vcpus_on_one_thread_...'s.
+    monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", lambda _: BACKPORTS_QEMU)
     config, files = unbooted_config(tmp_path, Accel.TCG)
     args = qemu_args(config, files)
     joined = " ".join(args)

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from lxd_agent_harness.base.errors import GuestPanicked, VmError
-from lxd_agent_harness.vm.console import ConsoleShell, NoAutologin, SerialConsole
+from lxd_agent_harness.vm.console import (
+    KERNEL_OOPS,
+    KERNEL_PANIC,
+    ConsoleShell,
+    NoAutologin,
+    SerialConsole,
+)
 
 
 def test_a_console_wait_that_times_out_carries_the_console_tail(tmp_path: Path) -> None:
@@ -86,7 +92,7 @@ def test_a_kernel_panic_ends_a_console_wait_at_once_and_names_the_oops(tmp_path:
             # The panic's line in two writes: only a whole line counts.
             os.write(master, PANIC_CONSOLE[:-20])
             time.sleep(0.3)
-            assert console.panic is None
+            assert console.panicked() is None
             os.write(master, PANIC_CONSOLE[-20:])
 
             async def wait() -> None:
@@ -110,7 +116,7 @@ def test_a_panic_without_an_oops_line_before_it_has_an_empty_oops(tmp_path: Path
         with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
             os.write(master, b"[    0.9] Kernel panic - not syncing: VFS: Unable to mount root\r\n")
             deadline = time.monotonic() + 5
-            while console.panic is None and time.monotonic() < deadline:
+            while console.panicked() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             with pytest.raises(GuestPanicked) as caught:
                 console.raise_if_panicked()
@@ -118,3 +124,33 @@ def test_a_panic_without_an_oops_line_before_it_has_an_empty_oops(tmp_path: Path
         os.close(master)
         os.close(slave)
     assert caught.value.panic == "VFS: Unable to mount root" and caught.value.oops == ""
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"---[ end Kernel panic - not syncing: Fatal exception in interrupt ]---",
+        b"Dec 05 01:02:03 guest kernel: Kernel panic - not syncing: an old one, in the journal",
+        b"root@guest:~# echo 'Kernel panic - not syncing: typed'",
+    ],
+)
+def test_only_the_kernels_own_panic_line_counts(line: bytes) -> None:
+    assert KERNEL_PANIC.search(b"[    1.0] booting\r\n" + line + b"\r\n") is None
+    own = b"[    1.261484] Kernel panic - not syncing: Fatal exception\r\n"
+    assert KERNEL_PANIC.search(own) is not None
+
+
+@pytest.mark.parametrize(
+    "oops",
+    [
+        "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI",
+        "int3: 0000 [#1] SMP NOPTI",
+        "general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP",
+        "Internal error: Oops: 0000000096000004 [#1] PREEMPT SMP",
+        "kernel BUG at mm/slub.c:42!",
+        "BUG: kernel NULL pointer dereference, address: 0000000000000000",
+    ],
+)
+def test_the_first_oops_line_is_read_in_the_kernels_several_forms(oops: str) -> None:
+    found = KERNEL_OOPS.search(b"[    1.260610] " + oops.encode() + b"\r\n")
+    assert found is not None and found.group(1).decode() == oops
