@@ -96,8 +96,8 @@ def test_a_qemu_older_than_8_1_runs_the_vcpus_on_one_thread_and_the_timeline_say
         asked.append(binary)
         return DEBIAN_12_QEMU
 
+    # The command line and the timeline's note both ask through vm.config.config_tcg_accel.
     monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", debian_12_qemu)
-    monkeypatch.setattr("lxd_agent_harness.vm.instance.qemu_version", debian_12_qemu)
 
     async def scenario() -> None:
         async with booted(guest_image, "lxd-5.20") as vm:

@@ -276,6 +276,11 @@ def tcg_accel(version_line: str, cpus: int) -> tuple[str, str | None]:
     )
 
 
+def config_tcg_accel(config: VmConfig) -> tuple[str, str | None]:
+    """`tcg_accel` for the QEMU binary that runs `config` (its version is asked once per run)."""
+    return tcg_accel(qemu_version(config.machine.qemu_binary), config.cpus)
+
+
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     """QEMU's whole command line after the binary, top to bottom.
 
@@ -306,7 +311,7 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
         "-S",
         "-name", f"lxd-agent-harness-{config.layout.name}",
         "-machine", machine,
-        "-accel", "kvm" if kvm else tcg_accel(qemu_version(guest.qemu_binary), config.cpus)[0],
+        "-accel", "kvm" if kvm else config_tcg_accel(config)[0],
         # Under TCG the model measured fastest for the architecture (vm.arches).
         "-cpu", "host" if kvm else guest.tcg_cpu,
         "-m", str(config.memory_mib),

@@ -32,7 +32,7 @@ from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.lxd.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent_harness.qemu.disk import make_overlay
 from lxd_agent_harness.qemu.migration import SavedState, as_refusal, save_state, wait_incoming
-from lxd_agent_harness.qemu.process import QemuProcess, bounded_qmp_client, qemu_version
+from lxd_agent_harness.qemu.process import QemuProcess, bounded_qmp_client
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import (
     CONSOLE_ID,
@@ -40,9 +40,9 @@ from lxd_agent_harness.vm.config import (
     FirmwareBoot,
     VmConfig,
     VmFiles,
+    config_tcg_accel,
     qemu_args,
     qemu_conf_text,
-    tcg_accel,
 )
 from lxd_agent_harness.vm.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent_harness.vm.firmware import Firmware, fresh_vars, sercon_file, watch_firmware_boot
@@ -382,8 +382,7 @@ class Vm:
             f"layout {self.config.layout.name}), guest paused"
         )
         if self.config.accel is Accel.TCG:
-            version = qemu_version(self.config.machine.qemu_binary)
-            single_threaded = tcg_accel(version, self.config.cpus)[1]
+            single_threaded = config_tcg_accel(self.config)[1]
             if single_threaded is not None:
                 self.note(single_threaded)
         self.console_device = await self._console_pty()
