@@ -16,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Iterator, Mapping, Sequence
 
 from lxd_agent_harness.base.errors import BuildStepFailed, ImageError
 from lxd_agent_harness.base.progress import Progress
@@ -42,6 +42,7 @@ def run_build_step(
     what: str,
     stdin: IO[str] | None = None,
     tmpdir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run a build step, pass its output lines to `progress`, keep the tail for the error.
 
@@ -49,12 +50,12 @@ def run_build_step(
     here) ends the step and every process it started, never leaving apt running on a tree that
     is about to be removed. `tmpdir`: the step's TMPDIR (in the build directory, so that what
     a step ended half-way leaves there, such as mmdebstrap's `mmdebstrap.gpghome.*`, goes with
-    that directory).
+    that directory). `env`: the step's whole environment, in place of the harness's.
     """
-    env = None
+    step_env = None if env is None else dict(env)
     if tmpdir is not None:
         tmpdir.mkdir(exist_ok=True)
-        env = {**os.environ, "TMPDIR": str(tmpdir)}
+        step_env = {**(os.environ if env is None else env), "TMPDIR": str(tmpdir)}
     tail: list[str] = []
     with subprocess.Popen(
         command,
@@ -64,7 +65,7 @@ def run_build_step(
         text=True,
         errors="replace",
         start_new_session=True,
-        env=env,
+        env=step_env,
     ) as proc:
         assert proc.stdout is not None
         try:

@@ -32,15 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxd_agent_harness.base.arch import Arch
-from lxd_agent_harness.base.cache import cache_root
+from lxd_agent_harness.base.cache import building, cache_root
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
-from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, filter_apt_sources
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.image.buildsteps import build_directory, remove_tree, run_build_step
 from lxd_agent_harness.image.rootfs import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
+    TREE_LOCK_TIMEOUT,
     ImageSpec,
+    build_lock,
     debian_tree,
     file_sha256,
     kernel_version,
@@ -425,22 +427,29 @@ def build_cloud_image(
     images = (cache or cache_root()) / "cloud-images"
     key = cloud_key(spec)
     final = CloudImage(images / key)
-    if final.is_complete() and not rebuild:
-        progress(f"cloud image: reusing {final.disk}")
-        os.utime(final.directory)  # most recently used: kept by prune_images
-        return final
-    sources = filter_apt_sources(spec.release)
+    with building(build_lock(cache, "cloud-image", key), TREE_LOCK_TIMEOUT, progress):
+        if final.is_complete() and not rebuild:
+            progress(f"cloud image: reusing {final.disk}")
+            os.utime(final.directory)  # most recently used: kept by prune_images
+            return final
+        _build_cloud_image(spec, images, final, progress, cache)
+    for pruned in prune_images(images, KEEP_CLOUD_IMAGES, lambda d: CloudImage(d).is_complete()):
+        progress(f"cloud image: removed {pruned} (least recently used)")
+    return final
+
+
+def _build_cloud_image(
+    spec: ImageSpec, images: Path, final: CloudImage, progress: Progress, cache: Path | None
+) -> None:
     images.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    progress(
-        f"cloud image: building {key} (Debian {spec.release} {spec.arch.value}); "
-        "this takes a few minutes"
-    )
+    key = final.directory.name
+    progress(f"cloud image: building {key} (Debian {spec.release} {spec.arch.value})")
     with build_directory(images, key, progress) as work:
         staged = CloudImage(work / "image")
         staged.directory.mkdir()
         raw = work / "disk.raw"
-        with debian_tree(spec, sources, work, progress, "cloud image") as tree:
+        with debian_tree(spec, work, progress, "cloud image", cache) as tree:
             facts = _write_disk(tree, work, raw, progress, spec.arch)
         run_build_step(
             ["qemu-img", "convert", "-q", "-O", "qcow2", str(raw), str(staged.disk)],
@@ -449,6 +458,7 @@ def build_cloud_image(
         )
         manifest = {
             "key": key,
+            "tree": spec.tree_key(),
             "release": spec.release,
             "packages": list(spec.packages),
             "arch": spec.arch.value,
@@ -469,6 +479,3 @@ def build_cloud_image(
             remove_tree(final.directory)
         os.rename(staged.directory, final.directory)
     progress(f"cloud image: built {final.disk} in {time.monotonic() - started:.0f} s")
-    for pruned in prune_images(images, KEEP_CLOUD_IMAGES, lambda d: CloudImage(d).is_complete()):
-        progress(f"cloud image: removed {pruned} (least recently used)")
-    return final

@@ -7,8 +7,15 @@ mirror. Images are cached under `${XDG_CACHE_HOME:-~/.cache}/lxd-agent/images/<k
 by everything that goes into them; a build happens in a temporary directory that is renamed into
 place at the end, so an interrupted build leaves nothing half-written.
 
+The Debian tree an image is made from is cached too (`trees/<tree key>/`), keyed by release,
+architecture and package list only: images that differ in their .debs (ours, Debian's
+lxd-agent beside it, an emulation), and the direct-boot image and cloud disk of one package
+list, all start from one mmdebstrap run. Each build copies the tree and installs its .debs on
+top with dpkg in a chroot, as mmdebstrap's own chroot would. An arm64 tree costs about ten
+minutes of qemu-user; a copy costs seconds.
+
 Host side only. It must not boot anything (that is `vm.instance`) and must never write the cached
-image after it is built: boots use an overlay.
+image or tree after it is built: boots use an overlay, builds a copy.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from lxd_agent_harness.base.arch import Arch, host_arch
-from lxd_agent_harness.base.cache import cache_root, least_recently_used
+from lxd_agent_harness.base.cache import building, cache_root, least_recently_used
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, filter_apt_sources, source_suites
@@ -65,13 +72,13 @@ SUITE_PINS = {"bullseye": {"linux-image-cloud-amd64": "bullseye"}}
 # Added for the NoCloud install path (seed.py): the image then gets the .deb from its seed.
 CLOUD_INIT_PACKAGES = ("cloud-init",)
 
-# Bump when the way an image is made changes in a way the hook text below does not show.
-IMAGE_FORMAT_VERSION = 1
+# Bump when the way an image (or its tree) is made changes in a way the hook text below does not
+# show. 2: the .debs go on top of a cached tree.
+IMAGE_FORMAT_VERSION = 2
+TREE_FORMAT_VERSION = 1
 
 GUEST_HOSTNAME = "lxd-agent-guest"
 DISK_SIZE = "2G"  # sparse; the tree is well under 1 GiB, cloud-init needs headroom
-
-FILE_MIRROR_HOOKS = Path("/usr/share/mmdebstrap/hooks/file-mirror-automount")
 
 # Run by mmdebstrap inside its --customize-hook with "$1" = the tree. Part of the cache key,
 # so editing it rebuilds the image.
@@ -124,21 +131,33 @@ class ImageSpec:
     """The guest's architecture; another than the host's is built through qemu-user
     (`image.foreign`)."""
 
-    def key(self) -> str:
-        """A short hash of every input, so a changed input gives a different image."""
+    def tree_key(self) -> str:
+        """A short hash of what goes into the Debian tree: all but the .debs and carried files."""
         inputs: dict[str, object] = {
-            "format": IMAGE_FORMAT_VERSION,
+            "format": TREE_FORMAT_VERSION,
             "release": self.release,
             "packages": sorted(pinned_packages(self)),
-            "debs": sorted(file_sha256(deb) for deb in self.debs),
-            "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
             "customize": hashlib.sha256(CUSTOMIZE_SCRIPT.encode()).hexdigest(),
         }
-        if self.arch is not Arch.AMD64:  # amd64 images keep the keys they always had
+        if self.arch is not Arch.AMD64:
             inputs["arch"] = self.arch.value
             inputs["arch_customize"] = hashlib.sha256(ARM64_CONSOLE_SCRIPT.encode()).hexdigest()
-        blob = json.dumps(inputs, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return _short_hash(inputs)
+
+    def key(self) -> str:
+        """A short hash of every input, so a changed input gives a different image."""
+        return _short_hash(
+            {
+                "format": IMAGE_FORMAT_VERSION,
+                "tree": self.tree_key(),
+                "debs": sorted(file_sha256(deb) for deb in self.debs),
+                "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
+            }
+        )
+
+
+def _short_hash(inputs: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:
@@ -180,7 +199,9 @@ def pinned_packages(spec: ImageSpec) -> list[str]:
 def mmdebstrap_command(
     spec: ImageSpec, tree: Path, sources_file: Path, hook_script: Path
 ) -> list[str]:
-    """The one mmdebstrap invocation that makes the tree, top to bottom."""
+    """The one mmdebstrap invocation that makes the (cached) tree, top to bottom: the packages
+    and the customisation; `spec`'s .debs and carried files go on top of a copy
+    (`debian_tree`)."""
     command = [
         "mmdebstrap",
         "--variant=apt",
@@ -189,11 +210,6 @@ def mmdebstrap_command(
     ]
     if spec.arch is not host_arch():
         command += [f"--architectures={spec.arch.value}"]
-    if spec.debs:
-        # A local .deb is only reachable from inside the tree through this hook (facts §6).
-        command += [f"--hook-dir={FILE_MIRROR_HOOKS}"]
-        command += [f"--include={deb.resolve()}" for deb in spec.debs]
-    command += [f"--customize-hook=copy-in {path.resolve()} /root" for path in spec.carried]
     command += [f'--customize-hook=sh "{hook_script}" "$1"']
     if spec.arch is Arch.ARM64:
         arm64_script = hook_script.with_name("customize-arm64.sh")
@@ -202,8 +218,6 @@ def mmdebstrap_command(
     return command
 
 
-# How long a build step gets to end after SIGTERM (mmdebstrap unmounts and removes what it made)
-# before its whole process group is killed.
 def kernel_version(tree: Path) -> str:
     """The version of the newest kernel in the built tree's /boot, which must have its initrd."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
@@ -229,35 +243,126 @@ def _copy_boot_files(tree: Path, out: GuestImage) -> str:
     return version
 
 
-@contextlib.contextmanager
-def debian_tree(
-    spec: ImageSpec, sources: str, work: Path, progress: Progress, label: str
-) -> Iterator[Path]:
-    """`spec`'s Debian tree, made by mmdebstrap in the build directory `work` from `sources`.
+# The trees a whole `make test` starts from: bookworm, bullseye and trixie with the base packages,
+# bookworm and trixie with Debian's lxd-agent, bookworm with cloud-init, arm64's cloud tree: 7,
+# each 0.4-1 GB.
+KEEP_TREES = 8
+# Another run's build of the same tree is waited for: an arm64 tree takes about ten minutes
+# under qemu-user here, on a busy machine more.
+TREE_LOCK_TIMEOUT = 3600.0
+# Where the .debs lie inside the tree while dpkg installs them.
+INSTALL_DIR = Path("tmp/lxd-agent-harness-debs")
+# What dpkg and the maintainer scripts see in the chroot: dpkg's usual PATH, and nothing of the
+# harness's environment (no venv, no pyenv, no locale).
+CHROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8",
+    "HOME": "/root",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
 
-    Removed on exit, after detaching whatever mmdebstrap left mounted in `work`.
+
+def build_lock(cache: Path | None, kind: str, key: str) -> Path:
+    """The lock file one build of the cache entry `kind`/`key` holds (`base.cache.building`)."""
+    return (cache or cache_root()) / "locks" / f"{kind}-{key}.lock"
+
+
+def cached_tree(spec: ImageSpec, progress: Progress, cache: Path | None = None) -> Path:
+    """The Debian tree of `spec`'s release, architecture and packages, from the cache; made by
+    mmdebstrap first (once, however many runs ask at the same time) if it is not there.
+
+    The caller must not write it: `debian_tree` copies it.
     """
-    tree = work / "tree"
+    trees = (cache or cache_root()) / "trees"
+    key = spec.tree_key()
+    entry = trees / key
+    with building(build_lock(cache, "tree", key), TREE_LOCK_TIMEOUT, progress):
+        if (entry / "manifest.json").is_file():
+            progress(f"tree: reusing {entry}")
+            os.utime(entry)  # most recently used: kept by the pruning below
+            return entry / "tree"
+        require_tools(["mmdebstrap"])
+        sources = filter_apt_sources(spec.release)
+        started = time.monotonic()
+        trees.mkdir(parents=True, exist_ok=True)
+        with build_directory(trees, key, progress) as work:
+            staged = work / "entry"
+            staged.mkdir()
+            _mmdebstrap(spec, sources, work, staged / "tree", progress)
+            manifest = {
+                "key": key,
+                "release": spec.release,
+                "arch": spec.arch.value,
+                "packages": sorted(pinned_packages(spec)),
+                "build_seconds": round(time.monotonic() - started, 1),
+            }
+            (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            os.rename(staged, entry)
+    progress(f"tree: made {entry} in {time.monotonic() - started:.0f} s")
+    for pruned in prune_images(trees, KEEP_TREES, lambda d: (d / "manifest.json").is_file()):
+        progress(f"tree: removed {pruned} (least recently used; the cache keeps {KEEP_TREES})")
+    return entry / "tree"
+
+
+def _mmdebstrap(spec: ImageSpec, sources: str, work: Path, tree: Path, progress: Progress) -> None:
     sources_file = work / "host.sources"
     sources_file.write_text(sources, encoding="utf-8")
     hook = work / "customize.sh"
     hook.write_text(CUSTOMIZE_SCRIPT, encoding="utf-8")
     hook.with_name("customize-arm64.sh").write_text(ARM64_CONSOLE_SCRIPT, encoding="utf-8")
+    suites = " ".join(source_suites(sources))
+    command, how = foreign_command(spec.arch, mmdebstrap_command(spec, tree, sources_file, hook))
+    progress(f"tree: mmdebstrap ({spec.arch.value}; {how}; {suites} from the host's apt sources)")
+    run_build_step(
+        command,
+        progress,
+        f"mmdebstrap of Debian {spec.release} {spec.arch.value} "
+        f"(suites {suites} of the host's mirror)",
+        tmpdir=work / "tmp",
+    )
+
+
+def install_debs(spec: ImageSpec, tree: Path, progress: Progress, label: str) -> None:
+    """Install `spec.debs` into `tree` with dpkg in a chroot (through qemu-user for another
+    architecture's tree), as mmdebstrap's chroot would. Their dependencies must be in the tree's
+    package list, as ours (python3, python3-systemd) and the emulations' are."""
+    inside = tree / INSTALL_DIR
+    inside.mkdir(parents=True)
     try:
-        suites = " ".join(source_suites(sources))
+        for deb in spec.debs:
+            shutil.copyfile(deb, inside / deb.name)
+        paths = [f"/{INSTALL_DIR / deb.name}" for deb in spec.debs]
         command, how = foreign_command(
-            spec.arch, mmdebstrap_command(spec, tree, sources_file, hook)
+            spec.arch, ["chroot", str(tree), "dpkg", "--install", *paths]
         )
-        progress(
-            f"{label}: mmdebstrap ({spec.arch.value}; {how}; {suites} from the host's apt sources)"
-        )
+        names = ", ".join(deb.name for deb in spec.debs)
+        progress(f"{label}: dpkg --install {names} ({how})")
+        run_build_step(command, progress, f"installing {names} into the tree", env=CHROOT_ENV)
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def debian_tree(
+    spec: ImageSpec, work: Path, progress: Progress, label: str, cache: Path | None = None
+) -> Iterator[Path]:
+    """`spec`'s Debian tree, writable, in the build directory `work`: a copy of the cached tree
+    (`cached_tree`) with `spec.debs` installed and `spec.carried` in /root.
+
+    Removed on exit, after detaching whatever was left mounted in `work`.
+    """
+    base = cached_tree(spec, progress, cache)
+    tree = work / "tree"
+    try:
         run_build_step(
-            command,
+            ["cp", "-a", "--reflink=auto", str(base), str(tree)],
             progress,
-            f"mmdebstrap of Debian {spec.release} {spec.arch.value} "
-            f"(suites {suites} of the host's mirror)",
-            tmpdir=work / "tmp",
+            f"copying the cached tree {base.parent.name}",
         )
+        for path in spec.carried:
+            shutil.copyfile(path, tree / "root" / path.name)
+        if spec.debs:
+            install_debs(spec, tree, progress, label)
         yield tree
     finally:
         detach_mounts_under(work)
@@ -280,27 +385,36 @@ def build_image(
     images = (cache or cache_root()) / "images"
     key = spec.key()
     final = GuestImage(images / key)
-    if final.is_complete() and not rebuild:
-        progress(f"image: reusing {final.directory}")
-        os.utime(final.directory)  # most recently used: kept by prune_images
-        return final
+    with building(build_lock(cache, "image", key), TREE_LOCK_TIMEOUT, progress):
+        if final.is_complete() and not rebuild:
+            progress(f"image: reusing {final.directory}")
+            os.utime(final.directory)  # most recently used: kept by prune_images
+            return final
+        _build_image(spec, images, final, progress, cache)
+    for pruned in prune_images(images, keep=KEEP_IMAGES):
+        progress(f"image: removed {pruned} (least recently used; the cache keeps {KEEP_IMAGES})")
+    return final
 
-    require_tools(["mmdebstrap", "mke2fs"])
-    sources = filter_apt_sources(spec.release)
+
+def _build_image(
+    spec: ImageSpec, images: Path, final: GuestImage, progress: Progress, cache: Path | None
+) -> None:
+    require_tools(["mke2fs"])
     images.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    key = spec.key()
     what = f"{spec.release} with {len(spec.packages)} packages" + (
         f" and {', '.join(d.name for d in spec.debs)}" if spec.debs else ""
     )
-    progress(f"image: building {key} ({what}); this takes about a minute")
+    progress(f"image: building {key} ({what})")
     for deb in spec.debs:
-        check_deb(deb)  # a corrupt .deb would fail deep inside mmdebstrap
+        check_deb(deb)  # a corrupt .deb would fail deep inside dpkg
     # Everything is written under the build directory; only the final rename publishes it.
     with build_directory(images, key, progress) as work:
         staged = GuestImage(work / "image")
         staged.directory.mkdir()
         # The tree is large; it goes before the disk is published.
-        with debian_tree(spec, sources, work, progress, "image") as tree:
+        with debian_tree(spec, work, progress, "image", cache) as tree:
             kernel_version = _copy_boot_files(tree, staged)
             progress(f"image: mke2fs -d (kernel {kernel_version})")
             run_build_step(
@@ -321,6 +435,7 @@ def build_image(
             )
         manifest = {
             "key": key,
+            "tree": spec.tree_key(),
             "release": spec.release,
             "packages": list(spec.packages),
             "debs": {d.name: file_sha256(d) for d in spec.debs},
@@ -332,18 +447,14 @@ def build_image(
         (staged.directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (staged.directory / ARCH_FILE).write_text(spec.arch.value + "\n")
         if final.directory.exists():
-            # A rebuild, or another build that finished first: replace it.
-            remove_tree(final.directory)
+            remove_tree(final.directory)  # a rebuild: replace it
         os.rename(staged.directory, final.directory)
     progress(f"image: built {final.directory} in {time.monotonic() - started:.0f} s")
-    for pruned in prune_images(images, keep=KEEP_IMAGES):
-        progress(f"image: removed {pruned} (least recently used; the cache keeps {KEEP_IMAGES})")
-    return final
 
 
 # Each image is about 0.5 GB and a new .deb makes a new one: keep a few, not every one ever built.
-# A whole `make test` uses 8 (three releases with ours, two with Debian's lxd-agent, cloud-init,
-# two emulations): fewer would have a session evict the images it still boots.
+# A whole `make test` uses 9 (three releases with ours, two with Debian's lxd-agent, cloud-init,
+# two emulations, arm64's): fewer would have a session evict the images it still boots.
 KEEP_IMAGES = 10
 
 

@@ -91,27 +91,24 @@ def test_a_complete_cached_image_is_reused_without_building(tmp_path: Path) -> N
     assert directory.stat().st_mtime > 1_000_000
 
 
-def test_mmdebstrap_gets_the_file_mirror_hook_only_with_a_local_deb(tmp_path: Path) -> None:
+def test_mmdebstrap_makes_the_tree_without_the_debs_or_carried_files(tmp_path: Path) -> None:
     deb = _deb(tmp_path, "lxd-agent_0.1.0_all.deb", b"x")
     tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
-    without = image.mmdebstrap_command(ImageSpec(), tree, sources, hook)
-    assert not any(arg.startswith("--hook-dir") for arg in without)
-    with_deb = image.mmdebstrap_command(ImageSpec(debs=(deb,)), tree, sources, hook)
-    assert f"--hook-dir={image.FILE_MIRROR_HOOKS}" in with_deb
-    assert f"--include={deb}" in with_deb
-    assert with_deb[-3:] == ["bookworm", str(tree), str(sources)]
+    plain = image.mmdebstrap_command(ImageSpec(), tree, sources, hook)
+    spec = ImageSpec(debs=(deb,), carried=(deb,))
+    assert image.mmdebstrap_command(spec, tree, sources, hook) == plain
+    assert not any(str(deb) in arg or arg.startswith("--hook-dir") for arg in plain)
+    assert plain[-3:] == ["bookworm", str(tree), str(sources)]
+    assert spec.tree_key() == ImageSpec().tree_key() != ImageSpec(release="trixie").tree_key()
 
 
-def test_carried_files_are_copied_into_root_and_change_the_key(tmp_path: Path) -> None:
+def test_carried_files_change_the_key_but_not_the_tree(tmp_path: Path) -> None:
     carried = _deb(tmp_path, "x.deb", b"one")
-    tree, sources, hook = tmp_path / "t", tmp_path / "s", tmp_path / "h"
     spec = ImageSpec(carried=(carried,))
-    command = image.mmdebstrap_command(spec, tree, sources, hook)
-    assert f"--customize-hook=copy-in {carried} /root" in command
-    assert not any(arg.startswith("--hook-dir") for arg in command)  # not installed
     before = spec.key()
     carried.write_bytes(b"two")
     assert spec.key() != before != ImageSpec().key()
+    assert spec.tree_key() == ImageSpec().tree_key()
 
 
 def test_a_pinned_package_is_asked_for_from_the_releases_own_suite(tmp_path: Path) -> None:
@@ -138,6 +135,11 @@ fi
 [ -z "${FAIL_MMDEBSTRAP:-}" ] || { echo "E: failed on purpose"; exit 1; }
 """
 
+FAKE_CHROOT = """#!/bin/sh
+# Stands in for chroot: records what would run in the tree (dpkg --install PATHS).
+echo "$*" >> "$CHROOT_FILE"
+"""
+
 FAKE_MKE2FS = """#!/bin/sh
 for last; do :; done
 eval disk=\\${$(($# - 1))}
@@ -150,12 +152,19 @@ def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """mmdebstrap and mke2fs stand-ins on PATH; returns the file counting mmdebstrap runs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("mmdebstrap", FAKE_MMDEBSTRAP), ("mke2fs", FAKE_MKE2FS)):
+    for name, text in (
+        ("mmdebstrap", FAKE_MMDEBSTRAP),
+        ("mke2fs", FAKE_MKE2FS),
+        ("chroot", FAKE_CHROOT),
+    ):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     count = tmp_path / "count"
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("COUNT_FILE", str(count))
+    # dpkg's chroot gets CHROOT_ENV alone: the stand-in must be on its PATH.
+    chroot_env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CHROOT_FILE": str(tmp_path / "chroot")}
+    monkeypatch.setattr(image, "CHROOT_ENV", {**image.CHROOT_ENV, **chroot_env})
     monkeypatch.setattr(image, "filter_apt_sources", lambda release: "Types: deb\nSuites: x\n")
     return count
 
@@ -176,12 +185,18 @@ def test_a_build_publishes_a_complete_image_and_a_second_run_reuses_it(
     assert [p.name for p in (cache / "images").iterdir()] == [ImageSpec().key()]
 
 
-def test_a_changed_deb_builds_a_new_image(tmp_path: Path, fake_tools: Path) -> None:
+def test_a_changed_deb_builds_a_new_image_on_the_same_cached_tree(
+    tmp_path: Path, fake_tools: Path
+) -> None:
     cache, deb = tmp_path / "cache", minimal_deb(tmp_path, "1")
     first = image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
     deb.write_bytes(minimal_deb(tmp_path, "2").read_bytes())
     second = image.build_image(ImageSpec(debs=(deb,)), progress=lambda _: None, cache=cache)
-    assert first.directory != second.directory and _runs(fake_tools) == 2
+    assert first.directory != second.directory and _runs(fake_tools) == 1
+    installs = (tmp_path / "chroot").read_text().splitlines()
+    assert len(installs) == 2
+    assert all(f"dpkg --install /{image.INSTALL_DIR / deb.name}" in line for line in installs)
+    assert [p.name for p in (cache / "trees").iterdir()] == [ImageSpec().tree_key()]
 
 
 @pytest.mark.parametrize("cut", [0, 100, -20])
