@@ -3,6 +3,7 @@ builds with stand-ins for mmdebstrap and mke2fs (no real image is built)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 
@@ -298,3 +299,17 @@ def test_an_arm64_image_gets_its_kernel_its_console_and_mmdebstrap_told_the_arch
             amd64, tmp_path / "t", tmp_path / "s", tmp_path / "customize.sh"
         )
     )
+
+
+def test_two_runs_asking_for_one_image_at_once_build_its_tree_and_image_once(
+    tmp_path: Path, fake_tools: Path
+) -> None:
+    cache, deb = tmp_path / "cache", minimal_deb(tmp_path, "1")
+    spec = ImageSpec(debs=(deb,))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        built = list(
+            pool.map(lambda _: image.build_image(spec, lambda _: None, cache=cache), range(2))
+        )
+    assert built[0].directory == built[1].directory and built[0].is_complete()
+    assert _runs(fake_tools) == 1
+    assert len((tmp_path / "chroot").read_text().splitlines()) == 1
