@@ -130,6 +130,9 @@ class ImageSpec:
     arch: Arch = Arch.AMD64
     """The guest's architecture; another than the host's is built through qemu-user
     (`image.foreign`)."""
+    cloud_init_disabled: bool = False
+    """The tree's cloud-init is switched off in this image (`/etc/cloud/cloud-init.disabled`):
+    a direct-boot image made from a cloud disk's tree (`image.cloud.direct_boot_spec`)."""
 
     def tree_key(self) -> str:
         """A short hash of what goes into the Debian tree: all but the .debs and carried files."""
@@ -146,14 +149,15 @@ class ImageSpec:
 
     def key(self) -> str:
         """A short hash of every input, so a changed input gives a different image."""
-        return _short_hash(
-            {
-                "format": IMAGE_FORMAT_VERSION,
-                "tree": self.tree_key(),
-                "debs": sorted(file_sha256(deb) for deb in self.debs),
-                "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
-            }
-        )
+        inputs: dict[str, object] = {
+            "format": IMAGE_FORMAT_VERSION,
+            "tree": self.tree_key(),
+            "debs": sorted(file_sha256(deb) for deb in self.debs),
+            "carried": sorted(f"{p.name}:{file_sha256(p)}" for p in self.carried),
+        }
+        if self.cloud_init_disabled:
+            inputs["cloud_init_disabled"] = True
+        return _short_hash(inputs)
 
 
 def _short_hash(inputs: dict[str, object]) -> str:
@@ -347,7 +351,8 @@ def debian_tree(
     spec: ImageSpec, work: Path, progress: Progress, label: str, cache: Path | None = None
 ) -> Iterator[Path]:
     """`spec`'s Debian tree, writable, in the build directory `work`: a copy of the cached tree
-    (`cached_tree`) with `spec.debs` installed and `spec.carried` in /root.
+    (`cached_tree`) with `spec.debs` installed, `spec.carried` in /root and cloud-init off if
+    `spec` says so.
 
     Removed on exit, after detaching whatever was left mounted in `work`.
     """
@@ -361,6 +366,9 @@ def debian_tree(
         )
         for path in spec.carried:
             shutil.copyfile(path, tree / "root" / path.name)
+        if spec.cloud_init_disabled:
+            (tree / "etc" / "cloud").mkdir(parents=True, exist_ok=True)
+            (tree / "etc" / "cloud" / "cloud-init.disabled").touch()
         if spec.debs:
             install_debs(spec, tree, progress, label)
         yield tree

@@ -4,6 +4,7 @@ builds with stand-ins for mmdebstrap and mke2fs (no real image is built)."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 from pathlib import Path
 
@@ -313,3 +314,24 @@ def test_two_runs_asking_for_one_image_at_once_build_its_tree_and_image_once(
     assert built[0].directory == built[1].directory and built[0].is_complete()
     assert _runs(fake_tools) == 1
     assert len((tmp_path / "chroot").read_text().splitlines()) == 1
+
+
+def test_an_image_with_cloud_init_disabled_shares_the_tree_and_says_so_in_it(
+    tmp_path: Path, fake_tools: Path
+) -> None:
+    cache = tmp_path / "cache"
+    spec = ImageSpec(packages=(*image.BASE_PACKAGES, *image.CLOUD_INIT_PACKAGES))
+    off = dataclasses.replace(spec, cloud_init_disabled=True)
+    assert off.tree_key() == spec.tree_key() and off.key() != spec.key()
+    seen: list[bool] = []
+    real = image._copy_boot_files
+
+    def look(tree: Path, out: GuestImage) -> str:
+        seen.append((tree / "etc" / "cloud" / "cloud-init.disabled").is_file())
+        return real(tree, out)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(image, "_copy_boot_files", look)
+        image.build_image(spec, lambda _: None, cache=cache)
+        image.build_image(off, lambda _: None, cache=cache)
+    assert seen == [False, True] and _runs(fake_tools) == 1
