@@ -66,17 +66,22 @@ wheels: setup
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w out/wheels . ./harness
 	@ls out/wheels/*.whl
 
-# Everything: lint, the package, unit tests, then the VM tests under QEMU.
+# Everything: lint, the package, unit tests, then the VM tests under QEMU, on two pytest-xdist
+# workers whose guests have one vCPU each (tests/conftest.py; README "Where make test spends its
+# time" has the figures).
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope
+
 test: setup
 	$(MAKE) lint
 	$(MAKE) deb
-	$(VENV)/bin/pytest -ra --durations=25
+	$(VENV)/bin/pytest -ra --durations=25 $(PYTEST_PARALLEL)
 
 unit: setup
 	$(VENV)/bin/pytest -ra -m 'not vm'
 
 vm: setup deb
-	$(VENV)/bin/pytest -ra --durations=25 -m vm
+	$(VENV)/bin/pytest -ra --durations=25 $(PYTEST_PARALLEL) -m vm
 
 demo: setup deb
 	$(VENV)/bin/lxd-agent-harness boot --layout lxd-5.20

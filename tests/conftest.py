@@ -1,8 +1,15 @@
 """Fixtures every VM test shares (tests/in_vm and the harness's VM tests in tests/harness): the
-package under test, its image, the measured figures."""
+package under test, its image, the measured figures.
+
+`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope`: a module's tests
+stay on one worker, with its module fixtures). Its guests have one vCPU each, so two run side by
+side (vm.lock gives each VM a core); images are built once whichever worker asks first (the
+cache's build locks). Each worker writes its figures to a file; the controller prints them all.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +22,7 @@ import pytest
 
 from lxd_agent_harness.image.deb import PackageNotFound
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
-from lxd_agent_harness.vm.config import GuestImage
+from lxd_agent_harness.vm.config import VCPUS_ENV, GuestImage
 from tests.helpers import harness_command
 from tests.repo import REPO, built_deb
 from tests.vms import TOOLS, Figures
@@ -40,7 +47,9 @@ _prebuild: subprocess.Popen[bytes] | None = None
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _prebuild
     wanted = any(item.nodeid.startswith("tests/in_vm/test_arm64.py") for item in session.items)
-    if not wanted or session.config.option.collectonly:
+    # Every worker collects every test: the first one alone starts the build.
+    worker = getattr(session.config, "workerinput", {}).get("workerid", "gw0")
+    if not wanted or session.config.option.collectonly or worker != "gw0":
         return
     try:
         deb = built_deb()
@@ -76,20 +85,48 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _prebuild.wait()
 
 
+FIGURES_ENV = "LXD_AGENT_TEST_FIGURES"
+"""The directory where each test process (each xdist worker) leaves its figures for the run."""
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # One vCPU per guest, so that the two workers' guests run side by side; a person's own
+    # setting wins. Set here, before the workers start, so they and every harness they run see it.
+    os.environ.setdefault(VCPUS_ENV, "1")
+    if not _is_worker(config) and FIGURES_ENV not in os.environ:
+        folder = REPO / "out" / "figures" / str(os.getpid())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ[FIGURES_ENV] = str(folder)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures every test process measured, printed by the one that reports the run."""
+    if _is_worker(terminalreporter.config) or FIGURES_ENV not in os.environ:
+        return
+    folder = Path(os.environ[FIGURES_ENV])
+    measured: Figures = {}
+    for part in sorted(folder.glob("*.json")):
+        measured.update(json.loads(part.read_text()))
+    shutil.rmtree(folder, ignore_errors=True)
+    if measured:
+        terminalreporter.section("Measured figures (guests under TCG; the agent's start storm)")
+        for name, value in measured.items():
+            terminalreporter.write_line(f"{name:<48} {value}")
+
+
 @pytest.fixture(scope="session")
-def figures(request: pytest.FixtureRequest) -> Iterator[Figures]:
+def figures() -> Iterator[Figures]:
     """Measured figures, printed after the run whether the tests passed or not."""
     measured: Figures = {}
     yield measured
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None or capture is None or not measured:
-        return
-    # Session teardown runs inside the last test's captured teardown: print past the capture.
-    with capture.global_and_fixture_disabled():
-        reporter.section("Measured figures (guests under TCG; the agent's start storm)")
-        for name, value in measured.items():
-            reporter.write_line(f"{name:<48} {value}")
+    if measured and FIGURES_ENV in os.environ:
+        part = Path(os.environ[FIGURES_ENV]) / f"{os.getpid()}.json"
+        part.write_text(json.dumps(measured))
 
 
 @pytest.fixture(scope="session")

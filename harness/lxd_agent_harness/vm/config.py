@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ ARCH_FILE = "arch"
 DEFAULT_MEMORY_MIB = 1024
 # Two vCPUs use both host cores under multi-threaded TCG: login in 11 s instead of 22 s.
 DEFAULT_CPUS = 2
+# Where a person or a CI sets the vCPUs of every guest that is not given its own (the project's
+# own tests set 1: two 1-vCPU guests side by side beat two 2-vCPU guests in turn, vm.lock).
+VCPUS_ENV = "LXD_AGENT_HARNESS_VCPUS"
 # QEMU before 8.1 could translate guest code while another vCPU thread was rewriting it and keep
 # the stale translation (fixed by "accel/tcg: Always lock pages before translation"): a Linux
 # guest patching a static key through an int3 then dies of "int3" at random (seen once in CI on
@@ -43,6 +47,19 @@ DEFAULT_CPUS = 2
 # than one vCPU runs them on one thread: slower (that guest to STARTED in 31 s instead of 21 s
 # under 7.2) but never stale.
 MTTCG_FIXED_IN = (8, 1)
+
+
+def default_cpus() -> int:
+    """A guest's vCPUs unless its config says: `$LXD_AGENT_HARNESS_VCPUS`, else `DEFAULT_CPUS`."""
+    value = os.environ.get(VCPUS_ENV, "").strip()
+    if not value:
+        return DEFAULT_CPUS
+    if not value.isdigit() or int(value) < 1:
+        raise VmError(
+            f"{VCPUS_ENV}={value!r} is not a number of vCPUs; set it to 1 or more, or unset it "
+            f"for {DEFAULT_CPUS}"
+        )
+    return int(value)
 
 
 class Network(str, enum.Enum):
@@ -145,7 +162,7 @@ class VmConfig:
     ring_size: int | None = None
     """The status rings' size; None: the layout's own (LXD's 16 B, Incus's 16 KiB)."""
     memory_mib: int = DEFAULT_MEMORY_MIB
-    cpus: int = DEFAULT_CPUS
+    cpus: int = field(default_factory=default_cpus)
     seed: Path | None = None
     network: Network = Network.NONE
     credentials: tuple[tuple[str, str], ...] = ()

@@ -338,7 +338,7 @@ class Vm:
 
     async def _start(self) -> None:
         stack = self._stack
-        await take_vm_lock(stack, self.progress)
+        await take_vm_lock(stack, self.progress, self.config.cpus)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot

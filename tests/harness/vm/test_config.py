@@ -182,6 +182,7 @@ def test_the_command_line_asks_the_installed_qemu_its_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config, files = unbooted_config(tmp_path, Accel.TCG)
+    config = replace(config, cpus=2)  # one thread matters only with more than one vCPU
     asked: list[str] = []
 
     def old_qemu(binary: str) -> str:

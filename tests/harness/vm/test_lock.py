@@ -1,9 +1,11 @@
-"""Tests for lxd_agent_harness.vm.lock: one harness VM at a time on this machine, and the lock
-free again after a failed start (no guest: the VMs here never get to boot)."""
+"""Tests for lxd_agent_harness.vm.lock: harness VMs share the machine's cores (a slot per vCPU,
+taken in turn), and the lock is free again after a failed start (no guest: the VMs here never get
+to boot)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.vm import instance as vm
 from lxd_agent_harness.vm import lock as vmlock
 from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.config import DEFAULT_CPUS, VCPUS_ENV, default_cpus
 from tests.helpers import unbooted_config
 
 
@@ -52,3 +55,49 @@ def test_the_vm_lock_is_free_again_after_a_failed_start(
         asyncio.run(start())
     with vmlock.vm_lock_path().open("a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
+
+
+def test_one_vcpu_guests_share_the_cores_and_a_two_vcpu_guest_waits_for_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(vmlock.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(vmlock, "LOCK_POLL", 0.02)
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        first, second = contextlib.AsyncExitStack(), contextlib.AsyncExitStack()
+        await vmlock.take_vm_lock(first, order.append, cpus=1)
+        await vmlock.take_vm_lock(second, order.append, cpus=1)  # the other core: no wait
+        assert order == []
+
+        async def big() -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                await vmlock.take_vm_lock(stack, order.append, cpus=2)
+                order.append("two-vcpu guest runs")
+
+        waiting = asyncio.ensure_future(big())
+        await asyncio.sleep(0.2)
+        await first.aclose()
+        await asyncio.sleep(0.2)
+        order.append("one core free")
+        await second.aclose()
+        await waiting
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[0].startswith("waiting for another harness VM")
+    assert order[1:] == ["one core free", "two-vcpu guest runs"]
+
+
+def test_vcpus_come_from_the_environment_else_two_and_nonsense_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(VCPUS_ENV, raising=False)
+    assert default_cpus() == DEFAULT_CPUS == 2
+    monkeypatch.setenv(VCPUS_ENV, "1")
+    assert default_cpus() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(VCPUS_ENV, bad)
+        with pytest.raises(VmError, match=VCPUS_ENV):
+            default_cpus()

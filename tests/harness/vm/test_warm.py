@@ -32,7 +32,9 @@ def image_files(tmp_path: Path) -> GuestImage:
 
 def test_a_saved_guest_fits_only_the_same_image_layout_machine_and_qemu(tmp_path: Path) -> None:
     image = image_files(tmp_path)
-    config = VmConfig(layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.TCG)
+    config = VmConfig(
+        layout=get_layout("lxd-5.20"), boot=DirectBoot(image), accel=Accel.TCG, cpus=2
+    )
     key = warm_key(config, QEMU)
     assert warm_key(config, QEMU) == key  # stable
     others = [
