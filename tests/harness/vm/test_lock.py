@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,7 @@ def test_one_vcpu_guests_share_the_cores_and_a_two_vcpu_guest_waits_for_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(vmlock.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(vmlock, "LOCK_POLL", 0.02)
 
     async def scenario() -> list[str]:
