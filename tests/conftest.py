@@ -29,8 +29,13 @@ from tests.vms import TOOLS, Figures
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `last` run after all others: they check what the others left behind."""
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+    """Modules with VM tests first, so that the workers start on the long ones and the many short
+    unit tests fill the end; tests marked `last` after all others: they check what the others
+    left behind. Otherwise in the order collected."""
+    with_vms = {item.path for item in items if item.get_closest_marker("vm") is not None}
+    items.sort(
+        key=lambda item: (item.get_closest_marker("last") is not None, item.path not in with_vms)
+    )
 
 
 # The arm64 tree is the one slow build (about ten minutes of qemu-user on one core, README
