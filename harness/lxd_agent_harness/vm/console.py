@@ -83,6 +83,7 @@ class SerialConsole:
         self._pending_milestones = list(CONSOLE_MILESTONES)
         self.milestones: dict[str, float] = {}
         self._panic: tuple[str, str] | None = None  # (reason, oops) once the kernel panicked
+        self._panic_end = 0  # where the panic line ends, in everything ever received
 
     def __enter__(self) -> SerialConsole:
         try:
@@ -156,11 +157,13 @@ class SerialConsole:
         reason = panic.group(1).decode(errors="replace").strip()
         first = oops.group(1).decode(errors="replace").strip() if oops else ""
         self._panic = (reason, first)
+        self._panic_end = self._base + panic.end()
         if self._on_milestone is not None:
             self._on_milestone(f"kernel panic: {reason}")
 
     def panicked(self) -> GuestPanicked | None:
-        """A new `GuestPanicked` with the console tail if the guest's kernel panicked, else None."""
+        """A new `GuestPanicked` with the console around the panic line if the guest's kernel
+        panicked, else None."""
         if self._panic is None:
             return None
         reason, oops = self._panic
@@ -168,8 +171,22 @@ class SerialConsole:
             f"the guest's kernel panicked: {reason}" + (f" (after {oops!r})" if oops else ""),
             panic=reason,
             oops=oops,
-            console_tail=self.tail_lines(),
+            console_tail=self._around_panic(),
         )
+
+    def _around_panic(self, lines: int = 30) -> list[str]:
+        """The console's lines up to the panic line and what followed it by now (`lines` each way):
+        the kernel's trace goes on after the panic line, and a plain tail taken a moment later
+        may have left the panic line behind."""
+        with self._lock:
+            end = max(0, self._panic_end - self._base)
+            before = bytes(self._data[max(0, end - 64 * 1024) : end])
+            after = bytes(self._data[end:])
+
+        def text(raw: bytes) -> list[str]:
+            return ANSI_ESCAPE.sub("", raw.decode("utf-8", errors="replace")).splitlines()
+
+        return text(before)[-lines:] + [line for line in text(after) if line][:lines]
 
     def raise_if_panicked(self) -> None:
         """Raise `panicked()` if there is one."""

@@ -126,6 +126,29 @@ def test_a_panic_without_an_oops_line_before_it_has_an_empty_oops(tmp_path: Path
     assert caught.value.panic == "VFS: Unable to mount root" and caught.value.oops == ""
 
 
+def test_a_panic_keeps_its_line_in_the_tail_however_long_the_trace_after_it(
+    tmp_path: Path,
+) -> None:
+    """A sysrq crash prints its panic line first and its trace after: the error, made after the
+    trace has come, still shows the panic line (seen: a 1-vCPU guest's 40 trace lines)."""
+    trace = b"".join(b"[   21.16] frame %d+0x16/0x20\r\n" % n for n in range(60))
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
+            os.write(master, b"[   21.15] Kernel panic - not syncing: sysrq triggered crash\r\n")
+            os.write(master, trace + b"[   21.19] ---[ end Kernel panic ]---\r\n")
+            deadline = time.monotonic() + 5
+            while "end Kernel panic" not in console.tail() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            panic = console.panicked()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert panic is not None and panic.panic == "sysrq triggered crash"
+    assert any("sysrq triggered crash" in line for line in panic.console_tail)
+    assert "frame 0+" in panic.console_tail[-30]  # and the trace after it, up to 30 lines
+
+
 @pytest.mark.parametrize(
     "line",
     [
