@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxd_agent_harness.base.arch import Arch
-from lxd_agent_harness.base.cache import building, cache_root
+from lxd_agent_harness.base.cache import cache_root
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
@@ -41,13 +41,12 @@ from lxd_agent_harness.image.buildsteps import build_directory, remove_tree, run
 from lxd_agent_harness.image.rootfs import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
-    TREE_LOCK_TIMEOUT,
     ImageSpec,
-    build_lock,
     debian_tree,
     file_sha256,
     kernel_version,
     prune_images,
+    reuse_or_build,
 )
 
 # Bump when the way a cloud image is made changes in a way the inputs below do not show.
@@ -436,12 +435,17 @@ def build_cloud_image(
     images = (cache or cache_root()) / "cloud-images"
     key = cloud_key(spec)
     final = CloudImage(images / key)
-    with building(build_lock(cache, "cloud-image", key), TREE_LOCK_TIMEOUT, progress):
-        if final.is_complete() and not rebuild:
-            progress(f"cloud image: reusing {final.disk}")
-            os.utime(final.directory)  # most recently used: kept by prune_images
-            return final
-        _build_cloud_image(spec, images, final, progress, cache)
+    if not reuse_or_build(
+        "cloud image",
+        key,
+        final.directory,
+        final.is_complete,
+        lambda: _build_cloud_image(spec, images, final, progress, cache),
+        progress,
+        cache,
+        rebuild,
+    ):
+        return final
     for pruned in prune_images(images, KEEP_CLOUD_IMAGES, lambda d: CloudImage(d).is_complete()):
         progress(f"cloud image: removed {pruned} (least recently used)")
     return final

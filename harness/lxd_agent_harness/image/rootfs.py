@@ -271,6 +271,28 @@ def build_lock(cache: Path | None, kind: str, key: str) -> Path:
     return (cache or cache_root()) / "locks" / f"{kind}-{key}.lock"
 
 
+def reuse_or_build(
+    what: str,
+    key: str,
+    entry: Path,
+    complete: Callable[[], bool],
+    build: Callable[[], None],
+    progress: Progress,
+    cache: Path | None,
+    rebuild: bool = False,
+) -> bool:
+    """Under the build lock of the cache entry `entry` (a tree, image or cloud image: `what`),
+    reuse it if `complete()` (marked most recently used, for the pruning), else `build()` it.
+    Whether it was built."""
+    with building(build_lock(cache, what.replace(" ", "-"), key), TREE_LOCK_TIMEOUT, progress):
+        if complete() and not rebuild:
+            progress(f"{what}: reusing {entry}")
+            os.utime(entry)
+            return False
+        build()
+        return True
+
+
 def cached_tree(spec: ImageSpec, progress: Progress, cache: Path | None = None) -> Path:
     """The Debian tree of `spec`'s release, architecture and packages, from the cache; made by
     mmdebstrap first (once, however many runs ask at the same time) if it is not there.
@@ -280,14 +302,11 @@ def cached_tree(spec: ImageSpec, progress: Progress, cache: Path | None = None) 
     trees = (cache or cache_root()) / "trees"
     key = spec.tree_key()
     entry = trees / key
-    with building(build_lock(cache, "tree", key), TREE_LOCK_TIMEOUT, progress):
-        if (entry / "manifest.json").is_file():
-            progress(f"tree: reusing {entry}")
-            os.utime(entry)  # most recently used: kept by the pruning below
-            return entry / "tree"
+
+    def build() -> None:
+        started = time.monotonic()
         require_tools(["mmdebstrap"])
         sources = filter_apt_sources(spec.release)
-        started = time.monotonic()
         trees.mkdir(parents=True, exist_ok=True)
         with build_directory(trees, key, progress) as work:
             staged = work / "entry"
@@ -302,7 +321,11 @@ def cached_tree(spec: ImageSpec, progress: Progress, cache: Path | None = None) 
             }
             (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             os.rename(staged, entry)
-    progress(f"tree: made {entry} in {time.monotonic() - started:.0f} s")
+        progress(f"tree: made {entry} in {time.monotonic() - started:.0f} s")
+
+    complete = (entry / "manifest.json").is_file
+    if not reuse_or_build("tree", key, entry, complete, build, progress, cache):
+        return entry / "tree"
     for pruned in prune_images(trees, KEEP_TREES, lambda d: (d / "manifest.json").is_file()):
         progress(f"tree: removed {pruned} (least recently used; the cache keeps {KEEP_TREES})")
     return entry / "tree"
@@ -393,12 +416,17 @@ def build_image(
     images = (cache or cache_root()) / "images"
     key = spec.key()
     final = GuestImage(images / key)
-    with building(build_lock(cache, "image", key), TREE_LOCK_TIMEOUT, progress):
-        if final.is_complete() and not rebuild:
-            progress(f"image: reusing {final.directory}")
-            os.utime(final.directory)  # most recently used: kept by prune_images
-            return final
-        _build_image(spec, images, final, progress, cache)
+    if not reuse_or_build(
+        "image",
+        key,
+        final.directory,
+        final.is_complete,
+        lambda: _build_image(spec, images, final, progress, cache),
+        progress,
+        cache,
+        rebuild,
+    ):
+        return final
     for pruned in prune_images(images, keep=KEEP_IMAGES):
         progress(f"image: removed {pruned} (least recently used; the cache keeps {KEEP_IMAGES})")
     return final
