@@ -13,7 +13,7 @@ Host side only.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -41,3 +41,39 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+async def in_turn(starts: Sequence[Callable[[], Awaitable[T]]], jobs: int) -> list[T]:
+    """Each of `starts` called and awaited, at most `jobs` at a time, in their order; the results
+    in that order.
+
+    Made for scenarios whose parts are guests that spend much of their time waiting (a bound
+    that runs out, a power-off held): each guest still waits for its own cores (`vm.lock`).
+    The first exception cancels the parts still running and propagates.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    turns = asyncio.Semaphore(jobs)
+    failed = False
+
+    async def one(start: Callable[[], Awaitable[T]]) -> T:
+        nonlocal failed
+        async with turns:
+            if failed:  # the turn came as a part failed: this one never starts
+                raise asyncio.CancelledError
+            try:
+                return await start()
+            except BaseException:
+                failed = True
+                raise
+
+    tasks = [asyncio.ensure_future(one(start)) for start in starts]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        # gather leaves the others running when one fails: no guest outlives the scenario.
+        running = [task for task in tasks if not task.done()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)

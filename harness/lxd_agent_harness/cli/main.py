@@ -167,6 +167,21 @@ def _positive_number(text: str, what: str) -> float:
     return value
 
 
+# Guests at a time for `check` and `matrix`: each holds its cores (vm.lock) whatever is asked.
+MAX_JOBS = 16
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    """`--jobs` as a count of guests at a time."""
+    try:
+        jobs = int(args.jobs)
+    except ValueError:
+        raise UsageError(f"--jobs {args.jobs!r} is not a whole number; give e.g. 2") from None
+    if not 1 <= jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs must be 1..{MAX_JOBS}, not {jobs}")
+    return jobs
+
+
 def parse_credentials(given: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
     """`--credential NAME=VALUE` options as (name, value) pairs, each checked as QEMU gets it."""
     try:
@@ -465,6 +480,7 @@ def check_command(args: argparse.Namespace) -> int:
         )
         if bound > MAX_BOUND:
             raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
+        jobs = _jobs(args)
         firmware = Firmware(args.firmware)
         if args.secure_boot and firmware is not Firmware.UEFI:
             raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
@@ -498,6 +514,7 @@ def check_command(args: argparse.Namespace) -> int:
             credentials=credentials,
             raw_qemu_conf=raw_qemu_conf,
             progress=say,
+            jobs=jobs,
         )
 
     verdict = run_interruptible(run())
@@ -614,6 +631,7 @@ def matrix_command(args: argparse.Namespace) -> int:
         if bound > MAX_BOUND:
             raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
         shard = Shard.parse(args.shard)
+        jobs = _jobs(args)
         _check_table_outputs(args)
         deb = find_deb(args.deb)
         check_deb(deb)
@@ -631,7 +649,7 @@ def matrix_command(args: argparse.Namespace) -> int:
         accel = await choose_accel(Accel(args.accel), next(iter(images.values())), say)
         say(f"accel: {accel.reason}")
         return await run_matrix(
-            agents, layouts, images, accel.accel, timeout, bound, say, shard=shard
+            agents, layouts, images, accel.accel, timeout, bound, say, shard=shard, jobs=jobs
         )
 
     return _table_results(args, run_interruptible(run()))

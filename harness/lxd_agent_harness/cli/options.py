@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
         p.add_argument("--timeout", type=str, help=timeout_help)
 
+    def jobs_option(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--jobs",
+            default="1",
+            help=f"how many {what} to boot at a time (default 1); each guest waits for as many "
+            "of this machine's cores as it has vCPUs, so more jobs help where guests wait "
+            "(a held boot, a held power-off) or have fewer vCPUs than there are cores",
+        )
+
     boot = sub.add_parser(
         "boot", help="boot a guest, wait for STARTED, power off, wait for STOPPED"
     )
@@ -178,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     guest_options(check)
     raw_qemu_conf_option(check, "at every layout's start")
+    jobs_option(check, "layouts")
     results_options(check)
     check.add_argument("-v", "--verbose", action="store_true", help="print each timeline")
 
@@ -242,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only part K of N of the cells (e.g. 1/2), for CI runners in parallel; "
         "`matrix-merge` joins the parts' --json files (default 1/1: every cell)",
     )
+    jobs_option(matrix, "cells")
 
     def table_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--markdown", type=Path, help="also write the table to this file")

@@ -26,9 +26,10 @@ import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, STARTED, STOPPED
+from lxd_agent_harness.base.aio import in_turn
 from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
@@ -226,16 +227,17 @@ async def check_image(
     credentials: tuple[tuple[str, str], ...] = (),
     raw_qemu_conf: tuple[Override, ...] = (),
     progress: Progress | None = None,
+    jobs: int = 1,
 ) -> CheckVerdict:
-    """Boot `disk` as it is once per layout, one at a time; the judged verdict. `network`,
-    `credentials` and `raw_qemu_conf` are the VM's (`VmConfig`): nothing is added to the disk.
+    """Boot `disk` as it is once per layout, `jobs` layouts at a time (each guest on a fresh
+    overlay of its own); the judged verdict. `network`, `credentials` and `raw_qemu_conf` are
+    the VM's (`VmConfig`): nothing is added to the disk.
 
     A harness failure in one layout (the image does not boot) is kept in that layout's check.
     """
     verdict = CheckVerdict(image=disk, firmware=firmware, secure_boot=secure_boot)
-    for layout in layouts:
-        if progress is not None:
-            progress(f"check: {layout.name}")
+
+    def start(layout: Layout) -> Callable[[], Awaitable[LayoutCheck]]:
         config = VmConfig(
             layout=layout,
             boot=FirmwareBoot(disk, disk_format, firmware, secure_boot),
@@ -245,7 +247,15 @@ async def check_image(
             credentials=credentials,
             raw_qemu_conf=raw_qemu_conf,
         )
-        verdict.checks.append(await check_layout(config, timeout, bound, progress))
+
+        async def one() -> LayoutCheck:
+            if progress is not None:
+                progress(f"check: {layout.name}")
+            return await check_layout(config, timeout, bound, progress)
+
+        return one
+
+    verdict.checks.extend(await in_turn([start(layout) for layout in layouts], jobs))
     judge(verdict.checks)
     return verdict
 

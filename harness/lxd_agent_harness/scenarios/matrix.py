@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from lxd_agent.protocol import STARTED, STOPPED
+from lxd_agent_harness.base.aio import in_turn
 from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.agents import OURS, MatrixAgent
@@ -237,8 +238,10 @@ async def run_matrix(
     bound: float = DEFAULT_BOUND,
     progress: Progress | None = None,
     shard: Shard = WHOLE,
+    jobs: int = 1,
 ) -> MatrixVerdict:
-    """Boot each agent's image (`images[agent.name]`) in each layout, one cell at a time.
+    """Boot each agent's image (`images[agent.name]`) in each layout, `jobs` cells at a time
+    (each guest on a fresh overlay of its own), the cells kept in the table's order.
 
     Every cell runs under `accel`; only `shard`'s cells run. A harness failure in one cell is
     kept in that cell and the matrix goes on.
@@ -248,14 +251,22 @@ async def run_matrix(
     )
     by_name = {layout.name: layout for layout in layouts}
     cells = table_cells([agent.name for agent in agents], list(by_name))
-    for position, (agent, layout_name) in enumerate(cells):
-        if not shard.takes(position):
-            continue
-        if progress is not None:
-            progress(f"matrix: {agent} on {layout_name}")
-        layout = by_name[layout_name]
-        cell_config = VmConfig(layout=layout, boot=DirectBoot(images[agent]), accel=accel)
-        verdict.cells.append(await run_cell(cell_config, agent, timeout, bound, progress))
+
+    def start(agent: str, layout: Layout) -> Callable[[], Awaitable[Cell]]:
+        async def one() -> Cell:
+            if progress is not None:
+                progress(f"matrix: {agent} on {layout.name}")
+            config = VmConfig(layout=layout, boot=DirectBoot(images[agent]), accel=accel)
+            return await run_cell(config, agent, timeout, bound, progress)
+
+        return one
+
+    starts = [
+        start(agent, by_name[layout_name])
+        for position, (agent, layout_name) in enumerate(cells)
+        if shard.takes(position)
+    ]
+    verdict.cells.extend(await in_turn(starts, jobs))
     return verdict
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lxd_agent_harness.base.aio import bounded, wait_event
+from lxd_agent_harness.base.aio import bounded, in_turn, wait_event
 
 
 async def cancelled_as_it_completes(inner: asyncio.Future[str], waiter: Any) -> Any:
@@ -61,3 +61,52 @@ def test_a_cancellation_that_lands_with_the_answer_is_not_lost() -> None:
             await waiting
 
     asyncio.run(scenario())
+
+
+def test_in_turn_runs_at_most_jobs_at_once_and_keeps_the_order() -> None:
+    running: list[int] = []
+    most = 0
+
+    def part(n: int) -> Any:
+        async def run() -> int:
+            nonlocal most
+            running.append(n)
+            most = max(most, len(running))
+            await asyncio.sleep(0.01 * (5 - n))  # the later parts end first
+            running.remove(n)
+            return n * 10
+
+        return run
+
+    assert asyncio.run(in_turn([part(n) for n in range(5)], jobs=2)) == [0, 10, 20, 30, 40]
+    assert most == 2
+    assert asyncio.run(in_turn([part(n) for n in range(3)], jobs=1)) == [0, 10, 20]
+    assert most == 2 and running == []
+
+
+def test_in_turn_cancels_the_running_parts_when_one_fails() -> None:
+    cancelled: list[int] = []
+
+    def slow(n: int) -> Any:
+        async def run() -> int:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(n)
+                raise
+            return n
+
+        return run
+
+    async def fails() -> int:
+        await asyncio.sleep(0.01)
+        raise OSError("no disk")
+
+    with pytest.raises(OSError, match="no disk"):
+        asyncio.run(in_turn([slow(0), fails, slow(2), slow(3)], jobs=3))
+    assert cancelled == [0, 2]  # 3 never started: it waited for its turn
+
+
+def test_in_turn_wants_at_least_one_job() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        asyncio.run(in_turn([], jobs=0))

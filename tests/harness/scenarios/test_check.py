@@ -223,9 +223,11 @@ def check(image: CloudImage, tmp_path: Path, *layouts: str) -> tuple[int, dict[s
     """`lxd-agent-harness check` as a user runs it: exit status, its JSON, its output."""
     record, junit = tmp_path / "check.json", tmp_path / "check.xml"
     options = [arg for layout in layouts for arg in ("--layout", layout)]
+    # Two guests at a time, as each has one vCPU here (LXD_AGENT_HARNESS_VCPUS).
     command = harness_command(
-        "check", "--image", str(image.disk), *options, "--json", str(record), "--junit", str(junit)
-    )
+        "check", "--image", str(image.disk), *options, "--jobs", "2",
+        "--json", str(record), "--junit", str(junit),
+    )  # fmt: skip
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False
     )

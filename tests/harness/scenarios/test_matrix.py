@@ -211,7 +211,10 @@ def matrix(guest_image: GuestImage, deb: Path, figures: Figures) -> MatrixVerdic
     assert images[OURS] == guest_image  # the session's image, not a second build
     layouts = [get_layout(name) for name in MATRIX_LAYOUTS]
     verdict = run(
-        run_matrix(list(AGENTS.values()), layouts, images, Accel.TCG, BOOT_TIMEOUT, progress=print),
+        # Two cells at a time: each guest has one vCPU here, and many cells wait out a bound.
+        run_matrix(
+            list(AGENTS.values()), layouts, images, Accel.TCG, BOOT_TIMEOUT, progress=print, jobs=2
+        ),
         MATRIX_DEADLINE,
     )
     out = REPO / "out"
