@@ -14,6 +14,8 @@ PY := $(VENV)/bin/python
 # arch-test to build their trees (image/foreign.py: nothing is registered on the host).
 # On Debian 12, QEMU's system emulators then come from bookworm-backports, through the host's own
 # mirror (packaging/qemu-from-backports says why: 7.2's multi-threaded TCG crashes guests).
+# `check --host lxd` and its tests run Debian's own LXD daemon (started by the harness in a state
+# directory of its own, never the system's); python3-seccomp for its memlock filter.
 APT_PACKAGES := \
 	python3 python3-venv python3-pip python3-systemd \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
@@ -22,6 +24,7 @@ APT_PACKAGES := \
 	fdisk dosfstools mtools grub-common grub-pc-bin grub-efi-amd64-bin \
 	grub-efi-amd64-signed shim-signed ovmf \
 	qemu-system-arm qemu-efi-aarch64 qemu-user-static arch-test \
+	lxd python3-seccomp \
 	systemd
 
 .PHONY: all setup apt venv lint test unit vm deb wheels demo soak matrix bench clean

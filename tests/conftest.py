@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -122,6 +123,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("Measured figures (guests under TCG; the agent's start storm)")
         for name, value in measured.items():
             terminalreporter.write_line(f"{name:<48} {value}")
+
+
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A temporary directory with a short path: a VM's QMP socket or a daemon's goes in it, and
+    a socket's path has at most 107 bytes (pytest-xdist's tmp_path,
+    /tmp/pytest-of-root/pytest-N/popen-gwN/test_an_interrupted_boot_leave1/tmp/..., has more)."""
+    path = Path(tempfile.mkdtemp(prefix="it-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from tests.repo import REPO
 
 PACKAGE = "lxd_agent_harness"
 ROOT = Path(lxd_agent_harness.__file__).resolve().parent
-LAYERS = ("base", "qemu", "lxd", "vm", "image", "scenarios", "cli", "testing")
+LAYERS = ("base", "qemu", "lxd", "vm", "image", "host", "scenarios", "cli", "testing")
 """Lowest first."""
 
 NO_TEST_MODULE = {

@@ -191,3 +191,29 @@ class StepMismatch(HarnessError):
         """What the step must show, in words."""
         self.seen = seen
         """What it showed instead, in words."""
+
+
+class DaemonError(HarnessError):
+    """A real LXD or Incus daemon could not be started, or refused or failed a request."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        daemon: str = "",
+        request: str = "",
+        status_code: int | None = None,
+        error: str = "",
+        log_tail: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.daemon = daemon
+        """`lxd` or `incus`."""
+        self.request = request
+        """The request that failed (`POST /1.0/instances`); empty when it was not a request."""
+        self.status_code = status_code
+        """The HTTP status the daemon answered with; None when it did not answer."""
+        self.error = error
+        """The daemon's own error text (its JSON `error`, or an operation's `err`)."""
+        self.log_tail = list(log_tail)
+        """The daemon's last log lines, oldest first; empty when it had none."""

@@ -78,6 +78,7 @@ from lxd_agent_harness.scenarios.check import (
     CheckVerdict,
     check_image,
 )
+from lxd_agent_harness.scenarios.host_check import check_image_on_hosts
 from lxd_agent_harness.scenarios.matrix import (
     DEFAULT_BOUND,
     MatrixVerdict,
@@ -470,8 +471,31 @@ def _write_results(
         say(f"wrote {junit_path}")
 
 
+def _host_options(args: argparse.Namespace) -> list[str]:
+    """`--host`s, checked against what a daemon can honour; [] for the QEMU model."""
+    if args.host_socket is not None and not args.host:
+        raise UsageError("--host-socket needs --host (which daemon listens on it)")
+    if not args.host:
+        return []
+    refused = [
+        (args.layout, "--layout (a daemon's layout follows its version)"),
+        (args.firmware == Firmware.BIOS.value, "--firmware bios (LXD and Incus boot UEFI)"),
+        (args.secure_boot, "--secure-boot (the daemon's security.secureboot decides)"),
+        (args.nic, "--nic (the VM gets no NIC)"),
+        (args.credential, "--credential"),
+        (args.arch != Arch.AMD64.value, "--arch other than amd64"),
+    ]
+    given = [what for value, what in refused if value]
+    if given:
+        raise UsageError(f"--host cannot be given with {', '.join(given)}; drop it")
+    if args.host_socket is not None and len(set(args.host)) > 1:
+        raise UsageError("--host-socket is one daemon's: give one --host with it")
+    return list(dict.fromkeys(args.host))
+
+
 def check_command(args: argparse.Namespace) -> int:
     try:
+        hosts = _host_options(args)
         names = args.layout or list(CHECK_LAYOUTS)
         layouts = [get_layout(name) for name in dict.fromkeys(names)]
         timeout = _timeout(args, DEFAULT_CHECK_TIMEOUT)
@@ -481,7 +505,7 @@ def check_command(args: argparse.Namespace) -> int:
         if bound > MAX_BOUND:
             raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
         jobs = _jobs(args)
-        firmware = Firmware(args.firmware)
+        firmware = Firmware(args.firmware or Firmware.UEFI.value)
         if args.secure_boot and firmware is not Firmware.UEFI:
             raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
         arch = Arch(args.arch)
@@ -498,6 +522,17 @@ def check_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     async def run() -> CheckVerdict:
+        if hosts:
+            return await check_image_on_hosts(
+                args.image,
+                image_format,
+                hosts,
+                timeout=timeout,
+                bound=bound,
+                raw_qemu_conf=raw_qemu_conf,
+                host_socket=args.host_socket,
+                progress=say,
+            )
         accel = await choose_accel(Accel(args.accel), None, say, arch=arch)
         say(f"accel: {accel.reason}")
         return await check_image(

@@ -20,6 +20,7 @@ from lxd_agent_harness.scenarios.check import (
     DEFAULT_CHECK_BOUND,
     DEFAULT_CHECK_TIMEOUT,
 )
+from lxd_agent_harness.scenarios.host_check import HOST_KINDS
 from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import Network
@@ -164,9 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
         f"one of: {', '.join(LAYOUTS)}",
     )
     check.add_argument(
+        "--host",
+        action="append",
+        choices=list(HOST_KINDS),
+        help="boot the image on a real daemon instead of the QEMU model, judged by what the "
+        "daemon saw (its agent flag, its log, its qemu.conf against the harness's layout of its "
+        "version); repeat for more; in place of --layout. The daemon is started from its "
+        "installed binaries in a state directory of the harness's own, unless --host-socket",
+    )
+    check.add_argument(
+        "--host-socket",
+        type=Path,
+        help="with --host: use the daemon already listening on this unix socket (e.g. "
+        "/var/lib/lxd/unix.socket); the harness deletes what it made in it",
+    )
+    check.add_argument(
         "--firmware",
         choices=[f.value for f in Firmware],
-        default=Firmware.UEFI.value,
+        default=None,
         help="uefi (OVMF, LXD's; the default) or bios (SeaBIOS)",
     )
     check.add_argument(

@@ -16,7 +16,7 @@ from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.image.agents import AGENTS, OURS
 from lxd_agent_harness.lxd.layouts import get_layout, lxd_ring_port
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
-from lxd_agent_harness.scenarios.check import CheckVerdict, LayoutCheck
+from lxd_agent_harness.scenarios.check import CheckVerdict, HostReport, LayoutCheck
 from lxd_agent_harness.scenarios.matrix import Cell, MatrixVerdict, Shard, ours_problems
 from lxd_agent_harness.vm.units import UnitFacts
 
@@ -115,10 +115,28 @@ def layout_check_json(check: LayoutCheck) -> dict[str, Any]:
         "guest_off": _round(check.guest_off),
         "error": error_json(check.error),
         "timeline": list(check.timeline),
+        "host": host_json(check.host),
+        "config_differences": list(check.config_differences),
+        "stopped_unchecked": check.stopped_unchecked,
+    }
+
+
+def host_json(host: HostReport | None) -> dict[str, Any] | None:
+    """The real daemon a layout ran on; None for the harness's QEMU model."""
+    if host is None:
+        return None
+    return {
+        "kind": host.kind,
+        "version": host.version,
+        "layout": host.layout,
+        "adaptations": [{"name": name, "reason": reason} for name, reason in host.adaptations],
+        "log": list(host.log),
+        "qemu_conf": host.qemu_conf,
     }
 
 
 def check_json(verdict: CheckVerdict) -> dict[str, Any]:
+    hosts = [check.host for check in verdict.checks]
     return {
         "schema": SCHEMA,
         "command": "check",
@@ -126,6 +144,9 @@ def check_json(verdict: CheckVerdict) -> dict[str, Any]:
         "firmware": verdict.firmware.value,
         "secure_boot": verdict.secure_boot,
         "passed": verdict.passed,
+        # The one daemon every layout ran on; null for the QEMU model (or several daemons:
+        # each layout's own `host` says which).
+        "host": host_json(hosts[0]) if len(hosts) == 1 else None,
         "layouts": [layout_check_json(check) for check in verdict.checks],
     }
 

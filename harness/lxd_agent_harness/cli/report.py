@@ -6,7 +6,13 @@ when something fails. Host side only.
 
 from __future__ import annotations
 
-from lxd_agent_harness.base.errors import HarnessError, MonitorError, QemuError, VmError
+from lxd_agent_harness.base.errors import (
+    DaemonError,
+    HarnessError,
+    MonitorError,
+    QemuError,
+    VmError,
+)
 from lxd_agent_harness.cli.interrupt import Interrupted
 from lxd_agent_harness.scenarios.boot import BootVerdict
 from lxd_agent_harness.scenarios.check import CheckVerdict, LayoutCheck
@@ -28,6 +34,8 @@ def failure_lines(error: HarnessError) -> list[str]:
         ]
     if isinstance(error, MonitorError):
         sections.append(("timeline (seconds since QEMU start)", error.timeline))
+    if isinstance(error, DaemonError):
+        sections.append((f"the {error.daemon} daemon's log (last lines)", error.log_tail))
     lines = [f"FAILED: {error}"]
     for title, body in sections:
         if body:
@@ -80,30 +88,47 @@ def _check_details(check: LayoutCheck) -> str:
     return "; ".join(parts)
 
 
+def _where(check: LayoutCheck) -> str:
+    """A layout's name, or the real daemon it ran on with the layout it is judged by."""
+    host = check.host
+    if host is None:
+        return check.layout
+    return f"{host.kind} {host.version} ({host.layout})" if host.version else host.kind
+
+
 def check_lines(verdict: CheckVerdict, verbose: bool = False) -> list[str]:
     """One line per layout (verdict, finding, what was seen), failures' data, the overall line."""
-    width = max((len(check.layout) for check in verdict.checks), default=0)
+    width = max((len(_where(check)) for check in verdict.checks), default=0)
     lines = []
     for check in verdict.checks:
         mark = "PASS" if check.passed else "FAIL"
-        lines.append(f"{check.layout:<{width}}  {mark}  {check.reason}")
+        lines.append(f"{_where(check):<{width}}  {mark}  {check.reason}")
         details = _check_details(check)
         if details:
             lines.append(f"{'':<{width}}        {details}")
+        if check.host is not None:
+            lines += [
+                f"{'':<{width}}        adapted: {name}: {why}"
+                for name, why in check.host.adaptations
+            ]
     for check in verdict.checks:
         if check.error is not None:
-            lines.append(f"{check.layout}:")
+            lines.append(f"{_where(check)}:")
             lines += [f"  {line}" for line in failure_lines(check.error)]
         elif verbose or not check.passed:
-            lines.append(f"--- {check.layout}: timeline (seconds since QEMU start) ---")
+            since = "the start request" if check.host is not None else "QEMU start"
+            lines.append(f"--- {_where(check)}: timeline (seconds since {since}) ---")
             lines += check.timeline
-    failed = [check.layout for check in verdict.checks if not check.passed]
+            if check.host is not None and check.host.log:
+                lines.append(f"--- {_where(check)}: the daemon's log ---")
+                lines += list(check.host.log)
+    failed = [_where(check) for check in verdict.checks if not check.passed]
     if failed:
         lines.append(f"FAILED: {verdict.image} on {', '.join(failed)} (see above)")
     else:
         lines.append(
             f"OK: the agent in {verdict.image} survives the rename on "
-            f"{', '.join(check.layout for check in verdict.checks)}"
+            f"{', '.join(_where(check) for check in verdict.checks)}"
         )
     return lines
 

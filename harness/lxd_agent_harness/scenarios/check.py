@@ -92,8 +92,28 @@ class Finding(str, enum.Enum):
     """Nothing reported on any ring, on a layout where an LXD agent must report."""
     STANDS_ASIDE = "stands-aside"
     """An Incus layout: nothing reported to Incus, and nothing held."""
+    CONFIG_DIFFERS = "config-differs"
+    """A real daemon started QEMU with a virtio-serial part other than the harness's layout of
+    that host: the model is wrong, so nothing else this check says can be trusted."""
     NOT_CHECKED = "not-checked"
     """The harness could not boot or watch the image: see the error."""
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """The real daemon a check ran on (`check --host`): what it is, what was adapted for it on
+    this machine, and its own log lines that the verdict rests on."""
+
+    kind: str
+    """`lxd` or `incus`."""
+    version: str
+    layout: str
+    """The harness's layout of this daemon's version, by which it is judged and compared."""
+    adaptations: tuple[tuple[str, str], ...] = ()
+    """(name, reason) of each way around a limit of this machine (`host.probes`)."""
+    log: tuple[str, ...] = ()
+    qemu_conf: str = ""
+    """The QEMU configuration the daemon wrote for the VM (its `qemu.conf`), whole."""
 
 
 PASSING = frozenset({Finding.REPORTS, Finding.STANDS_ASIDE})
@@ -131,6 +151,13 @@ class LayoutCheck(PowerOffFigures):
     reason: str = ""
     entries: list[TimelineEntry] = field(default_factory=list)
     timeline: list[str] = field(default_factory=list)
+    host: HostReport | None = None
+    """The real daemon that ran this layout's VM; None for the harness's QEMU model."""
+    config_differences: list[str] = field(default_factory=list)
+    """How the daemon's `qemu.conf` differs from `layout` (a real daemon only)."""
+    stopped_unchecked: str = ""
+    """Why `STOPPED` could not be looked for on a real daemon (no shell in the guest to stop
+    the agent's unit with); empty when it was."""
 
     @property
     def passed(self) -> bool:
@@ -168,14 +195,27 @@ def _finding(check: LayoutCheck, legacy_elsewhere: bool) -> tuple[Finding, str]:
     whatever its blocking write then held (the details say what it held)."""
     if check.error is not None:
         return Finding.NOT_CHECKED, f"could not check: {check.error}"
+    if check.config_differences:
+        return (
+            Finding.CONFIG_DIFFERS,
+            f"the daemon's QEMU configuration differs from the {check.layout} layout: "
+            + "; ".join(check.config_differences),
+        )
     started = check.started
     if started is not None and started.port == check.status_port:
         if check.power_off_held:
             return Finding.HOLDS_POWER_OFF, _held(check)
+        if check.stopped is None and check.stopped_unchecked:
+            return (
+                Finding.NOT_CHECKED,
+                f"reports STARTED on {started.port}; "
+                f"STOPPED not checked: {check.stopped_unchecked}",
+            )
         if check.stopped is None:
             return (
                 Finding.NO_STOPPED,
-                f"reports STARTED on {started.port} but no STOPPED after the power button",
+                f"reports STARTED on {started.port} but no STOPPED "
+                + ("when its unit stopped" if check.host else "after the power button"),
             )
         return Finding.REPORTS, f"reports on {started.port}"
     if started is not None:

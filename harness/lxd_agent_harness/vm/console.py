@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -62,19 +63,56 @@ class CommandResult:
     output: str
 
 
+class UnixSocketPort:
+    """A console that QEMU serves on a unix socket (`-chardev socket,server=on`), read and
+    written as the reader thread reads a pty: what a daemon's VM offers (LXD's `qemu.console`).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._socket.connect(path)
+        except OSError as e:
+            self._socket.close()
+            raise serial.SerialException(f"cannot connect to {path}: {e.strerror}") from None
+        self._socket.settimeout(0.1)
+        self.in_waiting = 0  # the reader asks for at least one byte and gets what there is
+
+    def read(self, size: int) -> bytes:
+        try:
+            data = self._socket.recv(max(size, 4096))
+        except TimeoutError:
+            return b""
+        if not data:
+            raise OSError("the console socket was closed")
+        return data
+
+    def write(self, data: bytes) -> None:
+        self._socket.sendall(data)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
 class SerialConsole:
     """The guest's serial console on a pty, read by a thread into a log file and memory.
 
-    A context manager: the reader thread stops and the port closes on exit.
+    A context manager: the reader thread stops and the port closes on exit. `unix_socket`:
+    `device` is a unix socket QEMU serves the console on, not a pty.
     """
 
     def __init__(
-        self, device: str, log_path: Path, on_milestone: Callable[[str], None] | None = None
+        self,
+        device: str,
+        log_path: Path,
+        on_milestone: Callable[[str], None] | None = None,
+        unix_socket: bool = False,
     ) -> None:
         self.device = device
+        self.unix_socket = unix_socket
         self.log_path = log_path
         self._on_milestone = on_milestone
-        self._port: serial.Serial | None = None
+        self._port: serial.Serial | UnixSocketPort | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -87,7 +125,10 @@ class SerialConsole:
 
     def __enter__(self) -> SerialConsole:
         try:
-            self._port = serial.Serial(self.device, baudrate=115200, timeout=0.1)
+            if self.unix_socket:
+                self._port = UnixSocketPort(self.device)
+            else:
+                self._port = serial.Serial(self.device, baudrate=115200, timeout=0.1)
         except serial.SerialException as e:
             raise VmError(f"could not open the guest console {self.device}: {e}") from None
         self._thread = threading.Thread(target=self._read_loop, name="console", daemon=True)

@@ -16,17 +16,14 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -88,16 +85,6 @@ def _leftovers(cache: Path | None, tmp: Path, marker: str) -> Leftovers:
         left.mounts = mounts_under(cache)
         left.build_dirs = sorted(cache.glob("*/.build-*"))
     return left
-
-
-@pytest.fixture
-def short_tmp_path() -> Iterator[Path]:
-    """A temporary directory with a short path: the VM's QMP socket goes in it, and a socket's
-    path has at most 107 bytes (pytest-xdist's tmp_path, /tmp/pytest-of-root/pytest-N/popen-gwN/
-    test_an_interrupted_boot_leave1/tmp/lxd-agent-vm-*/..., has more)."""
-    path = Path(tempfile.mkdtemp(prefix="it-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def interrupt_harness(

@@ -272,6 +272,17 @@ def test_matrix_merge_refuses_what_is_not_one_whole_matrix_in_one_line(
         (["--image", "{random}", "--bound", "0"], "--bound must be more than 0 seconds"),
         (["--image", "{random}", "--timeout", "soon"], "is not a number of seconds"),
         (["--image", "{random}", "--jobs", "0"], "--jobs must be 1..16, not 0"),
+        (["--image", "{random}", "--host-socket", "/x.sock"], "--host-socket needs --host"),
+        (
+            ["--image", "{random}", "--host", "lxd", "--layout", "lxd-5.20", "--nic", "open"],
+            "--host cannot be given with --layout (a daemon's layout follows its version), "
+            "--nic (the VM gets no NIC); drop it",
+        ),
+        (["--image", "{random}", "--host", "lxd", "--firmware", "bios"], "--firmware bios"),
+        (
+            ["--image", "{random}", "--host", "lxd", "--host", "incus", "--host-socket", "/x"],
+            "--host-socket is one daemon's",
+        ),
         (["--image", "{random}", "--json", "/tmp"], "--json /tmp is a directory"),
         (["--image", "{random}", "--junit", "/nonexistent/x.xml"], "cannot write into"),
     ],

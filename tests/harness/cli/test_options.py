@@ -93,9 +93,14 @@ def test_check_boots_lxd_5_19_5_20_and_incus_through_uefi_unless_told_otherwise(
     assert (args.image, args.layout, args.firmware, args.accel) == (
         Path("disk.qcow2"),
         None,  # cli.main takes CHECK_LAYOUTS
-        "uefi",
+        None,  # cli.main takes UEFI (None: --host can tell that none was given)
         "auto",
     )
+    assert (args.host, args.host_socket, args.jobs) == (None, None, "1")
+    on_hosts = build_parser().parse_args(
+        ["check", "--image", "d", "--host", "lxd", "--host", "incus"]
+    )
+    assert on_hosts.host == ["lxd", "incus"]
     assert (args.json, args.junit, args.timeout, args.bound, args.secure_boot) == (
         None,
         None,

@@ -21,7 +21,7 @@ from lxd_agent_harness.cli.records import (
     matrix_json,
 )
 from lxd_agent_harness.image.agents import AGENTS, OURS
-from lxd_agent_harness.scenarios.check import CheckVerdict, judge
+from lxd_agent_harness.scenarios.check import CheckVerdict, HostReport, judge
 from lxd_agent_harness.scenarios.matrix import MatrixVerdict, Shard
 from lxd_agent_harness.vm.firmware import Firmware
 from tests.harness.scenarios.test_check import reporting, silent
@@ -113,6 +113,37 @@ def test_a_record_that_cannot_be_read_back_says_which_field_and_why(
         matrix_from_json(data, "shard.json")
     assert raised.value.source == "shard.json"
     assert problem in raised.value.problem
+
+
+def test_a_check_on_a_real_daemon_names_it_and_the_model_has_none() -> None:
+    host = HostReport(
+        kind="lxd",
+        version="5.0.2",
+        layout="lxd-5.19",
+        adaptations=(("tcg", "TCG: KVM crashed the probe guest"),),
+        log=('time="..." level=debug msg="Instance agent started" instance=vm',),
+    )
+    on_lxd = replace(reporting("lxd-5.19"), host=host)
+    differs = replace(on_lxd, config_differences=['[chardev "x"] size: ...'])
+    judge([on_lxd])
+    data = through_json(check_json(CheckVerdict(Path("/a.qcow2"), Firmware.UEFI, checks=[on_lxd])))
+    assert data["host"] == {
+        "kind": "lxd",
+        "version": "5.0.2",
+        "layout": "lxd-5.19",
+        "adaptations": [{"name": "tcg", "reason": "TCG: KVM crashed the probe guest"}],
+        "log": ['time="..." level=debug msg="Instance agent started" instance=vm'],
+        "qemu_conf": "",
+    }
+    assert data["layouts"][0]["host"] == data["host"]
+    judge([differs])
+    data = through_json(check_json(CheckVerdict(Path("/a.qcow2"), Firmware.UEFI, checks=[differs])))
+    assert data["layouts"][0]["finding"] == "config-differs"
+    assert data["layouts"][0]["config_differences"] == ['[chardev "x"] size: ...']
+    model = [reporting("lxd-5.19")]
+    judge(model)
+    data = through_json(check_json(CheckVerdict(Path("/a.qcow2"), Firmware.UEFI, checks=model)))
+    assert data["host"] is None and data["layouts"][0]["host"] is None
 
 
 def test_a_check_record_has_a_finding_and_reason_per_layout() -> None:

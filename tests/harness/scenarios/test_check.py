@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
@@ -20,8 +19,7 @@ import pytest
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.base.errors import BootStuck
-from lxd_agent_harness.image.agents import AGENTS, emulation_deb
-from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_spec
+from lxd_agent_harness.image.cloud import CloudImage
 from lxd_agent_harness.lxd.layouts import LAYOUTS, get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.check import (
@@ -203,20 +201,6 @@ def test_a_start_job_on_the_console_holds_the_boot_once_it_ran_for_the_bound(
 # -- `check` on real images, through the command line --------------------------------------------
 
 CHECK_TIMEOUT = 1800
-
-
-@pytest.fixture(scope="session")
-def cloud_images(deb: Path, figures: Figures) -> dict[str, CloudImage]:
-    """The cloud image three ways: our package in it, the LXD 5.0 emulation's, no agent."""
-    started = time.monotonic()
-    emulation = emulation_deb(AGENTS["lxd-5.0"], print)
-    images = {
-        "ours": build_cloud_image(cloud_spec(debs=(deb,)), progress=print),
-        "lxd-5.0": build_cloud_image(cloud_spec(debs=(emulation,)), progress=print),
-        "none": build_cloud_image(cloud_spec(), progress=print),
-    }
-    figures["check: three cloud images, build or reuse"] = f"{time.monotonic() - started:.1f} s"
-    return images
 
 
 def check(image: CloudImage, tmp_path: Path, *layouts: str) -> tuple[int, dict[str, Any], str]:

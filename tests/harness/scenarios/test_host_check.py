@@ -1,0 +1,163 @@
+"""Tests for lxd_agent_harness.scenarios.host_check: the VM's configuration and the layout a
+daemon is judged by, then `check --host lxd` on a real LXD daemon (Debian's 5.0.2 here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, STARTED, STOPPED
+from lxd_agent_harness.host import probes
+from lxd_agent_harness.host.config import read_sections, serial_differences
+from lxd_agent_harness.host.daemon import parse_version
+from lxd_agent_harness.host.probes import Adaptation
+from lxd_agent_harness.image.cloud import CloudImage
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
+from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
+from lxd_agent_harness.vm.accel import Accel
+from lxd_agent_harness.vm.kvm_probe import choose_accel
+from tests.helpers import harness_command
+from tests.vms import Figures
+
+TCG = Adaptation("tcg", "TCG: KVM crashed the probe guest")
+NO_VSOCK = Adaptation("no-vsock-device", "/dev/vhost-vsock is missing")
+
+
+@pytest.mark.parametrize(
+    ("kind", "version", "layout"),
+    [
+        ("lxd", (5, 0, 2), "lxd-5.19"),
+        ("lxd", (5, 19), "lxd-5.19"),
+        ("lxd", (5, 20), "lxd-5.20"),
+        ("lxd", (6, 1), "lxd-5.20"),
+        ("incus", (6, 0, 4), "incus-6"),
+        ("incus", (7, 3), "incus"),
+    ],
+)
+def test_a_daemon_is_judged_by_the_layout_of_its_version(
+    kind: str, version: tuple[int, ...], layout: str
+) -> None:
+    assert host_layout(kind, version).name == layout
+
+
+def test_a_machine_with_kvm_and_vsock_changes_nothing_in_the_vm() -> None:
+    assert vm_config([]) == {}
+
+
+def test_tcg_and_no_vsock_become_the_vms_keys_and_raw_qemu_conf() -> None:
+    config = vm_config([TCG, NO_VSOCK])
+    assert config["limits.cpu"] == "1"
+    assert config["raw.qemu"] == "-cpu max"
+    assert config["security.secureboot"] == "false"
+    sections = parse_raw_qemu_conf(config["raw.qemu.conf"])
+    assert [(s.name, s.entries) for s in sections] == [
+        ("machine", (("accel", "tcg"),)),
+        ('device "qemu_vsock"', ()),
+    ]
+
+
+def test_the_users_raw_qemu_conf_follows_the_adaptations_as_written() -> None:
+    users = parse_raw_qemu_conf('[device "qemu_serial_legacy"]\n[chardev "x"][1]\nsize = "8B"\n')
+    sections = parse_raw_qemu_conf(vm_config([NO_VSOCK], users)["raw.qemu.conf"])
+    assert [(s.name, s.index, s.entries) for s in sections] == [
+        ('device "qemu_vsock"', 0, ()),
+        ('device "qemu_serial_legacy"', 0, ()),
+        ('chardev "x"', 1, (("size", "8B"),)),
+    ]
+
+
+# -- on a real LXD daemon, through the command line ---------------------------------------------
+
+HOST_CHECK_TIMEOUT = 1200
+
+
+def installed_version(package: str) -> str:
+    done = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", package], capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"Debian's {package} is not installed: run `make setup`"
+    return done.stdout
+
+
+def expected_adaptations() -> list[str]:
+    """What this machine needs, by the probes themselves: none on a host with KVM and vsock."""
+    found = [
+        probes.vsock_module_missing(),
+        probes.qemu_too_new(parse_version(installed_version("lxd")), probes.qemu_major()),
+        probes.memlock_fixed(),
+        probes.tcg("TCG")
+        if asyncio.run(choose_accel(Accel.AUTO, None)).accel is Accel.TCG
+        else None,
+        probes.vsock_device_missing(),
+    ]
+    return [adaptation.name for adaptation in found if adaptation is not None]
+
+
+def nothing_left_of_the_daemon() -> list[str]:
+    """Daemons, QEMUs and state directories of the harness's daemons still there."""
+    left = sorted(str(p) for p in Path("/tmp").glob("lxd-agent-lxd-*"))
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    left += [
+        line
+        for line in ps.stdout.splitlines()
+        if "lxd-agent-lxd-" in line or "lxd-agent-check-" in line
+    ]
+    return left
+
+
+def check_on_lxd(image: CloudImage, tmp_path: Path) -> tuple[int, dict[str, Any], str]:
+    record = tmp_path / "check.json"
+    command = harness_command(
+        "check", "--image", str(image.disk), "--host", "lxd", "--json", str(record)
+    )
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=HOST_CHECK_TIMEOUT, check=False
+    )
+    print(done.stdout, done.stderr)
+    return done.returncode, json.loads(record.read_text()), done.stdout
+
+
+@pytest.mark.vm
+def test_real_lxd_reads_started_and_stopped_of_our_agent_and_its_config_is_the_model(
+    cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
+) -> None:
+    status, record, out = check_on_lxd(cloud_images["ours"], tmp_path)
+    host = record["host"]
+    assert (host["kind"], host["version"], host["layout"]) == (
+        "lxd",
+        installed_version("lxd").split("-")[0],
+        "lxd-5.19",
+    )
+    assert [a["name"] for a in host["adaptations"]] == expected_adaptations()
+    (layout,) = record["layouts"]
+    assert (status, layout["finding"], layout["config_differences"]) == (0, "reports", []), out
+    assert layout["started"]["port"] == LEGACY_PORT_NAME
+    assert layout["stopped"]["text"] == f"{STARTED} -> {STOPPED}"
+    # The daemon's own log: its monitor read STARTED at boot and again after the restart.
+    assert sum('msg="Instance agent started"' in line for line in host["log"]) == 2
+    # The model can be wrong: the same real configuration is not the lxd-5.20 layout.
+    real = read_sections(host["qemu_conf"], "qemu.conf")
+    assert serial_differences(real, get_layout("lxd-5.20")) != []
+    assert serial_differences(real, get_layout("lxd-5.19")) == []
+    figures["lxd 5.0.2: start -> STARTED (the daemon's flag)"] = (
+        f"{layout['started']['seconds']:.1f} s"
+    )
+    assert nothing_left_of_the_daemon() == []
+
+
+@pytest.mark.vm
+def test_real_lxd_finds_no_agent_in_an_image_without_one(
+    cloud_images: dict[str, CloudImage], tmp_path: Path
+) -> None:
+    status, record, out = check_on_lxd(cloud_images["none"], tmp_path)
+    (layout,) = record["layouts"]
+    assert (status, layout["finding"]) == (1, "no-agent"), out
+    assert layout["started"] is None and layout["login_prompt"] is not None
+    assert not any("Instance agent started" in line for line in record["host"]["log"])
+    assert nothing_left_of_the_daemon() == []
