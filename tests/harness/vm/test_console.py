@@ -6,6 +6,7 @@ import asyncio
 import os
 import pty
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lxd_agent_harness.base.errors import GuestPanicked, VmError
 from lxd_agent_harness.vm.console import (
     KERNEL_OOPS,
     KERNEL_PANIC,
+    LOGIN_PROMPT,
     ConsoleShell,
     NoAutologin,
     SerialConsole,
@@ -177,3 +179,34 @@ def test_only_the_kernels_own_panic_line_counts(line: bytes) -> None:
 def test_the_first_oops_line_is_read_in_the_kernels_several_forms(oops: str) -> None:
     found = KERNEL_OOPS.search(b"[    1.260610] " + oops.encode() + b"\r\n")
     assert found is not None and found.group(1).decode() == oops
+
+
+def test_a_console_served_on_a_unix_socket_is_read_and_written_like_a_pty(
+    short_tmp_path: Path,
+) -> None:
+    """What a daemon's VM offers (LXD's `qemu.console`): QEMU serves the console on a socket."""
+    path = short_tmp_path / "qemu.console"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    async def talk() -> bytes:
+        with SerialConsole(str(path), short_tmp_path / "log", unix_socket=True) as console:
+            guest, _ = server.accept()
+            guest.sendall(b"Debian GNU/Linux 12 vm ttyS0\r\n\r\nvm login: ")
+            await console.wait_for(LOGIN_PROMPT, 5, what="the login prompt")
+            console.write("root\n")
+            guest.settimeout(5)
+            typed = guest.recv(64)
+            guest.close()
+            return typed
+
+    assert asyncio.run(talk()) == b"root\n"
+    assert (short_tmp_path / "log").read_bytes().endswith(b"vm login: ")
+    server.close()
+
+
+def test_no_one_on_the_console_socket_is_a_vm_error(short_tmp_path: Path) -> None:
+    console = SerialConsole(str(short_tmp_path / "none"), short_tmp_path / "log", unix_socket=True)
+    with pytest.raises(VmError, match="could not open the guest console"), console:
+        pass
