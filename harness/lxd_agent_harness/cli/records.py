@@ -118,6 +118,9 @@ def layout_check_json(check: LayoutCheck) -> dict[str, Any]:
         "host": host_json(check.host),
         "config_differences": list(check.config_differences),
         "stopped_unchecked": check.stopped_unchecked,
+        "agent_unstartable": check.agent_unstartable,
+        "agent_unit": check.agent_unit,
+        "agent_journal": list(check.agent_journal),
     }
 
 

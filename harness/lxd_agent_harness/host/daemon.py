@@ -64,6 +64,8 @@ class DaemonInfo:
     """Where the daemon keeps each instance's `NAME/qemu.conf` and `NAME/qemu.console`."""
     log: Path | None = None
     """The daemon's log file, when the harness started it."""
+    owned: bool = False
+    """The harness started this daemon (it may then set it up: a storage pool)."""
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
@@ -193,6 +195,7 @@ class LocalDaemon:
             adaptations=adaptations,
             logs_dir=state / "logs",
             log=self.log,
+            owned=True,
         )
         self.progress(
             f"lxd: {self.info.version} up in {time.monotonic() - started:.1f} s "

@@ -206,10 +206,18 @@ class HostVm:
         return fingerprint
 
     def _pool(self) -> str:
-        """A storage pool to put the VM in: the daemon's first, or a `dir` pool of ours."""
+        """A storage pool to put the VM in: the daemon's first, or a `dir` pool made in a daemon
+        of the harness's own."""
         pools = self.client.request("GET", "/1.0/storage-pools")
         if pools:
             return str(pools[0]).rsplit("/", 1)[-1]
+        if not self.info.owned:  # a user's daemon is not set up by the harness
+            raise DaemonError(
+                f"the {self.info.kind} daemon has no storage pool to put the VM in; create one "
+                f"(`{self.info.kind} storage create default dir`) and retry",
+                daemon=self.info.kind,
+                request="GET /1.0/storage-pools",
+            )
         self.client.request("POST", "/1.0/storage-pools", {"name": "harness", "driver": "dir"})
         return "harness"
 

@@ -158,6 +158,13 @@ class LayoutCheck(PowerOffFigures):
     stopped_unchecked: str = ""
     """Why `STOPPED` could not be looked for on a real daemon (no shell in the guest to stop
     the agent's unit with); empty when it was."""
+    agent_unstartable: str = ""
+    """A real daemon's VM whose agent unit failed for want of what this machine's adaptations
+    took away (its vsock device): what the unit and its journal said; empty otherwise."""
+    agent_unit: str = ""
+    """The agent unit's state in the guest when it never reported (a real daemon only)."""
+    agent_journal: list[str] = field(default_factory=list)
+    """The agent unit's journal in the guest when it never reported (a real daemon only)."""
 
     @property
     def passed(self) -> bool:
@@ -218,6 +225,11 @@ def _finding(check: LayoutCheck, legacy_elsewhere: bool) -> tuple[Finding, str]:
                 + ("when its unit stopped" if check.host else "after the power button"),
             )
         return Finding.REPORTS, f"reports on {started.port}"
+    if started is None and check.agent_unstartable:
+        return (
+            Finding.NOT_CHECKED,
+            f"the image's agent could not start on this machine: {check.agent_unstartable}",
+        )
     if started is not None:
         return (
             Finding.WRONG_PORT,
@@ -240,6 +252,8 @@ def _finding(check: LayoutCheck, legacy_elsewhere: bool) -> tuple[Finding, str]:
             Finding.STANDS_ASIDE,
             f"no status on {check.status_port} (not asked of an LXD agent); power-off not held",
         )
+    if check.agent_unit:
+        return Finding.NO_AGENT, f"no agent reported; lxd-agent.service: {check.agent_unit}"
     return Finding.NO_AGENT, "no agent reported"
 
 

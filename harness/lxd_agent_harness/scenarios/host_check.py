@@ -142,6 +142,8 @@ async def check_on_host(
                 )
             if await _started(vm, console, check, timeout, note):
                 check.started = state("unknown", STARTED, "the daemon's agent flag went up")
+            if check.started is None and console is not None:
+                await _agent_unit(ConsoleShell(console, note), check, adaptations, note)
             if check.started is not None and console is None:
                 check.stopped_unchecked = "the daemon's console socket is not known"
             elif check.started is not None and console is not None:
@@ -223,6 +225,51 @@ async def _started(
             note(f"the daemon's agent flag stayed down until {limit:.1f} s")
             return False
         await asyncio.sleep(FLAG_POLL)
+
+
+async def _agent_unit(
+    shell: ConsoleShell,
+    check: LayoutCheck,
+    adaptations: Sequence[Adaptation],
+    note: Callable[[str], None],
+) -> None:
+    """Why an agent never reported, in its unit's words: LXD's and Incus's own agents listen on
+    vsock before they write `STARTED`, so on a VM whose vsock device this machine took away
+    (`no-vsock-device`) a failed agent unit is this machine's doing, not the image's."""
+    try:
+        await shell.login(LOGIN_TIMEOUT)
+        shown = await shell.run(
+            "systemctl show -p LoadState -p ActiveState -p Result -p NRestarts "
+            f"-p ConditionResult {AGENT_UNIT}",
+            timeout=60,
+        )
+        unit = dict(line.split("=", 1) for line in shown.output.splitlines() if "=" in line)
+        if unit.get("LoadState") != "loaded":
+            note(f"guest: no {AGENT_UNIT}")
+            return
+        journal = await shell.run(
+            f"journalctl -b -u {AGENT_UNIT} -o cat --no-pager -n 12", timeout=60
+        )
+    except VmError as e:
+        note(f"the agent's unit could not be looked at: {e}")
+        return
+    check.agent_journal = [line for line in journal.output.splitlines() if line.strip()]
+    state = f"{unit.get('ActiveState')} ({unit.get('Result')}, {unit.get('NRestarts')} restarts)"
+    if unit.get("ConditionResult") == "no":
+        # e.g. Debian's lxd-agent: ConditionPathExists on the port's /dev/virtio-ports link,
+        # checked early in the boot (DefaultDependencies=no) and with no udev rule to retry.
+        state += ", skipped: a condition of its unit was not met"
+    check.agent_unit = state
+    note(f"guest: {AGENT_UNIT} {state}")
+    vsock_taken = any(a.name == "no-vsock-device" for a in adaptations)
+    ran = unit.get("ConditionResult") != "no"
+    if vsock_taken and ran and unit.get("ActiveState") != "active":
+        # The agent's own words (`Error: ...`) rather than systemd's restart lines, to show.
+        said = [line for line in check.agent_journal if "rror" in line] or check.agent_journal
+        check.agent_unstartable = (
+            f"{AGENT_UNIT} is {state} in a VM without a vsock device (this machine has no "
+            f"/dev/vhost-vsock); it said: {said[-1] if said else 'nothing'}"
+        )
 
 
 async def _cycle_agent(

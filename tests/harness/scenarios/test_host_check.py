@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ import pytest
 from lxd_agent.protocol import LEGACY_PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.host import probes
 from lxd_agent_harness.host.config import read_sections, serial_differences
-from lxd_agent_harness.host.daemon import parse_version
+from lxd_agent_harness.host.daemon import LocalDaemon, parse_version
 from lxd_agent_harness.host.probes import Adaptation
-from lxd_agent_harness.image.cloud import CloudImage
+from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_spec
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
 from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
@@ -85,18 +86,22 @@ def installed_version(package: str) -> str:
     return done.stdout
 
 
+def vm_adaptations() -> list[str]:
+    """What this machine needs in a VM of any daemon, by the probes themselves."""
+    tcg = asyncio.run(choose_accel(Accel.AUTO, None)).accel is Accel.TCG
+    found = [probes.tcg("TCG") if tcg else None, probes.vsock_device_missing()]
+    return [adaptation.name for adaptation in found if adaptation is not None]
+
+
 def expected_adaptations() -> list[str]:
-    """What this machine needs, by the probes themselves: none on a host with KVM and vsock."""
+    """What this machine needs for a daemon of the harness's own and its VM: none on a host
+    with KVM and vsock."""
     found = [
         probes.vsock_module_missing(),
         probes.qemu_too_new(parse_version(installed_version("lxd")), probes.qemu_major()),
         probes.memlock_fixed(),
-        probes.tcg("TCG")
-        if asyncio.run(choose_accel(Accel.AUTO, None)).accel is Accel.TCG
-        else None,
-        probes.vsock_device_missing(),
     ]
-    return [adaptation.name for adaptation in found if adaptation is not None]
+    return [a.name for a in found if a is not None] + vm_adaptations()
 
 
 def nothing_left_of_the_daemon() -> list[str]:
@@ -111,10 +116,12 @@ def nothing_left_of_the_daemon() -> list[str]:
     return left
 
 
-def check_on_lxd(image: CloudImage, tmp_path: Path) -> tuple[int, dict[str, Any], str]:
+def check_on_lxd(
+    image: CloudImage, tmp_path: Path, *options: str
+) -> tuple[int, dict[str, Any], str]:
     record = tmp_path / "check.json"
     command = harness_command(
-        "check", "--image", str(image.disk), "--host", "lxd", "--json", str(record)
+        "check", "--image", str(image.disk), "--host", "lxd", *options, "--json", str(record)
     )
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=HOST_CHECK_TIMEOUT, check=False
@@ -152,12 +159,53 @@ def test_real_lxd_reads_started_and_stopped_of_our_agent_and_its_config_is_the_m
 
 
 @pytest.mark.vm
-def test_real_lxd_finds_no_agent_in_an_image_without_one(
+def test_a_users_lxd_finds_no_agent_and_keeps_nothing_of_ours(
     cloud_images: dict[str, CloudImage], tmp_path: Path
 ) -> None:
-    status, record, out = check_on_lxd(cloud_images["none"], tmp_path)
+    """A daemon the harness did not start (`--host-socket`), set up as a user's is: it is left
+    running, with its pool, and without the VM or the image the check made in it."""
+    with LocalDaemon(print) as users:
+        users.client.request("POST", "/1.0/storage-pools", {"name": "default", "driver": "dir"})
+        socket = str(users.client.socket)
+        status, record, out = check_on_lxd(cloud_images["none"], tmp_path, "--host-socket", socket)
+        (layout,) = record["layouts"]
+        assert (status, layout["finding"]) == (1, "no-agent"), out
+        assert layout["started"] is None and layout["login_prompt"] is not None
+        assert [a["name"] for a in record["host"]["adaptations"]] == vm_adaptations()
+        assert users.process is not None and users.process.poll() is None
+        assert users.client.request("GET", "/1.0/instances") == []
+        assert users.client.request("GET", "/1.0/images") == []
+        assert users.client.request("GET", "/1.0/storage-pools") == ["/1.0/storage-pools/default"]
+    assert nothing_left_of_the_daemon() == []
+
+
+@pytest.fixture(scope="module")
+def debians_agent_image() -> CloudImage:
+    """The cloud image with Debian's own `lxd-agent` 5.0.2 package (the real Go agent)."""
+    spec = cloud_spec()
+    return build_cloud_image(replace(spec, packages=(*spec.packages, "lxd-agent")), progress=print)
+
+
+@pytest.mark.vm
+def test_real_lxd_with_debians_own_agent_says_why_it_never_reported(
+    debians_agent_image: CloudImage, tmp_path: Path
+) -> None:
+    status, record, out = check_on_lxd(debians_agent_image, tmp_path)
     (layout,) = record["layouts"]
-    assert (status, layout["finding"]) == (1, "no-agent"), out
-    assert layout["started"] is None and layout["login_prompt"] is not None
-    assert not any("Instance agent started" in line for line in record["host"]["log"])
+    assert layout["error"] is None, out
+    if layout["started"] is not None:  # only where the VM has a vsock device
+        assert probes.vsock_device_missing() is None, out
+        assert (status, layout["finding"]) == (0, "reports"), out
+        return
+    # Never STARTED, and the check says why in the unit's own terms: LXD's agent listens on
+    # vsock before it writes STARTED (this VM has no vsock device: `not-checked`), or Debian's
+    # unit was skipped, its ConditionPathExists checked before udev made the port's link.
+    assert (status, layout["started"]) == (1, None), out
+    assert layout["agent_unit"] != "", out
+    if layout["agent_unstartable"]:
+        assert layout["finding"] == "not-checked"
+        assert "without a vsock device" in layout["agent_unstartable"]
+    else:
+        assert layout["finding"] == "no-agent"
+        assert "skipped: a condition of its unit was not met" in layout["agent_unit"], out
     assert nothing_left_of_the_daemon() == []
