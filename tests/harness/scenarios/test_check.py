@@ -26,6 +26,7 @@ from lxd_agent_harness.scenarios.check import (
     CHECK_LAYOUTS,
     CheckVerdict,
     Finding,
+    HostReport,
     LayoutCheck,
     _see_boot_held,
     judge,
@@ -278,3 +279,33 @@ def test_check_fails_an_image_with_no_agent(
     (layout,) = record["layouts"]
     assert layout["started"] is None and layout["login_prompt"] is not None
     assert not layout["power_off_held"] and layout["reason"] == "no agent reported"
+
+
+# -- the findings of a check on a real daemon (`check --host`) -----------------------------------
+
+ON_LXD = HostReport(kind="lxd", version="5.0.2", layout="lxd-5.19")
+
+
+def test_a_daemon_whose_configuration_differs_from_the_model_outranks_a_report() -> None:
+    check = replace(reporting("lxd-5.19"), host=ON_LXD, config_differences=["[x] y: ..."])
+    assert judged(check) == [("lxd-5.19", Finding.CONFIG_DIFFERS)]
+    assert "[x] y: ..." in check.reason
+
+
+def test_stopped_that_could_not_be_looked_for_is_not_checked_never_a_pass() -> None:
+    check = replace(
+        reporting("lxd-5.19"), host=ON_LXD, stopped=None, stopped_unchecked="no root shell"
+    )
+    assert judged(check) == [("lxd-5.19", Finding.NOT_CHECKED)]
+    assert check.reason.endswith("STOPPED not checked: no root shell")
+    unit_stopped = replace(reporting("lxd-5.19"), host=ON_LXD, stopped=None)
+    assert judged(unit_stopped) == [("lxd-5.19", Finding.NO_STOPPED)]
+    assert "when its unit stopped" in unit_stopped.reason
+
+
+def test_an_agent_that_could_not_start_for_this_machine_is_not_checked_not_absent() -> None:
+    vsock = replace(silent("lxd-5.19"), host=ON_LXD, agent_unstartable="no vsock device")
+    assert judged(vsock) == [("lxd-5.19", Finding.NOT_CHECKED)]
+    skipped = replace(silent("lxd-5.19"), host=ON_LXD, agent_unit="inactive, skipped")
+    assert judged(skipped) == [("lxd-5.19", Finding.NO_AGENT)]
+    assert skipped.reason == "no agent reported; lxd-agent.service: inactive, skipped"
