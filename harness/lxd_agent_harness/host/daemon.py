@@ -1,13 +1,15 @@
-"""A real LXD daemon, started from its installed binaries in a state directory of its own.
+"""A real LXD or Incus daemon, started from its binaries in a state directory of its own.
 
 `LocalDaemon` runs `lxd` (Debian's package here; the snap's or any other on a user's machine)
-with `LXD_DIR` set to a fresh directory under the temporary directory, so that a user's own
-daemon, its socket and its state are never touched, and nothing outlives the run: on every exit
-path the daemon is shut down (its VMs with it), what it mounted under its directory is detached
-and the directory removed. The ways around this machine's limits (`host.probes`) are applied
-here, and only where a probe found the limit: a `modprobe` stub and Debian 12's QEMU first on
-the daemon's PATH, the memlock filter (`host.memlock`) around the daemon. A daemon that cannot
-start is a `DaemonError` with its log's tail. Host side only.
+or `incusd` (the installed one, else Debian's bookworm-backports package unpacked into the cache:
+`host.packages`) with `LXD_DIR` / `INCUS_DIR` set to a fresh directory under the temporary
+directory, so that a user's own daemon, its socket and its state are never touched, and nothing
+outlives the run: on every exit path the daemon is shut down (its VMs with it), what it mounted
+under its directory is detached and the directory removed. The ways around this machine's limits
+(`host.probes`) are applied here, and only where a probe found the limit: a `modprobe` stub and
+Debian 12's QEMU first on the daemon's PATH, the launcher's seccomp filter around the daemon
+(`host.launcher`: RLIMIT_MEMLOCK, Incus's vsock). A daemon that cannot start is a `DaemonError`
+with its log's tail. `running_daemon` is one the user started (`--host-socket`). Host side only.
 """
 
 from __future__ import annotations
@@ -29,21 +31,45 @@ from typing import Any
 from lxd_agent_harness.base.errors import DaemonError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.host import probes
+from lxd_agent_harness.host.packages import compat_qemu, incus_from_backports
 from lxd_agent_harness.host.probes import Adaptation
-from lxd_agent_harness.host.qemu_compat import compat_qemu
 from lxd_agent_harness.host.rest import Daemon
 from lxd_agent_harness.image.buildsteps import detach_mounts_under, remove_tree
 
 START_TIMEOUT = 120.0
-"""Seconds for the daemon to answer on its socket (LXD 5.0.2 took about 8 s here)."""
+"""Seconds for the daemon to answer on its socket (LXD 5.0.2 took under a second here)."""
 
 SHUTDOWN_TIMEOUT = 120.0
-"""Seconds for `lxd shutdown` to stop the daemon's VMs and itself, before it is killed."""
+"""Seconds for `shutdown` to stop the daemon's VMs and itself, before it is killed."""
 
 SOCKET_PATH_MAX = 107
 """An AF_UNIX socket path's bytes at most: the state directory must leave room for it."""
 
 LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What differs between LXD and Incus for the harness."""
+
+    name: str
+    binary: str
+    """The daemon's program, looked for on PATH and then in `libexec`."""
+    libexec: Path | None
+    dir_variable: str
+    """The environment variable that gives the daemon its state directory."""
+    files: str
+    """The subdirectory of the state directory with each VM's `qemu.conf` and `qemu.console`."""
+    default_files: Path
+    """Where a daemon started without that variable keeps them."""
+
+
+KINDS = {
+    "lxd": Kind("lxd", "lxd", None, "LXD_DIR", "logs", Path("/var/log/lxd")),
+    "incus": Kind(
+        "incus", "incusd", Path("/usr/libexec/incus/incusd"), "INCUS_DIR", "run", Path("/run/incus")
+    ),
+}
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -60,8 +86,8 @@ class DaemonInfo:
     version: str
     qemu_version: str
     adaptations: list[Adaptation] = field(default_factory=list)
-    logs_dir: Path | None = None
-    """Where the daemon keeps each instance's `NAME/qemu.conf` and `NAME/qemu.console`."""
+    files_dir: Path | None = None
+    """Where the daemon keeps each VM's `NAME/qemu.conf` and `NAME/qemu.console`."""
     log: Path | None = None
     """The daemon's log file, when the harness started it."""
     owned: bool = False
@@ -80,11 +106,11 @@ def qemu_driver_version(environment: dict[str, Any]) -> str:
     return dict(zip(drivers, versions)).get("qemu", "")
 
 
-def _state_directory() -> Path:
+def _state_directory(kind: str) -> Path:
     base = Path(tempfile.gettempdir())
     if len(str(base)) > SOCKET_PATH_MAX - 40:
         base = Path("/tmp")  # a long TMPDIR (pytest's, xdist's) leaves no room for the socket
-    return Path(tempfile.mkdtemp(prefix="lxd-agent-lxd-", dir=base))
+    return Path(tempfile.mkdtemp(prefix=f"lxd-agent-{kind}-", dir=base))
 
 
 def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -92,25 +118,28 @@ def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
         text = log.read_text(errors="replace")
     except OSError:
         return []
-    # LXD's debug log dumps whole JSON answers; the lines a person needs are the short ones.
+    # A debug log dumps whole JSON answers; the lines a person needs are the short ones.
     short = [line for line in text.splitlines() if len(line) < 2000]
     return short[-lines:]
 
 
 class LocalDaemon:
-    """An LXD daemon of the harness's own; a context manager. `client` talks to it."""
+    """A daemon of `kind` of the harness's own; a context manager. `client` talks to it."""
 
-    def __init__(self, progress: Progress, binary: str = "lxd") -> None:
+    def __init__(self, progress: Progress, kind: str = "lxd", binary: str | None = None) -> None:
         self.progress = progress
-        self.binary = binary
+        self.kind = KINDS[kind]
+        self.binary = binary or self.kind.binary
         self.process: subprocess.Popen[bytes] | None = None
         self.work: Path | None = None
         self.info: DaemonInfo | None = None
+        self._env: dict[str, str] = {}
+        self._program = ""
 
     @property
     def client(self) -> Daemon:
         assert self.work is not None, "the daemon is not started"
-        return Daemon(self.work / "state" / "unix.socket", "lxd")
+        return Daemon(self.work / "state" / "unix.socket", self.kind.name)
 
     @property
     def started(self) -> DaemonInfo:
@@ -121,7 +150,7 @@ class LocalDaemon:
     @property
     def log(self) -> Path:
         assert self.work is not None
-        return self.work / "lxd.log"
+        return self.work / f"{self.kind.name}.log"
 
     def __enter__(self) -> LocalDaemon:
         try:
@@ -139,17 +168,39 @@ class LocalDaemon:
     ) -> None:
         self.close()
 
-    def _start(self) -> None:
-        lxd = shutil.which(self.binary)
-        if lxd is None:
+    def _find(self, adaptations: list[Adaptation], env: dict[str, str]) -> str:
+        """The daemon's program: installed, or (Incus only) Debian's package unpacked."""
+        found = shutil.which(self.binary)
+        libexec = self.kind.libexec
+        if found is None and libexec is not None and libexec.is_file():
+            found = str(libexec)
+        if found is not None:
+            return found
+        if self.kind.name != "incus" or self.binary != self.kind.binary:
             raise DaemonError(
-                f"looked for {self.binary} on PATH and did not find it; install Debian's lxd "
-                "package (in a clone: `make setup`)",
-                daemon="lxd",
+                f"looked for {self.binary} on PATH and did not find it; install Debian's "
+                f"{self.kind.name} package (in a clone: `make setup`)",
+                daemon=self.kind.name,
             )
-        version = self._binary_version(lxd)
+        unpacked = incus_from_backports(self.progress)
+        env["LD_LIBRARY_PATH"] = str(unpacked.library_path)
+        adaptations.append(
+            Adaptation(
+                "incus-unpacked",
+                "incusd is not installed: Debian's incus-base from bookworm-backports is unpacked "
+                "into the cache (installing it would register qemu-user-binfmt's interpreters on "
+                "this host)",
+            )
+        )
+        return str(unpacked.incusd)
+
+    def _start(self) -> None:
+        env = dict(os.environ)
         adaptations: list[Adaptation] = []
-        self.work = _state_directory()
+        program = self._find(adaptations, env)
+        self._program = program
+        version = self._binary_version(program, env)
+        self.work = _state_directory(self.kind.name)
         bin_dir = self.work / "bin"
         bin_dir.mkdir()
         path = [str(bin_dir)]
@@ -160,51 +211,61 @@ class LocalDaemon:
                 "#!/bin/sh\n# lxd-agent-harness: see host.probes.vsock_module_missing\nexit 0\n"
             )
             stub.chmod(0o755)
-        if (found := probes.qemu_too_new(parse_version(version), probes.qemu_major())) is not None:
-            adaptations.append(found)
-            path.insert(0, str(compat_qemu(self.progress)))
-        command = [lxd, "--debug", "--logfile", str(self.log)]
+        if self.kind.name == "lxd":
+            qemu = probes.qemu_too_new(parse_version(version), probes.qemu_major())
+            if qemu is not None:
+                adaptations.append(qemu)
+                path.insert(0, str(compat_qemu(self.progress)))
+        command = [program, "--debug", "--logfile", str(self.log)]
+        launcher = []
         if (found := probes.memlock_fixed()) is not None:
             adaptations.append(found)
-            command = [sys.executable, "-m", "lxd_agent_harness.host.memlock", *command]
+            launcher.append("--memlock-noop")
+        if self.kind.name == "incus" and (found := probes.vsock_host_missing()) is not None:
+            adaptations.append(found)
+            launcher.append("--vsock-stand-in")
+        if launcher:
+            command = [sys.executable, "-m", "lxd_agent_harness.host.launcher", *launcher, *command]
         for adaptation in adaptations:
-            self.progress(f"lxd: adapted: {adaptation.name}: {adaptation.reason}")
+            self.progress(f"{self.kind.name}: adapted: {adaptation.name}: {adaptation.reason}")
         state = self.work / "state"
         state.mkdir()
-        env = dict(os.environ)
-        env["LXD_DIR"] = str(state)
+        env[self.kind.dir_variable] = str(state)
         env["PATH"] = os.pathsep.join([*path, env.get("PATH", "/usr/bin:/bin")])
         self._env = env
-        self.progress(f"lxd: starting {lxd} {version} in {state}")
+        self.progress(f"{self.kind.name}: starting {program} {version} in {state}")
         started = time.monotonic()
-        self.process = subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=(self.work / "lxd.stderr").open("wb"),
-            start_new_session=True,  # the daemon and its forks are one group, killed together
-        )
+        with (self.work / "daemon.stderr").open("wb") as stderr:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,  # the daemon and its forks are one group, killed together
+            )
         self._wait_ready(started)
         server = self.client.request("GET", "/1.0")
         environment = server.get("environment", {})
         self.info = DaemonInfo(
-            kind="lxd",
+            kind=self.kind.name,
             version=str(environment.get("server_version", version)),
             qemu_version=qemu_driver_version(environment),
             adaptations=adaptations,
-            logs_dir=state / "logs",
+            files_dir=state / self.kind.files,
             log=self.log,
             owned=True,
         )
         self.progress(
-            f"lxd: {self.info.version} up in {time.monotonic() - started:.1f} s "
+            f"{self.kind.name}: {self.info.version} up in {time.monotonic() - started:.1f} s "
             f"(QEMU {self.info.qemu_version or 'unknown'})"
         )
 
     @staticmethod
-    def _binary_version(lxd: str) -> str:
-        done = subprocess.run([lxd, "--version"], capture_output=True, text=True, check=False)
+    def _binary_version(program: str, env: dict[str, str]) -> str:
+        done = subprocess.run(
+            [program, "--version"], capture_output=True, text=True, env=env, check=False
+        )
         return done.stdout.strip() or "0"
 
     def _wait_ready(self, started: float) -> None:
@@ -212,49 +273,47 @@ class LocalDaemon:
         while time.monotonic() - started < START_TIMEOUT:
             if self.process.poll() is not None:
                 raise DaemonError(
-                    f"lxd exited with status {self.process.returncode} while starting; "
-                    f"see its log {self.log}",
-                    daemon="lxd",
+                    f"{self.kind.name} exited with status {self.process.returncode} while "
+                    f"starting; see its log {self.log}",
+                    daemon=self.kind.name,
                     log_tail=self.log_tail(),
                 )
             if self.client.socket.exists():
-                try:
+                with contextlib.suppress(DaemonError):
                     self.client.request("GET", "/internal/ready", timeout=5)
                     return
-                except DaemonError:
-                    pass
             time.sleep(0.5)
         raise DaemonError(
-            f"lxd did not answer on {self.client.socket} within {START_TIMEOUT:g} s",
-            daemon="lxd",
+            f"{self.kind.name} did not answer on {self.client.socket} within {START_TIMEOUT:g} s",
+            daemon=self.kind.name,
             log_tail=self.log_tail(),
         )
 
     def log_tail(self) -> list[str]:
         tail = _log_tail(self.log)
         if self.work is not None:
-            with open(self.work / "lxd.stderr", errors="replace") as stderr:
-                tail += stderr.read().splitlines()[-LOG_TAIL_LINES:]
+            with contextlib.suppress(OSError):
+                stderr = (self.work / "daemon.stderr").read_text(errors="replace")
+                tail += stderr.splitlines()[-LOG_TAIL_LINES:]
         return tail
 
     def close(self) -> None:
         """Shut the daemon down (its VMs with it), kill what is left, detach, remove. Idempotent."""
         if self.process is not None and self.process.poll() is None:
             done = subprocess.run(
-                [
-                    shutil.which(self.binary) or self.binary,
-                    "shutdown",
-                    f"--timeout={int(SHUTDOWN_TIMEOUT)}",
-                ],
+                [self._program, "shutdown", f"--timeout={int(SHUTDOWN_TIMEOUT)}"],
                 env=self._env,
                 capture_output=True,
                 check=False,
                 timeout=SHUTDOWN_TIMEOUT + 30,
             )
-            if done.returncode != 0:
-                self.progress(f"lxd: shutdown said {done.stderr.decode(errors='replace').strip()}")
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=30)
+            if done.returncode != 0 and self.process.poll() is None:
+                # Incus 6.0 exits before it answers its shutdown request: an error from
+                # `shutdown` matters only when the daemon is still there.
+                said = done.stderr.decode(errors="replace").strip()
+                self.progress(f"{self.kind.name}: shutdown said {said}; killing it")
         if self.process is not None:
             # Whatever the daemon left in its session (a QEMU, forkdns) goes with it.
             with contextlib.suppress(ProcessLookupError):
@@ -266,24 +325,10 @@ class LocalDaemon:
             remove_tree(self.work)
             self.work = None
 
-    def settings(self) -> dict[str, Any]:
-        return {"LXD_DIR": self._env["LXD_DIR"], "PATH": self._env["PATH"]}
-
 
 def local_daemon(kind: str, progress: Progress) -> LocalDaemon:
     """A daemon of `kind` of the harness's own, to be entered."""
-    if kind != "lxd":
-        raise DaemonError(
-            f"--host {kind}: the harness cannot start an {kind} daemon on this machine yet "
-            "(incusd listens on vsock as the host, which a machine without vhost_vsock cannot "
-            "do); give a running one with --host-socket",
-            daemon=kind,
-        )
-    return LocalDaemon(progress)
-
-
-DEFAULT_LOGS = {"lxd": Path("/var/log/lxd"), "incus": Path("/var/log/incus")}
-"""Where a daemon started without LXD_DIR / INCUS_DIR keeps its instances' logs."""
+    return LocalDaemon(progress, kind)
 
 
 def running_daemon(kind: str, socket: Path) -> tuple[Daemon, DaemonInfo]:
@@ -298,11 +343,11 @@ def running_daemon(kind: str, socket: Path) -> tuple[Daemon, DaemonInfo]:
             f"--host {kind}: {socket} is an {found} daemon's socket; give --host {found}",
             daemon=kind,
         )
-    # A daemon with a state directory of its own keeps logs beside its socket.
-    logs = socket.parent / "logs"
+    # A daemon with a state directory of its own keeps its VMs' files beside its socket.
+    files = socket.parent / KINDS[kind].files
     return client, DaemonInfo(
         kind=kind,
         version=str(environment.get("server_version", "")),
         qemu_version=qemu_driver_version(environment),
-        logs_dir=logs if logs.is_dir() else DEFAULT_LOGS.get(kind),
+        files_dir=files if files.is_dir() else KINDS[kind].default_files,
     )

@@ -6,9 +6,10 @@ configuration plus the adaptations this machine needs (`host.probes`), starts it
 the daemon knows: whether its agent flag is up (`agent_flag`: LXD answers `exec` with "isn't
 currently running" while its monitor has not read `STARTED`, and tries the agent otherwise), the
 daemon's own log lines about the instance, the `qemu.conf` it wrote, and how long `stop` took.
-The guest's console (the daemon's `qemu.console` socket) is used only to act in the guest (stop
-and start the agent's unit), never to judge. On every exit path the VM and the image are
-deleted. Blocking REST calls run in a thread. Host side only.
+The guest's console is used only to act in the guest (stop and start the agent's unit), never
+to judge: LXD's `qemu.console` socket, read directly; Incus's console through its API (it keeps
+the console in a ring buffer until a client attaches: `host.websocket`). On every exit path the
+VM and the image are deleted. Blocking REST calls run in a thread. Host side only.
 """
 
 from __future__ import annotations
@@ -26,16 +27,22 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lxd_agent_harness.base.errors import DaemonError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.host.daemon import DaemonInfo
 from lxd_agent_harness.host.rest import Daemon
+from lxd_agent_harness.host.websocket import WebSocketPort
+from lxd_agent_harness.vm.console import ConsolePort, UnixSocketPort
 
-AGENT_OFFLINE = "LXD VM agent isn't currently running"
-"""LXD 5.0's answer to `exec` while its monitor's agent flag is down (`errQemuAgentOffline`,
-`lxd/instance/drivers/driver_qemu.go`)."""
+AGENT_OFFLINE = {
+    "lxd": "LXD VM agent isn't currently running",
+    "incus": "VM agent isn't currently running",
+}
+"""Each daemon's answer to `exec` while its monitor's agent flag is down (`errQemuAgentOffline`
+in LXD 5.0's `lxd/instance/drivers/driver_qemu.go`, Incus 6.0's
+`internal/server/instance/drivers/driver_qemu.go`)."""
 
 AGENT_STARTED_LOG = 'msg="Instance agent started"'
 """LXD's debug line when its monitor reads `STARTED` after anything else (`driver_qemu.go`)."""
@@ -313,7 +320,7 @@ class HostVm:
                 timeout=30,
             )
         except DaemonError as e:
-            return AgentFlag.DOWN if AGENT_OFFLINE in e.error else AgentFlag.UP
+            return AgentFlag.DOWN if AGENT_OFFLINE[self.info.kind] in e.error else AgentFlag.UP
         return AgentFlag.UP
 
     def log_lines(self) -> list[str]:
@@ -336,10 +343,33 @@ class HostVm:
         ]
 
     def log_dir(self) -> Path | None:
-        """The daemon's log directory of this VM (`qemu.conf`, `qemu.console`, `qemu.log`)."""
-        if self.info.logs_dir is None:
+        """The daemon's directory of this VM's files (`qemu.conf`, `qemu.console`)."""
+        if self.info.files_dir is None:
             return None
-        return self.info.logs_dir / self.name
+        return self.info.files_dir / self.name
+
+    def console_opener(self) -> Callable[[], ConsolePort] | None:
+        """How to open the guest's console, once the VM runs (None when it cannot be had)."""
+        directory = self.log_dir()
+        if directory is not None and (directory / "qemu.console").exists():
+            path = str(directory / "qemu.console")
+            return lambda: UnixSocketPort(path)
+        if self.info.kind == "incus":
+            return self._console_websocket
+        return None
+
+    def _console_websocket(self) -> WebSocketPort:
+        answer = self.client.request(
+            "POST",
+            f"/1.0/instances/{self.name}/console",
+            {"type": "console", "width": 80, "height": 24},
+            wait=False,
+        )
+        operation = str(answer["operation"])
+        secret = answer["metadata"]["metadata"]["fds"]["0"]
+        return WebSocketPort(
+            self.client.socket, f"{operation}/websocket?secret={secret}", self.info.kind
+        )
 
     def qemu_conf(self) -> str | None:
         directory = self.log_dir()

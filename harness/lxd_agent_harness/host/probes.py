@@ -60,6 +60,18 @@ def vsock_device_missing(device: Path = VHOST_VSOCK_DEVICE) -> Adaptation | None
     )
 
 
+def vsock_host_missing(device: Path = VHOST_VSOCK_DEVICE) -> Adaptation | None:
+    """Incus listens on vsock as the host and opens the vsock device for each VM."""
+    if device.exists():
+        return None
+    return Adaptation(
+        "vsock-stand-in",
+        f"{device} is missing (this machine is itself a VM): the daemon runs under a seccomp "
+        "supervisor that answers its vsock bind and listen with success, gives it /dev/null "
+        "for the device and succeeds its guest-CID ioctl (host.launcher)",
+    )
+
+
 def memlock_fixed() -> Adaptation | None:
     """LXD 5.0 starts QEMU through `forklimits`, which raises RLIMIT_MEMLOCK to unlimited."""
     done = subprocess.run(

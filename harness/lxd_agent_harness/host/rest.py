@@ -55,8 +55,11 @@ class Daemon:
         raw: IO[bytes] | Iterable[bytes] | None = None,
         headers: dict[str, str] | None = None,
         timeout: float = REQUEST_TIMEOUT,
+        wait: bool = True,
     ) -> Any:
-        """The answer's `metadata` (an `async` answer's operation already waited for)."""
+        """The answer's `metadata` (an `async` answer's operation already waited for; with
+        `wait=False`, the whole `async` answer: its `operation` and the operation's `metadata`,
+        for an operation that runs until the client connects to it, like a console)."""
         what = f"{method} {path}"
         sent_headers = dict(headers or {})
         payload: Any = raw
@@ -96,6 +99,8 @@ class Daemon:
                 status_code=status,
                 error=error,
             )
+        if answer.get("type") == "async" and not wait:
+            return answer
         if answer.get("type") == "async":
             return self.wait(str(answer["operation"]), what, timeout)
         return answer.get("metadata")

@@ -43,7 +43,11 @@ from lxd_agent_harness.scenarios.check import (
     status_port,
 )
 from lxd_agent_harness.vm.accel import Accel
-from lxd_agent_harness.vm.console import LOGIN_PROMPT, ConsoleShell, SerialConsole
+from lxd_agent_harness.vm.console import (
+    LOGIN_PROMPT,
+    ConsoleShell,
+    SerialConsole,
+)
 from lxd_agent_harness.vm.firmware import Firmware
 from lxd_agent_harness.vm.kvm_probe import choose_accel
 from lxd_agent_harness.vm.lock import take_vm_lock
@@ -145,9 +149,12 @@ async def check_on_host(
             if check.started is None and console is not None:
                 await _agent_unit(ConsoleShell(console, note), check, adaptations, note)
             if check.started is not None and console is None:
-                check.stopped_unchecked = "the daemon's console socket is not known"
+                check.stopped_unchecked = "the daemon's console cannot be had"
             elif check.started is not None and console is not None:
                 await _cycle_agent(vm, ConsoleShell(console, note), check, note, state)
+            if console is not None:
+                # A guest drops a power button pressed before logind runs (README, `check`).
+                await _see_login_prompt(vm, console, check, timeout, note)
             check.powered_down = vm.seconds()
             note(f"stop asked, within {bound:g} s")
             took = await vm.stop(bound)
@@ -191,15 +198,29 @@ async def _flag_becomes(vm: HostVm, wanted: AgentFlag, timeout: float) -> bool:
 
 
 def _console(vm: HostVm, stack: contextlib.AsyncExitStack) -> SerialConsole | None:
-    """The guest's console, read from the daemon's socket from the start (None when the
-    daemon's log directory is not known): to see the login prompt, and to act in the guest."""
-    directory = vm.log_dir()
-    if directory is None or not (directory / "qemu.console").exists():
+    """The guest's console, read from the daemon from the start (None when it cannot be had):
+    to see the login prompt, and to act in the guest."""
+    opener = vm.console_opener()
+    if opener is None:
         return None
-    console = SerialConsole(
-        str(directory / "qemu.console"), vm.work / "console.log", unix_socket=True
-    )
+    console = SerialConsole(f"{vm.name}'s console", vm.work / "console.log", opener=opener)
     return stack.enter_context(console)
+
+
+async def _see_login_prompt(
+    vm: HostVm,
+    console: SerialConsole,
+    check: LayoutCheck,
+    timeout: float,
+    note: Callable[[str], None],
+) -> None:
+    """Wait (up to `timeout` s since the start) for the console's login prompt."""
+    while check.login_prompt is None and vm.seconds() < timeout:
+        if console.search(LOGIN_PROMPT, 0) is not None:
+            check.login_prompt = vm.seconds()
+            note("login prompt on the console")
+            return
+        await asyncio.sleep(FLAG_POLL)
 
 
 async def _started(

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
+from typing import Callable, Protocol
 
 import serial
 
@@ -76,9 +76,12 @@ class UnixSocketPort:
             self._socket.close()
             raise serial.SerialException(f"cannot connect to {path}: {e.strerror}") from None
         self._socket.settimeout(0.1)
-        self.in_waiting = 0  # the reader asks for at least one byte and gets what there is
 
-    def read(self, size: int) -> bytes:
+    @property
+    def in_waiting(self) -> int:
+        return 0  # the reader asks for at least one byte and gets what there is
+
+    def read(self, size: int = 1) -> bytes:
         try:
             data = self._socket.recv(max(size, 4096))
         except TimeoutError:
@@ -87,18 +90,33 @@ class UnixSocketPort:
             raise OSError("the console socket was closed")
         return data
 
-    def write(self, data: bytes) -> None:
-        self._socket.sendall(data)
+    def write(self, b: bytes, /) -> int:
+        self._socket.sendall(b)
+        return len(b)
 
     def close(self) -> None:
         self._socket.close()
 
 
+class ConsolePort(Protocol):
+    """What the reader thread needs of a console: pyserial's `Serial` has it."""
+
+    @property
+    def in_waiting(self) -> int: ...
+
+    def read(self, size: int = 1) -> bytes: ...
+
+    def write(self, b: bytes, /) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class SerialConsole:
     """The guest's serial console on a pty, read by a thread into a log file and memory.
 
-    A context manager: the reader thread stops and the port closes on exit. `unix_socket`:
-    `device` is a unix socket QEMU serves the console on, not a pty.
+    A context manager: the reader thread stops and the port closes on exit. `opener`: how to
+    open a console that is not a pty (`device` names it in errors): a unix socket QEMU serves
+    it on (`UnixSocketPort`), a daemon's console API (`host.websocket`).
     """
 
     def __init__(
@@ -106,13 +124,13 @@ class SerialConsole:
         device: str,
         log_path: Path,
         on_milestone: Callable[[str], None] | None = None,
-        unix_socket: bool = False,
+        opener: Callable[[], ConsolePort] | None = None,
     ) -> None:
         self.device = device
-        self.unix_socket = unix_socket
+        self.opener = opener
         self.log_path = log_path
         self._on_milestone = on_milestone
-        self._port: serial.Serial | UnixSocketPort | None = None
+        self._port: ConsolePort | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -125,8 +143,8 @@ class SerialConsole:
 
     def __enter__(self) -> SerialConsole:
         try:
-            if self.unix_socket:
-                self._port = UnixSocketPort(self.device)
+            if self.opener is not None:
+                self._port = self.opener()
             else:
                 self._port = serial.Serial(self.device, baudrate=115200, timeout=0.1)
         except serial.SerialException as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lxd_agent_harness.base.errors import DaemonError
-from lxd_agent_harness.host.daemon import LocalDaemon, local_daemon, parse_version
+from lxd_agent_harness.host.daemon import LocalDaemon, parse_version
 
 
 @pytest.mark.parametrize(
@@ -17,13 +17,6 @@ from lxd_agent_harness.host.daemon import LocalDaemon, local_daemon, parse_versi
 )
 def test_versions_are_their_leading_numbers(text: str, version: tuple[int, ...]) -> None:
     assert parse_version(text) == version
-
-
-def test_an_incus_daemon_of_our_own_is_refused_with_the_reason() -> None:
-    with pytest.raises(DaemonError) as raised:
-        local_daemon("incus", print)
-    assert raised.value.daemon == "incus"
-    assert "--host-socket" in str(raised.value)
 
 
 def test_a_missing_lxd_binary_says_what_to_install(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def a_vm(client: Daemon, log: Path | None = None) -> HostVm:
 @pytest.mark.parametrize(
     ("err", "flag"),
     [
-        (AGENT_OFFLINE, AgentFlag.DOWN),  # its monitor has not read STARTED
+        (AGENT_OFFLINE["lxd"], AgentFlag.DOWN),  # its monitor has not read STARTED
         ("Failed to connect to lxd-agent", AgentFlag.UP),  # it read STARTED and tried vsock
     ],
 )

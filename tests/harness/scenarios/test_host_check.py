@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lxd_agent.protocol import LEGACY_PORT_NAME, STARTED, STOPPED
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.host import probes
 from lxd_agent_harness.host.config import read_sections, serial_differences
 from lxd_agent_harness.host.daemon import LocalDaemon, parse_version
@@ -93,41 +94,56 @@ def vm_adaptations() -> list[str]:
     return [adaptation.name for adaptation in found if adaptation is not None]
 
 
-def expected_adaptations() -> list[str]:
-    """What this machine needs for a daemon of the harness's own and its VM: none on a host
-    with KVM and vsock."""
-    found = [
-        probes.vsock_module_missing(),
-        probes.qemu_too_new(parse_version(installed_version("lxd")), probes.qemu_major()),
-        probes.memlock_fixed(),
-    ]
+def expected_adaptations(kind: str = "lxd") -> list[str]:
+    """What this machine needs for a daemon of the harness's own and its VM, by the probes
+    themselves: none on a host with KVM and vsock (and Incus installed)."""
+    found: list[Adaptation | None] = []
+    if kind == "incus":
+        installed = shutil.which("incusd") or Path("/usr/libexec/incus/incusd").is_file()
+        found.append(None if installed else Adaptation("incus-unpacked", ""))
+    found.append(probes.vsock_module_missing())
+    if kind == "lxd":
+        daemon = parse_version(installed_version("lxd"))
+        found.append(probes.qemu_too_new(daemon, probes.qemu_major()))
+    found.append(probes.memlock_fixed())
+    if kind == "incus":
+        found.append(probes.vsock_host_missing())
     return [a.name for a in found if a is not None] + vm_adaptations()
 
 
 def nothing_left_of_the_daemon() -> list[str]:
     """Daemons, QEMUs and state directories of the harness's daemons still there."""
-    left = sorted(str(p) for p in Path("/tmp").glob("lxd-agent-lxd-*"))
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    left = sorted(
+        str(p) for kind in ("lxd", "incus") for p in Path("/tmp").glob(f"lxd-agent-{kind}-*")
+    )
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True, check=True)
     left += [
         line
         for line in ps.stdout.splitlines()
-        if "lxd-agent-lxd-" in line or "lxd-agent-check-" in line
+        if not line.startswith("Z")  # a zombie is its parent's to reap (here: PID 1, not ours)
+        and any(mark in line for mark in ("lxd-agent-lxd-", "lxd-agent-incus-", "lxd-agent-check-"))
     ]
     return left
 
 
-def check_on_lxd(
-    image: CloudImage, tmp_path: Path, *options: str
+def check_on_host(
+    kind: str, image: CloudImage, tmp_path: Path, *options: str
 ) -> tuple[int, dict[str, Any], str]:
     record = tmp_path / "check.json"
     command = harness_command(
-        "check", "--image", str(image.disk), "--host", "lxd", *options, "--json", str(record)
+        "check", "--image", str(image.disk), "--host", kind, *options, "--json", str(record)
     )
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=HOST_CHECK_TIMEOUT, check=False
     )
     print(done.stdout, done.stderr)
     return done.returncode, json.loads(record.read_text()), done.stdout
+
+
+def check_on_lxd(
+    image: CloudImage, tmp_path: Path, *options: str
+) -> tuple[int, dict[str, Any], str]:
+    return check_on_host("lxd", image, tmp_path, *options)
 
 
 @pytest.mark.vm
@@ -208,4 +224,33 @@ def test_real_lxd_with_debians_own_agent_says_why_it_never_reported(
     else:
         assert layout["finding"] == "no-agent"
         assert "skipped: a condition of its unit was not met" in layout["agent_unit"], out
+    assert nothing_left_of_the_daemon() == []
+
+
+# -- on a real Incus daemon ---------------------------------------------------------------------
+
+
+@pytest.mark.vm
+def test_real_incus_reads_started_and_stopped_of_our_agent_and_its_config_is_the_model(
+    cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
+) -> None:
+    """Debian's Incus 6.0.4 (bookworm-backports) runs the image; its monitor reads our agent on
+    `org.linuxcontainers.incus`, and the guest's console comes through its API's websocket."""
+    status, record, out = check_on_host("incus", cloud_images["ours"], tmp_path)
+    host = record["host"]
+    assert (host["kind"], host["layout"]) == ("incus", "incus-6")
+    assert host["version"].startswith("6.0."), host["version"]
+    assert [a["name"] for a in host["adaptations"]] == expected_adaptations("incus")
+    (layout,) = record["layouts"]
+    assert (status, layout["finding"], layout["config_differences"]) == (0, "reports", []), out
+    assert layout["started"]["port"] == INCUS_PORT_NAME
+    # STOPPED is read after a command typed on the API's console: the websocket works both ways.
+    assert layout["stopped"]["text"] == f"{STARTED} -> {STOPPED}"
+    assert layout["guest_off"] is not None and not layout["power_off_held"], out
+    real = read_sections(host["qemu_conf"], "qemu.conf")
+    assert serial_differences(real, get_layout("incus-6")) == []
+    assert serial_differences(real, get_layout("lxd-5.19")) != []
+    figures["incus 6.0.4: start -> STARTED (the daemon's flag)"] = (
+        f"{layout['started']['seconds']:.1f} s"
+    )
     assert nothing_left_of_the_daemon() == []

@@ -20,6 +20,7 @@ from lxd_agent_harness.vm.console import (
     ConsoleShell,
     NoAutologin,
     SerialConsole,
+    UnixSocketPort,
 )
 
 
@@ -191,7 +192,8 @@ def test_a_console_served_on_a_unix_socket_is_read_and_written_like_a_pty(
     server.listen(1)
 
     async def talk() -> bytes:
-        with SerialConsole(str(path), short_tmp_path / "log", unix_socket=True) as console:
+        opener = lambda: UnixSocketPort(str(path))  # noqa: E731
+        with SerialConsole(str(path), short_tmp_path / "log", opener=opener) as console:
             guest, _ = server.accept()
             guest.sendall(b"Debian GNU/Linux 12 vm ttyS0\r\n\r\nvm login: ")
             await console.wait_for(LOGIN_PROMPT, 5, what="the login prompt")
@@ -207,6 +209,7 @@ def test_a_console_served_on_a_unix_socket_is_read_and_written_like_a_pty(
 
 
 def test_no_one_on_the_console_socket_is_a_vm_error(short_tmp_path: Path) -> None:
-    console = SerialConsole(str(short_tmp_path / "none"), short_tmp_path / "log", unix_socket=True)
+    none = str(short_tmp_path / "none")
+    console = SerialConsole(none, short_tmp_path / "log", opener=lambda: UnixSocketPort(none))
     with pytest.raises(VmError, match="could not open the guest console"), console:
         pass
