@@ -107,6 +107,7 @@ EXIT_USAGE = 2
 # An interrupted command exits 128 + the signal's number (`Interrupted.exit_status`).
 
 DEFAULT_TIMEOUT = 120.0
+DEFAULT_BOOT_LAYOUT = "lxd-5.20"
 # cloud-init runs late in the boot and installs the package first.
 DEFAULT_SEED_TIMEOUT = 600.0
 
@@ -204,7 +205,7 @@ def checked_raw_qemu_conf(path: Path | None, *layouts: Layout) -> tuple[Override
 
 def plan_boot(args: argparse.Namespace) -> BootPlan:
     """Check every input before anything is built or booted."""
-    layout = get_layout(args.layout)
+    layout = get_layout(args.layout or DEFAULT_BOOT_LAYOUT)
     ring_size = None
     if args.ring_size is not None:
         try:
@@ -336,7 +337,70 @@ async def run_boot(plan: BootPlan, image: GuestImage | None, seed_iso: Path | No
     return EXIT_OK
 
 
+def boot_on_hosts(args: argparse.Namespace, hosts: list[str]) -> int:
+    """`boot --host`: the image (by default the project's cloud image with the package) on real
+    daemons, one at a time, judged as `check --host` judges it."""
+    try:
+        if args.image is not None:
+            image_format = disk_format(args.image)
+            check_boot_sector(args.image, image_format)
+        else:
+            deb = find_deb(args.deb)
+            check_deb(deb)
+        timeout = _timeout(args, DEFAULT_CHECK_TIMEOUT)
+        credentials = parse_credentials(args.credential)
+        # The daemon's version, and so its layout, is known once it runs: checked as `check`
+        # checks it, against the layouts of every host.
+        raw_qemu_conf = checked_raw_qemu_conf(
+            args.raw_qemu_conf, *(get_layout(name) for name in CHECK_LAYOUTS)
+        )
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+    try:
+        if args.image is None:
+            spec = cloud_spec(args.release, (deb,), Arch.AMD64)
+            disk, image_format = build_cloud_image(spec, say, rebuild=args.rebuild).disk, "qcow2"
+        else:
+            disk = args.image
+        verdict = run_interruptible(
+            check_image_on_hosts(
+                disk,
+                image_format,
+                hosts,
+                timeout=timeout,
+                bound=DEFAULT_CHECK_BOUND,
+                raw_qemu_conf=raw_qemu_conf,
+                credentials=credentials,
+                host_socket=args.host_socket,
+                progress=say,
+            )
+        )
+    except HarnessError as e:
+        return _failed(e)
+    for line in check_lines(verdict, verbose=args.verbose):
+        say(line)
+    say(f"total {time.monotonic() - started:.1f} s")
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
 def boot_command(args: argparse.Namespace) -> int:
+    try:
+        hosts = _host_options(
+            args,
+            [
+                (args.seed, "--seed (the image is booted as it is)"),
+                (args.keep, "--keep (use the daemon's own console)"),
+                (args.ring_size, "--ring-size (the daemon's own)"),
+                (args.accel != Accel.AUTO.value, "--accel (probed for the daemon's VM)"),
+            ],
+        )
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    if hosts:
+        return boot_on_hosts(args, hosts)
     try:
         plan = plan_boot(args)
     except HarnessError as e:
@@ -471,18 +535,23 @@ def _write_results(
         say(f"wrote {junit_path}")
 
 
-def _host_options(args: argparse.Namespace) -> list[str]:
-    """`--host`s, checked against what a daemon can honour; [] for the QEMU model."""
+def _host_options(args: argparse.Namespace, more: Sequence[tuple[object, str]] = ()) -> list[str]:
+    """`--host`s, checked against what a daemon can honour (and the command's `more` refusals:
+    (value, what)); [] for the QEMU model."""
     if args.host_socket is not None and not args.host:
         raise UsageError("--host-socket needs --host (which daemon listens on it)")
     if not args.host:
         return []
     refused = [
+        *more,
         (args.layout, "--layout (a daemon's layout follows its version)"),
         (args.firmware == Firmware.BIOS.value, "--firmware bios (LXD and Incus boot UEFI)"),
         (args.secure_boot, "--secure-boot (the daemon's security.secureboot decides)"),
         (args.nic, "--nic (the VM gets no NIC)"),
-        (args.credential, "--credential"),
+        (
+            args.credential and "lxd" in args.host,
+            "--credential on --host lxd (LXD has no systemd.credential keys; Incus has)",
+        ),
         (args.arch != Arch.AMD64.value, "--arch other than amd64"),
     ]
     given = [what for value, what in refused if value]
@@ -530,6 +599,7 @@ def check_command(args: argparse.Namespace) -> int:
                 timeout=timeout,
                 bound=bound,
                 raw_qemu_conf=raw_qemu_conf,
+                credentials=credentials,
                 host_socket=args.host_socket,
                 progress=say,
             )

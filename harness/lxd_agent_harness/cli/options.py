@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "boot", help="boot a guest, wait for STARTED, power off, wait for STOPPED"
     )
     layouts = ", ".join(f"{name} ({layout.description})" for name, layout in LAYOUTS.items())
-    boot.add_argument("--layout", default="lxd-5.20", help=f"one of: {layouts}")
+    boot.add_argument("--layout", help=f"default lxd-5.20; one of: {layouts}")
     image_options(boot)
     boot.add_argument("--accel", default=Accel.AUTO.value, choices=[a.value for a in Accel])
     boot.add_argument(
@@ -118,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--timeout", type=str, help="seconds for each wait (default 120, 600 --seed)")
     boot.add_argument("--keep", action="store_true", help="leave the VM running until Ctrl-C")
     boot.add_argument("-v", "--verbose", action="store_true", help="print the whole timeline")
+
+    def host_options(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument(
+            "--host",
+            action="append",
+            choices=list(HOST_KINDS),
+            help="boot the image on a real daemon instead of the QEMU model, judged by what the "
+            "daemon saw (its agent flag, its log, its qemu.conf against the harness's layout of "
+            f"its version); {what}; in place of --layout. The daemon is started from its "
+            "installed binaries in a state directory of the harness's own, unless --host-socket",
+        )
+        p.add_argument(
+            "--host-socket",
+            type=Path,
+            help="with --host: use the daemon already listening on this unix socket (e.g. "
+            "/var/lib/lxd/unix.socket); the harness deletes what it made in it",
+        )
 
     def raw_qemu_conf_option(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument(
@@ -146,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     guest_options(boot)
     raw_qemu_conf_option(boot, "at the start")
+    host_options(boot, "without --image, the project's cloud image with the package")
 
     def results_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", type=Path, help="also write every field of the result to FILE")
@@ -164,21 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a layout to boot in; repeat for more (default: {', '.join(CHECK_LAYOUTS)}); "
         f"one of: {', '.join(LAYOUTS)}",
     )
-    check.add_argument(
-        "--host",
-        action="append",
-        choices=list(HOST_KINDS),
-        help="boot the image on a real daemon instead of the QEMU model, judged by what the "
-        "daemon saw (its agent flag, its log, its qemu.conf against the harness's layout of its "
-        "version); repeat for more; in place of --layout. The daemon is started from its "
-        "installed binaries in a state directory of the harness's own, unless --host-socket",
-    )
-    check.add_argument(
-        "--host-socket",
-        type=Path,
-        help="with --host: use the daemon already listening on this unix socket (e.g. "
-        "/var/lib/lxd/unix.socket); the harness deletes what it made in it",
-    )
+    host_options(check, "repeat for more")
     check.add_argument(
         "--firmware",
         choices=[f.value for f in Firmware],

@@ -107,7 +107,20 @@ class Daemon:
 
     def wait(self, operation: str, what: str, timeout: float = REQUEST_TIMEOUT) -> Any:
         """An operation's metadata once it is done; a `DaemonError` with its `err` if it failed."""
-        done = self.request("GET", f"{operation}/wait?timeout={int(timeout)}", timeout=timeout + 10)
+        try:
+            done = self.request(
+                "GET", f"{operation}/wait?timeout={int(timeout)}", timeout=timeout + 10
+            )
+        except DaemonError as e:
+            # Incus answers the wait of a failed operation with the operation's error: it is
+            # the error of the request that made the operation.
+            raise DaemonError(
+                f"{self.kind}: {what} failed: {e.error}",
+                daemon=self.kind,
+                request=what,
+                status_code=e.status_code,
+                error=e.error,
+            ) from None
         if done.get("status") != "Success":
             error = str(done.get("err", "")) or str(done.get("status", ""))
             raise DaemonError(

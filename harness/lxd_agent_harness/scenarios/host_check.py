@@ -71,12 +71,15 @@ def host_layout(kind: str, version: tuple[int, ...]) -> Layout:
 
 
 def vm_config(
-    adaptations: Sequence[Adaptation], raw_qemu_conf: Sequence[Override] = ()
+    adaptations: Sequence[Adaptation],
+    raw_qemu_conf: Sequence[Override] = (),
+    credentials: Sequence[tuple[str, str]] = (),
 ) -> dict[str, str]:
     """The VM's configuration keys: the daemon's defaults, changed only by the adaptations this
-    machine needs and the user's `raw.qemu.conf`."""
+    machine needs, the user's `raw.qemu.conf` and systemd credentials (Incus's
+    `systemd.credential.NAME` keys: a daemon without them refuses the VM, and says so)."""
     names = {adaptation.name for adaptation in adaptations}
-    config: dict[str, str] = {}
+    config = {f"systemd.credential.{name}": value for name, value in credentials}
     sections: list[Section] = []
     if "tcg" in names:
         config["limits.cpu"] = "1"  # QEMU 7.2's multi-threaded TCG has a translation race
@@ -103,6 +106,7 @@ async def check_on_host(
     bound: float,
     raw_qemu_conf: Sequence[Override] = (),
     progress: Progress = print,
+    credentials: Sequence[tuple[str, str]] = (),
 ) -> LayoutCheck:
     """One VM of `disk` on the daemon; the check unjudged (`scenarios.check.judge`)."""
     layout = host_layout(info.kind, info.version_tuple)
@@ -113,7 +117,8 @@ async def check_on_host(
         must_report=info.kind == "lxd",
         bound=bound,
     )
-    vm = HostVm(client, info, disk, disk_format, vm_config(adaptations, raw_qemu_conf), progress)
+    config = vm_config(adaptations, raw_qemu_conf, credentials)
+    vm = HostVm(client, info, disk, disk_format, config, progress)
     notes: list[TimelineEntry] = []
     qemu_conf = ""
 
@@ -332,6 +337,7 @@ async def check_image_on_hosts(
     timeout: float,
     bound: float,
     raw_qemu_conf: Sequence[Override] = (),
+    credentials: Sequence[tuple[str, str]] = (),
     host_socket: Path | None = None,
     progress: Progress = print,
 ) -> CheckVerdict:
@@ -341,7 +347,15 @@ async def check_image_on_hosts(
     for kind in hosts:
         verdict.checks.append(
             await _one_host(
-                kind, disk, disk_format, timeout, bound, raw_qemu_conf, host_socket, progress
+                kind,
+                disk,
+                disk_format,
+                timeout,
+                bound,
+                raw_qemu_conf,
+                credentials,
+                host_socket,
+                progress,
             )
         )
     judge(verdict.checks)
@@ -355,6 +369,7 @@ async def _one_host(
     timeout: float,
     bound: float,
     raw_qemu_conf: Sequence[Override],
+    credentials: Sequence[tuple[str, str]],
     host_socket: Path | None,
     progress: Progress,
 ) -> LayoutCheck:
@@ -377,7 +392,7 @@ async def _one_host(
             adaptations = [*info.adaptations, *vm_adaptations]
             return await check_on_host(
                 client, info, disk, disk_format, adaptations, timeout, bound, raw_qemu_conf,
-                progress,
+                progress, credentials,
             )  # fmt: skip
     except HarnessError as e:
         check = LayoutCheck(layout=kind, status_port="", must_report=kind == "lxd", bound=bound)

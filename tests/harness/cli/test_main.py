@@ -67,6 +67,16 @@ def random_image(tmp_path: Path) -> Path:
         (["--raw-qemu-conf", "/nonexistent/raw.conf"], "/nonexistent/raw.conf: cannot read it"),
         (["--raw-qemu-conf", "{conf}"], ':2: neither a [section] nor key = "value"'),
         (["--raw-qemu-conf", "{past}"], "there are only 1 [device"),
+        (["--host-socket", "/x.sock"], "--host-socket needs --host"),
+        (
+            ["--host", "lxd", "--layout", "lxd-5.19", "--seed", "--keep"],
+            "--host cannot be given with --seed (the image is booted as it is), --keep (use the "
+            "daemon's own console), --layout (a daemon's layout follows its version); drop it",
+        ),
+        (["--host", "incus", "--ring-size", "16"], "--ring-size (the daemon's own)"),
+        (["--host", "lxd", "--credential", "a=b"], "--credential on --host lxd"),
+        (["--host", "incus", "--image", "{random}"], "has no partition table"),
+        (["--host", "incus", "--raw-qemu-conf", "{conf}"], ":2: neither a [section] nor key"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -279,6 +289,10 @@ def test_matrix_merge_refuses_what_is_not_one_whole_matrix_in_one_line(
             "--nic (the VM gets no NIC); drop it",
         ),
         (["--image", "{random}", "--host", "lxd", "--firmware", "bios"], "--firmware bios"),
+        (
+            ["--image", "{random}", "--host", "lxd", "--credential", "a=b"],
+            "--credential on --host lxd (LXD has no systemd.credential keys; Incus has)",
+        ),
         (
             ["--image", "{random}", "--host", "lxd", "--host", "incus", "--host-socket", "/x"],
             "--host-socket is one daemon's",

@@ -25,6 +25,15 @@ ANSWERS: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {
             },
         },
     ),
+    ("POST", "/1.0/instances"): (
+        202,
+        {"type": "async", "operation": "/1.0/operations/op2", "metadata": {}},
+    ),
+    # Incus answers the wait of a failed operation with an error envelope.
+    ("GET", "/1.0/operations/op2/wait?timeout=600"): (
+        500,
+        {"type": "error", "error": "Unknown configuration key: x", "error_code": 500},
+    ),
     ("DELETE", "/1.0/images/none"): (
         404,
         {"type": "error", "error": "Image not found", "error_code": 404},

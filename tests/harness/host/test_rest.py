@@ -27,6 +27,15 @@ def test_an_async_answer_is_waited_for_and_its_failure_is_a_field(fake_daemon: D
     assert json.loads(sent[-1]) == {"command": ["true"]}
 
 
+def test_an_operation_whose_wait_is_refused_fails_as_the_request_that_made_it(
+    fake_daemon: Daemon,
+) -> None:
+    with pytest.raises(DaemonError) as raised:
+        fake_daemon.request("POST", "/1.0/instances", {"name": "vm"})
+    assert (raised.value.request, raised.value.status_code) == ("POST /1.0/instances", 500)
+    assert raised.value.error == "Unknown configuration key: x"
+
+
 def test_a_refusal_carries_the_status_and_the_daemons_error(fake_daemon: Daemon) -> None:
     with pytest.raises(DaemonError) as raised:
         fake_daemon.request("DELETE", "/1.0/images/none")

@@ -64,6 +64,11 @@ def test_tcg_and_no_vsock_become_the_vms_keys_and_raw_qemu_conf() -> None:
     ]
 
 
+def test_credentials_become_incus_systemd_credential_keys() -> None:
+    config = vm_config([], credentials=[("lxd-agent.state", "on"), ("x", "1")])
+    assert config == {"systemd.credential.lxd-agent.state": "on", "systemd.credential.x": "1"}
+
+
 def test_the_users_raw_qemu_conf_follows_the_adaptations_as_written() -> None:
     users = parse_raw_qemu_conf('[device "qemu_serial_legacy"]\n[chardev "x"][1]\nsize = "8B"\n')
     sections = parse_raw_qemu_conf(vm_config([NO_VSOCK], users)["raw.qemu.conf"])
@@ -231,26 +236,64 @@ def test_real_lxd_with_debians_own_agent_says_why_it_never_reported(
 
 
 @pytest.mark.vm
-def test_real_incus_reads_started_and_stopped_of_our_agent_and_its_config_is_the_model(
-    cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
+def test_real_incus_boots_our_package_and_reads_started_and_stopped(
+    cloud_images: dict[str, CloudImage], figures: Figures
 ) -> None:
-    """Debian's Incus 6.0.4 (bookworm-backports) runs the image; its monitor reads our agent on
-    `org.linuxcontainers.incus`, and the guest's console comes through its API's websocket."""
-    status, record, out = check_on_host("incus", cloud_images["ours"], tmp_path)
+    """`boot --host incus`: Debian's Incus 6.0.4 (bookworm-backports) runs the project's cloud
+    image with the package (the one `image --cloud --agent ours` makes, reused), its monitor
+    reads our agent on `org.linuxcontainers.incus`, and the guest's console (to stop and start
+    the agent's unit) comes through its API's websocket."""
+    command = harness_command("boot", "--host", "incus", "-v")
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=HOST_CHECK_TIMEOUT, check=False
+    )
+    out = done.stdout
+    print(out, done.stderr)
+    assert done.returncode == 0, out
+    # The verdict names the disk: the one `image --cloud --agent ours` made, not another.
+    assert f"OK: the agent in {cloud_images['ours'].disk} " in out
+    lines = [line.split("]")[0].split("s  ", 1)[-1] for line in out.splitlines()]
+    assert f"{INCUS_PORT_NAME}: unknown -> STARTED [the daemon's agent flag went up" in lines
+    assert f"{INCUS_PORT_NAME}: STARTED -> STOPPED [the daemon's agent flag went down" in lines
+    assert "the daemon's qemu.conf against incus-6: 0 differences" in lines, out
+    assert nothing_left_of_the_daemon() == []
+
+
+@pytest.mark.vm
+def test_real_incus_leaves_an_image_without_an_agent_alone_and_its_config_is_the_model(
+    cloud_images: dict[str, CloudImage], tmp_path: Path
+) -> None:
+    """Incus does not ask an LXD agent to report: no agent is `stands-aside` (exit 0), as in
+    the `incus-6` layout; its `qemu.conf` is that layout's and not LXD's."""
+    status, record, out = check_on_host("incus", cloud_images["none"], tmp_path)
     host = record["host"]
     assert (host["kind"], host["layout"]) == ("incus", "incus-6")
     assert host["version"].startswith("6.0."), host["version"]
     assert [a["name"] for a in host["adaptations"]] == expected_adaptations("incus")
     (layout,) = record["layouts"]
-    assert (status, layout["finding"], layout["config_differences"]) == (0, "reports", []), out
-    assert layout["started"]["port"] == INCUS_PORT_NAME
-    # STOPPED is read after a command typed on the API's console: the websocket works both ways.
-    assert layout["stopped"]["text"] == f"{STARTED} -> {STOPPED}"
+    assert (status, layout["finding"], layout["config_differences"]) == (0, "stands-aside", [])
+    assert layout["started"] is None and layout["login_prompt"] is not None, out
     assert layout["guest_off"] is not None and not layout["power_off_held"], out
     real = read_sections(host["qemu_conf"], "qemu.conf")
     assert serial_differences(real, get_layout("incus-6")) == []
     assert serial_differences(real, get_layout("lxd-5.19")) != []
-    figures["incus 6.0.4: start -> STARTED (the daemon's flag)"] = (
-        f"{layout['started']['seconds']:.1f} s"
+    assert nothing_left_of_the_daemon() == []
+
+
+@pytest.mark.vm
+def test_a_credential_is_incus_own_key_and_an_incus_without_it_says_so(
+    cloud_images: dict[str, CloudImage], tmp_path: Path
+) -> None:
+    """`--credential` becomes `systemd.credential.NAME`, which Incus has only since 6.18: 6.0.4
+    refuses the VM, and the check is `not-checked` with the daemon's own error."""
+    status, record, out = check_on_host(
+        "incus", cloud_images["none"], tmp_path, "--credential", "lxd-agent.state=on"
     )
+    (layout,) = record["layouts"]
+    assert (status, layout["finding"]) == (1, "not-checked"), out
+    error = layout["error"]
+    assert error["type"] == "DaemonError", error
+    fields = error["fields"]
+    assert (fields["daemon"], fields["request"]) == ("incus", "POST /1.0/instances"), error
+    assert "systemd.credential.lxd-agent.state" in fields["error"], error
     assert nothing_left_of_the_daemon() == []
