@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lxd_agent_harness.base.arch import host_arch
+from lxd_agent_harness.cli.main import DEFAULT_BOOT_LAYOUT
 from lxd_agent_harness.cli.options import build_parser
 from lxd_agent_harness.image.agents import AGENTS
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
@@ -34,8 +35,11 @@ def test_a_command_is_required_and_each_is_its_own(capsys: pytest.CaptureFixture
 
 def test_boot_defaults_to_lxd_5_20_the_automatic_accelerator_and_the_default_release() -> None:
     args = build_parser().parse_args(["boot"])
-    assert (args.layout, args.accel, args.release) == ("lxd-5.20", "auto", DEFAULT_RELEASE)
+    # No --layout is lxd-5.20 (`cli.main`), and a --layout given is refused with --host.
+    assert (args.layout, args.accel, args.release) == (None, "auto", DEFAULT_RELEASE)
+    assert DEFAULT_BOOT_LAYOUT == "lxd-5.20"
     assert (args.deb, args.image, args.firmware, args.ring_size, args.timeout) == (None,) * 5
+    assert (args.host, args.host_socket) == (None, None)
     assert not any((args.seed, args.rebuild, args.secure_boot, args.keep, args.verbose))
 
 
