@@ -138,7 +138,7 @@ async def check_on_host(
             await take_vm_lock(stack, progress, int(vm.config.get("limits.cpu", "1")))
             await vm.start()
             note("the daemon started the VM")
-            console = _console(vm, stack)
+            console = open_console(vm, stack)
             qemu_conf = vm.qemu_conf() or ""
             if not qemu_conf:
                 note("the daemon's qemu.conf was not found: not compared")
@@ -202,7 +202,7 @@ async def _flag_becomes(vm: HostVm, wanted: AgentFlag, timeout: float) -> bool:
         await asyncio.sleep(FLAG_POLL)
 
 
-def _console(vm: HostVm, stack: contextlib.AsyncExitStack) -> SerialConsole | None:
+def open_console(vm: HostVm, stack: contextlib.AsyncExitStack) -> SerialConsole | None:
     """The guest's console, read from the daemon from the start (None when it cannot be had):
     to see the login prompt, and to act in the guest."""
     opener = vm.console_opener()
@@ -329,6 +329,17 @@ async def _cycle_agent(
 HOST_KINDS = ("lxd", "incus")
 
 
+async def vm_probes(progress: Progress) -> list[Adaptation]:
+    """What a daemon's VM needs on this machine (`vm_config`): TCG where KVM fails the
+    harness's probe, no vsock device without `/dev/vhost-vsock`."""
+    accel = await choose_accel(Accel.AUTO, None, progress, arch=Arch.AMD64)
+    found = (
+        probes.tcg(accel.reason) if accel.accel is Accel.TCG else None,
+        probes.vsock_device_missing(),
+    )
+    return [a for a in found if a is not None]
+
+
 async def check_image_on_hosts(
     disk: Path,
     disk_format: str,
@@ -373,15 +384,7 @@ async def _one_host(
     host_socket: Path | None,
     progress: Progress,
 ) -> LayoutCheck:
-    accel = await choose_accel(Accel.AUTO, None, progress, arch=Arch.AMD64)
-    vm_adaptations = [
-        a
-        for a in (
-            probes.tcg(accel.reason) if accel.accel is Accel.TCG else None,
-            probes.vsock_device_missing(),
-        )
-        if a is not None
-    ]
+    vm_adaptations = await vm_probes(progress)
     try:
         with contextlib.ExitStack() as stack:
             if host_socket is not None:

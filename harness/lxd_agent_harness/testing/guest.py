@@ -54,20 +54,54 @@ class PowerOffResult:
     timeline: list[str] = field(default_factory=list)
 
 
-class LxdVm:
-    """One running guest, driven synchronously. Made by `LxdVm.start`; close it once."""
+class GuestLoop:
+    """An event loop of a guest's own, in a thread, and what was entered on it (`_stack`):
+    `call` runs one bounded coroutine there; `close` leaves the stack and stops the loop."""
 
-    def __init__(self, config: VmConfig, progress: Progress | None = None) -> None:
-        self.config = config
-        self.layout = config.layout
-        self.port = status_port(config)
-        """The port the layout's host reads the agent's status from."""
-        self._progress = progress
+    def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="lxd-vm-loop", daemon=True
         )
         self._stack = contextlib.AsyncExitStack()
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run `coroutine` on the guest's loop (the harness's async functions on `self.vm`,
+        e.g. `vm.units.unit_properties(lxd_guest.vm, ...)`); its result, bounded by `timeout`
+        plus slack."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout + _CALL_SLACK)
+        except FutureTimeout:
+            future.cancel()
+            raise VmError(
+                f"the guest's loop did not answer within {timeout + _CALL_SLACK:g} s; "
+                "is QEMU wedged? See the console tail"
+            ) from None
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _close_loop(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.call(self._stack.aclose(), 120.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+
+
+class LxdVm(GuestLoop):
+    """One running guest, driven synchronously. Made by `LxdVm.start`; close it once."""
+
+    def __init__(self, config: VmConfig, progress: Progress | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.layout = config.layout
+        self.port = status_port(config)
+        """The port the layout's host reads the agent's status from."""
+        self._progress = progress
         self._vm: Vm | None = None
         self.start_info = WarmStart(How.COLD, "not started")
         """How the guest came up: restored (warm) or booted (cold), and why."""
@@ -175,13 +209,7 @@ class LxdVm:
 
     def close(self) -> None:
         """Stop the guest (QEMU, its files, the console) and the loop. Safe to call twice."""
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                self.call(self._stack.aclose(), 120.0)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-        if not self._loop.is_running() and not self._loop.is_closed():
-            self._loop.close()
+        self._close_loop()
         self._vm = None
 
     def __enter__(self) -> LxdVm:
@@ -202,20 +230,3 @@ class LxdVm:
             ):
                 return entry
         return None
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run `coroutine` on the guest's loop (the harness's async functions on `self.vm`,
-        e.g. `vm.units.unit_properties(lxd_guest.vm, ...)`); its result, bounded by `timeout`
-        plus slack."""
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        try:
-            return future.result(timeout + _CALL_SLACK)
-        except FutureTimeout:
-            future.cancel()
-            raise VmError(
-                f"the guest's loop did not answer within {timeout + _CALL_SLACK:g} s; "
-                "is QEMU wedged? See the console tail"
-            ) from None
-        except BaseException:
-            future.cancel()
-            raise

@@ -15,6 +15,11 @@ layout, the firmware, warm starts (`--lxd-warm`), what is kept of a failed test
 Markers: `lxd_layout(name)`, `lxd_release(name)`, `lxd_cold` (this test's guest boots even
 with `--lxd-warm`: for tests of the boot itself).
 
+With `--lxd-host lxd|incus` every `lxd_vm` is instead a VM of a real daemon (`HostGuest`: one
+daemon for the session, of the harness's own in a private state directory, or the one on
+`--lxd-host-socket`), made from `--lxd-image` or the harness's cloud image with the package; the
+layout is the daemon's, and a test marked `lxd_layout` for another one is skipped, saying both.
+
 A failed test's guest leaves its console log, its QMP events, the host's ring timeline and the
 agent's status in the guest in `<artifacts>/<test id>/`. Host side only.
 """
@@ -22,6 +27,7 @@ agent's status in the guest in `<artifacts>/<test id>/`. Host side only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import sys
@@ -33,7 +39,11 @@ import pytest
 
 from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.errors import HarnessError
+from lxd_agent_harness.host.daemon import DaemonInfo, local_daemon, running_daemon
+from lxd_agent_harness.host.probes import Adaptation
+from lxd_agent_harness.host.rest import Daemon
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
+from lxd_agent_harness.image.cloud import build_cloud_image, cloud_spec
 from lxd_agent_harness.image.deb import check_deb, find_deb
 from lxd_agent_harness.image.rootfs import ImageSpec, build_image
 from lxd_agent_harness.image.seed import make_seed_iso
@@ -45,7 +55,9 @@ from lxd_agent_harness.lxd.qemu_conf import (
     read_raw_qemu_conf,
 )
 from lxd_agent_harness.qemu.disk import check_boot_sector, disk_format
+from lxd_agent_harness.scenarios.host_check import HOST_KINDS, host_layout, vm_config, vm_probes
 from lxd_agent_harness.testing.guest import LxdVm
+from lxd_agent_harness.testing.host_guest import HostGuest
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import (
     Boot,
@@ -151,6 +163,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "sections as LXD applies it",
     )
     group.addoption(
+        "--lxd-host",
+        choices=list(HOST_KINDS),
+        help="run every lxd_vm on a real daemon (lxd or incus) instead of the QEMU model, "
+        "judged from the daemon's side: started from its installed binaries in a state "
+        "directory of the harness's own, unless --lxd-host-socket",
+    )
+    group.addoption(
+        "--lxd-host-socket",
+        metavar="SOCKET",
+        help="with --lxd-host: the daemon already listening on this unix socket (the harness "
+        "deletes what it made in it)",
+    )
+    group.addoption(
         "--lxd-keep-on-failure",
         action="store_true",
         help="keep a failed test's guest running until Enter is pressed (prints its console "
@@ -196,6 +221,8 @@ class LxdOptions:
     credentials: tuple[tuple[str, str], ...] = ()
     network: Network = Network.NONE
     raw_qemu_conf: tuple[Override, ...] = ()
+    host: str | None = None
+    host_socket: Path | None = None
 
 
 def _options(config: pytest.Config) -> LxdOptions:
@@ -219,6 +246,9 @@ def _options(config: pytest.Config) -> LxdOptions:
     timeout = float(config.getoption("lxd_timeout"))
     if not timeout > 0:
         raise pytest.UsageError(f"--lxd-timeout must be more than 0 seconds, not {timeout:g}")
+    host = config.getoption("lxd_host")
+    socket_option = config.getoption("lxd_host_socket")
+    _check_host_options(config, host, socket_option, image is not None and bool(deb_option))
     return LxdOptions(
         image=image,
         image_format=image_format,
@@ -235,7 +265,36 @@ def _options(config: pytest.Config) -> LxdOptions:
         credentials=credentials,
         network=Network(config.getoption("lxd_nic")),
         raw_qemu_conf=raw_qemu_conf,
+        host=host,
+        host_socket=Path(socket_option) if socket_option else None,
     )
+
+
+def _check_host_options(
+    config: pytest.Config, host: str | None, socket: str | None, seeded: bool
+) -> None:
+    """What a real daemon cannot honour, refused in one line (as `check --host` refuses it)."""
+    if socket and not host:
+        raise pytest.UsageError("--lxd-host-socket needs --lxd-host (which daemon listens on it)")
+    if not host:
+        return
+    refused = [
+        (config.getoption("lxd_warm"), "--lxd-warm (the daemon boots every VM)"),
+        (config.getoption("lxd_firmware") != Firmware.UEFI.value, "--lxd-firmware bios"),
+        (config.getoption("lxd_arch") != Arch.AMD64.value, "--lxd-arch other than amd64"),
+        (config.getoption("lxd_nic") != Network.NONE.value, "--lxd-nic (the VM gets no NIC)"),
+        (config.getoption("lxd_raw_qemu_conf"), "--lxd-raw-qemu-conf"),
+        (seeded, "--lxd-deb with --lxd-image (the daemon boots the image as it is)"),
+        (
+            host == "lxd" and config.getoption("lxd_credential"),
+            "--lxd-credential on --lxd-host lxd (LXD has no systemd.credential keys)",
+        ),
+    ]
+    given = [what for value, what in refused if value]
+    if given:
+        raise pytest.UsageError(
+            f"lxd-agent-harness: --lxd-host cannot be given with {', '.join(given)}; drop it"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -269,6 +328,9 @@ def _lxd_session(
 ) -> Iterator[tuple[_Images | None, Path | None, Accel]]:
     images = None
     seed = None
+    if lxd_options.host is not None:  # the daemon's VMs: `_lxd_host`
+        yield None, None, Accel.AUTO
+        return
     try:
         if lxd_options.image is None:
             assert lxd_options.deb is not None
@@ -279,6 +341,43 @@ def _lxd_session(
     except HarnessError as e:
         pytest.fail(f"lxd-agent-harness: {e}", pytrace=False)
     yield images, seed, accel
+
+
+@dataclass(frozen=True)
+class _HostSession:
+    """The session's daemon and the disk every `lxd_vm` on it is made from."""
+
+    client: Daemon
+    info: DaemonInfo
+    adaptations: tuple[Adaptation, ...]
+    disk: Path
+    disk_format: str
+
+
+@pytest.fixture(scope="session")
+def _lxd_host(lxd_options: LxdOptions) -> Iterator[_HostSession]:
+    """`--lxd-host`'s daemon, started once for the session (or the one on its socket)."""
+    assert lxd_options.host is not None
+    with contextlib.ExitStack() as stack:
+        try:
+            if lxd_options.image is not None:
+                assert lxd_options.image_format is not None
+                disk, disk_format = lxd_options.image, lxd_options.image_format
+            else:
+                assert lxd_options.deb is not None
+                spec = cloud_spec(lxd_options.release, (lxd_options.deb,), Arch.AMD64)
+                disk, disk_format = build_cloud_image(spec, print).disk, "qcow2"
+            if lxd_options.host_socket is not None:
+                client, info = running_daemon(lxd_options.host, lxd_options.host_socket)
+            else:
+                daemon = stack.enter_context(local_daemon(lxd_options.host, print))
+                client, info = daemon.client, daemon.started
+            adaptations = (*info.adaptations, *asyncio.run(vm_probes(print)))
+        except HarnessError as e:
+            pytest.fail(f"lxd-agent-harness: {e}", pytrace=False)
+        for adaptation in adaptations:
+            print(f"lxd_vm: {info.kind}: adapted: {adaptation.name}: {adaptation.reason}")
+        yield _HostSession(client, info, adaptations, disk, disk_format)
 
 
 def _accel(options: LxdOptions, images: _Images | None) -> Accel:
@@ -319,11 +418,15 @@ def lxd_vm(
     lxd_layout: str,
     lxd_release: str,
     _lxd_session: tuple[_Images | None, Path | None, Accel],
-) -> Iterator[LxdVm]:
+) -> Iterator[LxdVm | HostGuest]:
     """A running guest: restored from a saved one with `--lxd-warm` (its STARTED already seen),
-    else booting (wait for what you need: `lxd_vm.wait_for("STARTED")`)."""
+    else booting (wait for what you need: `lxd_vm.wait_for("STARTED")`); with `--lxd-host`, a
+    VM of that daemon (`HostGuest`)."""
     images, seed, accel = _lxd_session
     item = request.node
+    if lxd_options.host is not None:
+        yield from _host_vm(request, lxd_options)
+        return
     if lxd_release not in RELEASES:
         pytest.fail(f"{item.nodeid}: no release {lxd_release!r} ({', '.join(RELEASES)})")
     try:
@@ -368,6 +471,40 @@ def lxd_vm(
         guest.close()
 
 
+def _host_vm(request: pytest.FixtureRequest, options: LxdOptions) -> Iterator[HostGuest]:
+    """`lxd_vm` with `--lxd-host`: a VM of the session's daemon."""
+    session: _HostSession = request.getfixturevalue("_lxd_host")
+    item = request.node
+    layout = host_layout(session.info.kind, session.info.version_tuple).name
+    marked = item.get_closest_marker("lxd_layout")
+    wanted = request.getfixturevalue("lxd_layout") if marked is not None else None
+    if wanted is not None and wanted != layout:
+        pytest.skip(
+            f"marked for the layout {wanted}; --lxd-host {session.info.kind} "
+            f"{session.info.version} is {layout}"
+        )
+    try:
+        credentials = options.credentials + tuple(
+            parse_credential(f"{m.args[0]}={m.args[1]}")
+            for m in item.iter_markers("lxd_credential")
+        )
+    except HarnessError as e:
+        pytest.fail(f"lxd-agent-harness: {e}", pytrace=False)
+    config = vm_config(session.adaptations, (), credentials)
+    guest = HostGuest.start(
+        session.client, session.info, session.disk, session.disk_format, config, print
+    )
+    print(f"lxd_vm: {layout}: {guest.start_info.reason} ({guest.start_info.seconds:.1f} s)")
+    try:
+        yield guest
+        reports = item.stash.get(_REPORTS, {})
+        if any(report.failed for report in reports.values()):
+            folder = save_host_artifacts(guest, options.artifacts, item.nodeid)
+            print(f"lxd_vm: the guest's console, timeline and the daemon's files are in {folder}")
+    finally:
+        guest.close()
+
+
 def artifact_folder(artifacts: Path, nodeid: str) -> Path:
     """`artifacts/<the test id, made a file name>`."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", nodeid).strip("_")[:150]
@@ -391,6 +528,26 @@ def save_artifacts(guest: LxdVm, artifacts: Path, nodeid: str) -> Path:
     )
     diagnostics = guest.call(agent_diagnostics(vm), 30.0)
     (folder / "agent-status.txt").write_text(diagnostics + "\n")
+    return folder
+
+
+def save_host_artifacts(guest: HostGuest, artifacts: Path, nodeid: str) -> Path:
+    """A failed test's VM of a real daemon, as files: console log, timeline, the daemon's log
+    lines about it and its `qemu.conf`."""
+    folder = artifact_folder(artifacts, nodeid)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    console = guest.console_log()
+    if console is not None and console.is_file():
+        shutil.copyfile(console, folder / "console.log")
+    (folder / "timeline.txt").write_text("\n".join(guest.timeline) + "\n")
+    (folder / "daemon-log.txt").write_text("\n".join(guest.daemon_log()) + "\n")
+    (folder / "qemu.conf").write_text(guest.host.qemu_conf() or "")
+    start = guest.start_info
+    (folder / "start.txt").write_text(
+        f"{start.how.value}: {start.reason} ({start.seconds:.1f} s)\n"
+    )
     return folder
 
 

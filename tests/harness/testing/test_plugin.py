@@ -66,6 +66,8 @@ def test_the_plugins_options_and_marks_are_in_pytests_help(tmp_path: Path) -> No
         "--lxd-credential",
         "--lxd-nic",
         "--lxd-raw-qemu-conf",
+        "--lxd-host",
+        "--lxd-host-socket",
     ):
         assert option in help_text, option
     marks = run_pytest(tmp_path, "--markers").stdout
@@ -83,6 +85,31 @@ def test_an_image_that_is_not_there_fails_the_test_in_one_line(tmp_path: Path) -
     done = run_pytest(tmp_path, f"--lxd-image={tmp_path / 'missing.qcow2'}")
     assert done.returncode == 1
     assert "lxd-agent-harness: looked for the image" in done.stdout
+    assert "Traceback" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lxd-host-socket=/x.sock"], "--lxd-host-socket needs --lxd-host"),
+        (
+            ["--lxd-host=lxd", "--lxd-warm", "--lxd-nic=open"],
+            "--lxd-host cannot be given with --lxd-warm (the daemon boots every VM), --lxd-nic "
+            "(the VM gets no NIC); drop it",
+        ),
+        (
+            ["--lxd-host=lxd", "--lxd-credential=a=b"],
+            "--lxd-credential on --lxd-host lxd (LXD has no systemd.credential keys)",
+        ),
+    ],
+)
+def test_what_a_daemon_cannot_honour_fails_the_test_in_one_line(
+    args: list[str], message: str, tmp_path: Path, deb: Path
+) -> None:
+    (tmp_path / "test_x.py").write_text("def test_x(lxd_vm):\n    pass\n")
+    done = run_pytest(tmp_path, *args, deb=deb)
+    assert done.returncode == 1
+    assert message in done.stdout
     assert "Traceback" not in done.stdout
 
 
@@ -218,3 +245,73 @@ def _read_until(stream: object, text: str, timeout: float) -> str:
             assert chunk, f"stream closed before {text!r}; saw:\n{seen}"
             seen += chunk
     return seen
+
+
+HOST_TESTS = """
+import pytest
+
+
+def test_the_daemon_reads_our_agent(lxd_vm):
+    assert lxd_vm.layout.name == "lxd-5.19" and not lxd_vm.warm
+    assert lxd_vm.wait_for("STARTED", timeout=300).port == "org.linuxcontainers.lxd"
+    assert lxd_vm.run("systemctl stop lxd-agent").status == 0
+    assert lxd_vm.wait_for("STOPPED", timeout=60).text == "STARTED -> STOPPED"
+    assert lxd_vm.state() == "STOPPED"
+    assert lxd_vm.power_off().guest_off
+
+
+@pytest.mark.lxd_layout("incus")
+def test_for_another_layout(lxd_vm):
+    pass
+
+
+def test_fails_on_the_daemon(lxd_vm):
+    lxd_vm.wait_for("STARTED", timeout=300)
+    assert lxd_vm.run("echo $((6 * 7))").output == "41"
+"""
+
+
+@pytest.mark.vm
+def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
+    tmp_path: Path, deb: Path
+) -> None:
+    """`--lxd-host lxd`: every `lxd_vm` is a VM of one LXD daemon (Debian's 5.0.2 here), judged
+    from its side; a test marked for another layout is skipped, saying why."""
+    (tmp_path / "test_host.py").write_text(HOST_TESTS)
+    artifacts = tmp_path / "kept"
+    done = run_pytest(
+        tmp_path,
+        "--lxd-host=lxd",
+        "-rs",
+        f"--lxd-artifacts={artifacts}",
+        f"--junit-xml={tmp_path / 'junit.xml'}",
+        deb=deb,
+    )
+    outcomes = {
+        case.get("name"): next(
+            (tag for tag in ("failure", "skipped", "error") if case.find(tag) is not None),
+            "passed",
+        )
+        for case in ET.parse(tmp_path / "junit.xml").iter("testcase")
+    }
+    assert outcomes == {
+        "test_the_daemon_reads_our_agent": "passed",
+        "test_for_another_layout": "skipped",
+        "test_fails_on_the_daemon": "failure",
+    }, done.stdout
+    assert "marked for the layout incus; --lxd-host lxd 5.0.2 is lxd-5.19" in done.stdout
+    folder = artifact_folder(artifacts, "test_host.py::test_fails_on_the_daemon")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "console.log",
+        "daemon-log.txt",
+        "qemu.conf",
+        "start.txt",
+        "timeline.txt",
+    ]
+    assert (
+        "unknown -> STARTED [the daemon's agent flag went up]"
+        in (folder / "timeline.txt").read_text()
+    )
+    assert '[device "qemu_serial"]' in (folder / "qemu.conf").read_text()
+    assert "42" in (folder / "console.log").read_text(errors="replace").splitlines()
+    assert not list(Path("/tmp").glob("lxd-agent-lxd-*")), "the daemon's state was left"
