@@ -1,5 +1,5 @@
 """Shared pieces of the harness's and the guests' tests: run a coroutine with a deadline, talk
-to a QEMU ring, make a stand-in .deb.
+to a QEMU ring, make a stand-in .deb, run pytest on a user's test directory.
 
 Every QEMU here is cheap: `-machine none` (chardevs only) or a paused `-S` q35 (devices, but
 no guest code ever runs). `QemuProcess` kills and reaps it on every exit path.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,37 @@ def unbooted_config(tmp_path: Path, accel: Accel) -> tuple[VmConfig, VmFiles]:
 def harness_command(*args: str) -> list[str]:
     """`lxd-agent-harness ARGS` as this test run's Python runs it (`-m lxd_agent_harness`)."""
     return [sys.executable, "-m", "lxd_agent_harness", *args]
+
+
+# -- pytest on a user's directory, with the plugin as its entry point loads it ------------------
+
+RUN_TIMEOUT = 900
+
+
+def pytest_in(directory: Path, *args: str, deb: Path | None = None) -> list[str]:
+    """pytest's command line in `directory`, this run's Python, the plugin loaded by entry point."""
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
+    if deb is not None:
+        # With `=`: pytest finds its rootdir before plugins register their options, and takes
+        # the value of an option it does not know yet for a path to test.
+        command.append(f"--lxd-deb={deb}")
+    return command
+
+
+def user_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("LXD_AGENT_DEB", "PYTEST_ADDOPTS")}
+
+
+def run_pytest(
+    directory: Path, *args: str, deb: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        pytest_in(directory, *args, deb=deb),
+        cwd=directory,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    print(done.stdout[-6000:], done.stderr[-2000:])
+    return done

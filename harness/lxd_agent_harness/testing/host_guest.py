@@ -33,6 +33,7 @@ from lxd_agent_harness.scenarios.host_check import (
 from lxd_agent_harness.testing.guest import POWER_OFF_BOUND, GuestLoop, PowerOffResult
 from lxd_agent_harness.vm.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent_harness.vm.instance import BOOT_TIMEOUT, COMMAND_TIMEOUT
+from lxd_agent_harness.vm.lock import take_vm_lock
 from lxd_agent_harness.vm.warm import How, WarmStart
 
 
@@ -82,6 +83,9 @@ class HostGuest(GuestLoop):
         return guest
 
     async def _start(self) -> None:
+        # The daemon's QEMU shares this machine's cores with the harness's own guests.
+        cpus = int(self.host.config.get("limits.cpu", "1"))
+        await take_vm_lock(self._stack, self._progress or (lambda _line: None), cpus)
         await self._stack.enter_async_context(self.host)
         await self.host.start()
         self._note("the daemon started the VM")

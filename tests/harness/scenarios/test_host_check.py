@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_s
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
 from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
+from lxd_agent_harness.testing.plugin import artifact_folder
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.kvm_probe import choose_accel
-from tests.helpers import harness_command
+from tests.helpers import harness_command, run_pytest
 from tests.vms import Figures
 
 TCG = Adaptation("tcg", "TCG: KVM crashed the probe guest")
@@ -297,3 +299,77 @@ def test_a_credential_is_incus_own_key_and_an_incus_without_it_says_so(
     assert (fields["daemon"], fields["request"]) == ("incus", "POST /1.0/instances"), error
     assert "systemd.credential.lxd-agent.state" in fields["error"], error
     assert nothing_left_of_the_daemon() == []
+
+
+# -- the plugin on a real daemon -----------------------------------------------------------------
+
+HOST_TESTS = """
+import pytest
+
+
+def test_the_daemon_reads_our_agent(lxd_vm):
+    assert lxd_vm.layout.name == "lxd-5.19" and not lxd_vm.warm
+    assert lxd_vm.wait_for("STARTED", timeout=300).port == "org.linuxcontainers.lxd"
+    assert lxd_vm.run("systemctl stop lxd-agent").status == 0
+    assert lxd_vm.wait_for("STOPPED", timeout=60).text == "STARTED -> STOPPED"
+    assert lxd_vm.state() == "STOPPED"
+    assert lxd_vm.power_off().guest_off
+
+
+@pytest.mark.lxd_layout("incus")
+def test_for_another_layout(lxd_vm):
+    pass
+
+
+def test_fails_on_the_daemon(lxd_vm):
+    lxd_vm.wait_for("STARTED", timeout=300)
+    assert lxd_vm.run("echo $((6 * 7))").output == "41"
+"""
+
+
+@pytest.mark.vm
+def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
+    tmp_path: Path, deb: Path
+) -> None:
+    """The plugin's `--lxd-host lxd` (here, with the other daemon tests: one module runs on one
+    worker, so no two daemons run at once): every `lxd_vm` is a VM of one LXD daemon (Debian's
+    5.0.2 here), judged from its side; a test marked for another layout is skipped, saying
+    why."""
+    (tmp_path / "test_host.py").write_text(HOST_TESTS)
+    artifacts = tmp_path / "kept"
+    done = run_pytest(
+        tmp_path,
+        "--lxd-host=lxd",
+        "-rs",
+        f"--lxd-artifacts={artifacts}",
+        f"--junit-xml={tmp_path / 'junit.xml'}",
+        deb=deb,
+    )
+    outcomes = {
+        case.get("name"): next(
+            (tag for tag in ("failure", "skipped", "error") if case.find(tag) is not None),
+            "passed",
+        )
+        for case in ET.parse(tmp_path / "junit.xml").iter("testcase")
+    }
+    assert outcomes == {
+        "test_the_daemon_reads_our_agent": "passed",
+        "test_for_another_layout": "skipped",
+        "test_fails_on_the_daemon": "failure",
+    }, done.stdout
+    assert "marked for the layout incus; --lxd-host lxd 5.0.2 is lxd-5.19" in done.stdout
+    folder = artifact_folder(artifacts, "test_host.py::test_fails_on_the_daemon")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "console.log",
+        "daemon-log.txt",
+        "qemu.conf",
+        "start.txt",
+        "timeline.txt",
+    ]
+    assert (
+        "unknown -> STARTED [the daemon's agent flag went up]"
+        in (folder / "timeline.txt").read_text()
+    )
+    assert '[device "qemu_serial"]' in (folder / "qemu.conf").read_text()
+    assert "42" in (folder / "console.log").read_text(errors="replace").splitlines()
+    assert not list(Path("/tmp").glob("lxd-agent-lxd-*")), "the daemon's state was left"

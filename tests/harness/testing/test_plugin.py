@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,37 +17,7 @@ import pytest
 
 from lxd_agent_harness.qemu.process import process_exists
 from lxd_agent_harness.testing.plugin import artifact_folder
-
-RUN_TIMEOUT = 900
-
-
-def pytest_in(directory: Path, *args: str, deb: Path | None = None) -> list[str]:
-    """pytest's command line in `directory`, this run's Python, the plugin loaded by entry point."""
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
-    if deb is not None:
-        # With `=`: pytest finds its rootdir before plugins register their options, and takes
-        # the value of an option it does not know yet for a path to test.
-        command.append(f"--lxd-deb={deb}")
-    return command
-
-
-def user_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("LXD_AGENT_DEB", "PYTEST_ADDOPTS")}
-
-
-def run_pytest(
-    directory: Path, *args: str, deb: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        pytest_in(directory, *args, deb=deb),
-        cwd=directory,
-        env=user_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
-    print(done.stdout[-6000:], done.stderr[-2000:])
-    return done
+from tests.helpers import RUN_TIMEOUT, pytest_in, run_pytest, user_env
 
 
 def test_the_plugins_options_and_marks_are_in_pytests_help(tmp_path: Path) -> None:
@@ -245,73 +214,3 @@ def _read_until(stream: object, text: str, timeout: float) -> str:
             assert chunk, f"stream closed before {text!r}; saw:\n{seen}"
             seen += chunk
     return seen
-
-
-HOST_TESTS = """
-import pytest
-
-
-def test_the_daemon_reads_our_agent(lxd_vm):
-    assert lxd_vm.layout.name == "lxd-5.19" and not lxd_vm.warm
-    assert lxd_vm.wait_for("STARTED", timeout=300).port == "org.linuxcontainers.lxd"
-    assert lxd_vm.run("systemctl stop lxd-agent").status == 0
-    assert lxd_vm.wait_for("STOPPED", timeout=60).text == "STARTED -> STOPPED"
-    assert lxd_vm.state() == "STOPPED"
-    assert lxd_vm.power_off().guest_off
-
-
-@pytest.mark.lxd_layout("incus")
-def test_for_another_layout(lxd_vm):
-    pass
-
-
-def test_fails_on_the_daemon(lxd_vm):
-    lxd_vm.wait_for("STARTED", timeout=300)
-    assert lxd_vm.run("echo $((6 * 7))").output == "41"
-"""
-
-
-@pytest.mark.vm
-def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
-    tmp_path: Path, deb: Path
-) -> None:
-    """`--lxd-host lxd`: every `lxd_vm` is a VM of one LXD daemon (Debian's 5.0.2 here), judged
-    from its side; a test marked for another layout is skipped, saying why."""
-    (tmp_path / "test_host.py").write_text(HOST_TESTS)
-    artifacts = tmp_path / "kept"
-    done = run_pytest(
-        tmp_path,
-        "--lxd-host=lxd",
-        "-rs",
-        f"--lxd-artifacts={artifacts}",
-        f"--junit-xml={tmp_path / 'junit.xml'}",
-        deb=deb,
-    )
-    outcomes = {
-        case.get("name"): next(
-            (tag for tag in ("failure", "skipped", "error") if case.find(tag) is not None),
-            "passed",
-        )
-        for case in ET.parse(tmp_path / "junit.xml").iter("testcase")
-    }
-    assert outcomes == {
-        "test_the_daemon_reads_our_agent": "passed",
-        "test_for_another_layout": "skipped",
-        "test_fails_on_the_daemon": "failure",
-    }, done.stdout
-    assert "marked for the layout incus; --lxd-host lxd 5.0.2 is lxd-5.19" in done.stdout
-    folder = artifact_folder(artifacts, "test_host.py::test_fails_on_the_daemon")
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "console.log",
-        "daemon-log.txt",
-        "qemu.conf",
-        "start.txt",
-        "timeline.txt",
-    ]
-    assert (
-        "unknown -> STARTED [the daemon's agent flag went up]"
-        in (folder / "timeline.txt").read_text()
-    )
-    assert '[device "qemu_serial"]' in (folder / "qemu.conf").read_text()
-    assert "42" in (folder / "console.log").read_text(errors="replace").splitlines()
-    assert not list(Path("/tmp").glob("lxd-agent-lxd-*")), "the daemon's state was left"
