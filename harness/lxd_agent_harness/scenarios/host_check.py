@@ -53,6 +53,10 @@ from lxd_agent_harness.vm.kvm_probe import choose_accel
 from lxd_agent_harness.vm.lock import take_vm_lock
 from lxd_agent_harness.vm.units import AGENT_UNIT
 
+AGENT_UNITS = (AGENT_UNIT, "incus-agent.service")
+"""The agent units looked at when nothing reported: ours (and LXD's, Debian's `lxd-agent`
+package), then Incus's (Debian's `incus-agent` package)."""
+
 FLAG_POLL = 1.0
 """Seconds between two looks at the daemon's agent flag."""
 
@@ -264,18 +268,19 @@ async def _agent_unit(
     (`no-vsock-device`) a failed agent unit is this machine's doing, not the image's."""
     try:
         await shell.login(LOGIN_TIMEOUT)
-        shown = await shell.run(
-            "systemctl show -p LoadState -p ActiveState -p Result -p NRestarts "
-            f"-p ConditionResult {AGENT_UNIT}",
-            timeout=60,
-        )
-        unit = dict(line.split("=", 1) for line in shown.output.splitlines() if "=" in line)
-        if unit.get("LoadState") != "loaded":
-            note(f"guest: no {AGENT_UNIT}")
+        for name in AGENT_UNITS:
+            shown = await shell.run(
+                "systemctl show -p LoadState -p ActiveState -p Result -p NRestarts "
+                f"-p ConditionResult {name}",
+                timeout=60,
+            )
+            unit = dict(line.split("=", 1) for line in shown.output.splitlines() if "=" in line)
+            if unit.get("LoadState") == "loaded":
+                break
+        else:
+            note(f"guest: none of {', '.join(AGENT_UNITS)}")
             return
-        journal = await shell.run(
-            f"journalctl -b -u {AGENT_UNIT} -o cat --no-pager -n 12", timeout=60
-        )
+        journal = await shell.run(f"journalctl -b -u {name} -o cat --no-pager -n 12", timeout=60)
     except VmError as e:
         note(f"the agent's unit could not be looked at: {e}")
         return
@@ -285,17 +290,25 @@ async def _agent_unit(
         # e.g. Debian's lxd-agent: ConditionPathExists on the port's /dev/virtio-ports link,
         # checked early in the boot (DefaultDependencies=no) and with no udev rule to retry.
         state += ", skipped: a condition of its unit was not met"
-    check.agent_unit = state
-    note(f"guest: {AGENT_UNIT} {state}")
+    check.agent_unit = f"{name}: {state}"
+    note(f"guest: {name} {state}")
     vsock_taken = any(a.name == "no-vsock-device" for a in adaptations)
     ran = unit.get("ConditionResult") != "no"
     if vsock_taken and ran and unit.get("ActiveState") != "active":
-        # The agent's own words (`Error: ...`) rather than systemd's restart lines, to show.
-        said = [line for line in check.agent_journal if "rror" in line] or check.agent_journal
+        # The agent's own words (`Error: ...`, its setup script's) rather than systemd's.
+        said = [line for line in check.agent_journal if not _systemds(line, name)]
+        said = [line for line in said if "rror" in line] or said or check.agent_journal
         check.agent_unstartable = (
-            f"{AGENT_UNIT} is {state} in a VM without a vsock device (this machine has no "
+            f"{name} is {state} in a VM without a vsock device (this machine has no "
             f"/dev/vhost-vsock); it said: {said[-1] if said else 'nothing'}"
         )
+
+
+def _systemds(line: str, unit: str) -> bool:
+    """A journal line of systemd's about `unit` rather than the unit's own output."""
+    return line.startswith((f"{unit}:", "Starting ", "Started ", "Stopping ", "Stopped ")) or (
+        line.startswith("Failed to start ")
+    )
 
 
 async def _cycle_agent(

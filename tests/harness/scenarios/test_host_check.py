@@ -301,6 +301,43 @@ def test_a_credential_is_incus_own_key_and_an_incus_without_it_says_so(
     assert nothing_left_of_the_daemon() == []
 
 
+@pytest.fixture(scope="module")
+def incus_agent_image(tmp_path_factory: pytest.TempPathFactory) -> CloudImage:
+    """The cloud image with Debian's own `incus-agent` 6.0.4 package (bookworm-backports; it
+    has no dependencies), downloaded at the version the host's apt sources offer."""
+    debs = tmp_path_factory.mktemp("incus-agent")
+    subprocess.run(
+        ["apt-get", "download", "-q", "incus-agent/bookworm-backports"],
+        cwd=debs,
+        check=True,
+        capture_output=True,
+    )
+    (deb,) = debs.glob("incus-agent_*.deb")
+    return build_cloud_image(cloud_spec(debs=(deb,)), progress=print)
+
+
+@pytest.mark.vm
+def test_real_incus_with_debians_own_incus_agent_says_why_it_never_reported(
+    incus_agent_image: CloudImage, tmp_path: Path
+) -> None:
+    """Incus's own agent gets its binary from the host's `config` share before it listens on
+    vsock and writes `STARTED`. Here it cannot: this machine has no virtiofsd, so Incus 6.0.4
+    exports the share over 9p, which Debian 12's cloud kernel does not have (no CONFIG_NET_9P).
+    That is this machine's doing, so the check is `not-checked` with the agent's own words,
+    never `no-agent` or `stands-aside`."""
+    status, record, out = check_on_host("incus", incus_agent_image, tmp_path)
+    (layout,) = record["layouts"]
+    assert layout["error"] is None, out
+    if layout["started"] is not None:  # only where the VM has a share it can mount, and vsock
+        assert probes.vsock_device_missing() is None, out
+        return
+    assert (status, layout["finding"]) == (1, "not-checked"), out
+    assert layout["agent_unit"].startswith("incus-agent.service: "), out
+    assert "incus-agent.service is " in layout["agent_unstartable"], out
+    assert '[device "dev-qemu_config-drive-9p"]' in record["host"]["qemu_conf"]
+    assert nothing_left_of_the_daemon() == []
+
+
 # -- the plugin on a real daemon -----------------------------------------------------------------
 
 HOST_TESTS = """
