@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Sequence
 
 from lxd_agent_harness.base.errors import DaemonError
 from lxd_agent_harness.base.progress import Progress
@@ -126,15 +126,29 @@ def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 class LocalDaemon:
     """A daemon of `kind` of the harness's own; a context manager. `client` talks to it."""
 
-    def __init__(self, progress: Progress, kind: str = "lxd", binary: str | None = None) -> None:
+    def __init__(
+        self,
+        progress: Progress,
+        kind: str = "lxd",
+        binary: str | None = None,
+        path: Sequence[Path] = (),
+    ) -> None:
         self.progress = progress
         self.kind = KINDS[kind]
         self.binary = binary or self.kind.binary
+        self.path = list(path)
+        """Directories first on the daemon's PATH (a root's `usr/bin`: LXD looks for its
+        `lxd-agent` there)."""
         self.process: subprocess.Popen[bytes] | None = None
+        self._groups: list[int] = []
+        """Process groups of daemons stopped by `upgrade`: their VMs' QEMUs are still in them."""
         self.work: Path | None = None
         self.info: DaemonInfo | None = None
         self._env: dict[str, str] = {}
         self._program = ""
+        self._command: list[str] = []
+        self._system_path = ""
+        self._bin_path: list[str] = []
 
     @property
     def client(self) -> Daemon:
@@ -231,14 +245,24 @@ class LocalDaemon:
         state = self.work / "state"
         state.mkdir()
         env[self.kind.dir_variable] = str(state)
-        env["PATH"] = os.pathsep.join([*path, env.get("PATH", "/usr/bin:/bin")])
+        self._system_path = env.get("PATH", "/usr/bin:/bin")
+        self._bin_path = path
+        env["PATH"] = os.pathsep.join([*map(str, self.path), *path, self._system_path])
         self._env = env
+        self._command = command
+        self._launch(command, program, version, adaptations)
+
+    def _launch(
+        self, command: list[str], program: str, version: str, adaptations: list[Adaptation]
+    ) -> None:
+        assert self.work is not None
+        state = self.work / "state"
         self.progress(f"{self.kind.name}: starting {program} {version} in {state}")
         started = time.monotonic()
-        with (self.work / "daemon.stderr").open("wb") as stderr:
+        with (self.work / "daemon.stderr").open("ab") as stderr:
             self.process = subprocess.Popen(
                 command,
-                env=env,
+                env=self._env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -260,6 +284,36 @@ class LocalDaemon:
             f"{self.kind.name}: {self.info.version} up in {time.monotonic() - started:.1f} s "
             f"(QEMU {self.info.qemu_version or 'unknown'})"
         )
+
+    def upgrade(self, binary: str, path: Sequence[Path] = ()) -> DaemonInfo:
+        """Replace the running daemon by `binary` on the same state directory, as a package
+        upgrade does: the old one gets SIGTERM, on which LXD stops itself and leaves its
+        instances running (`lxd/daemon.go`: SIGTERM is a reload, SIGPWR a shutdown; Debian's
+        unit has `KillMode=process`), then the new one starts with `path` first on its PATH.
+        What the new daemon says it is."""
+        assert self.process is not None and self.work is not None and self.info is not None
+        old = self.process
+        self.progress(f"{self.kind.name}: stopping {self._program} (SIGTERM) for the upgrade")
+        old.send_signal(signal.SIGTERM)
+        try:
+            old.wait(timeout=SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise DaemonError(
+                f"{self.kind.name} did not stop within {SHUTDOWN_TIMEOUT:g} s of SIGTERM",
+                daemon=self.kind.name,
+                log_tail=self.log_tail(),
+            ) from None
+        self._groups.append(old.pid)  # its VMs' QEMUs stay in its group: closed with us
+        self.binary, self.path = binary, list(path)
+        program = self._find([], self._env)
+        version = self._binary_version(program, self._env)
+        self._env["PATH"] = os.pathsep.join(
+            [*map(str, self.path), *self._bin_path, self._system_path]
+        )
+        self._command[self._command.index(self._program)] = program
+        self._program = program
+        self._launch(self._command, program, version, self.info.adaptations)
+        return self.started
 
     @staticmethod
     def _binary_version(program: str, env: dict[str, str]) -> str:
@@ -315,11 +369,16 @@ class LocalDaemon:
                 said = done.stderr.decode(errors="replace").strip()
                 self.progress(f"{self.kind.name}: shutdown said {said}; killing it")
         if self.process is not None:
-            # Whatever the daemon left in its session (a QEMU, forkdns) goes with it.
+            # Whatever the daemon left in its session (a QEMU, forkdns) goes with it, and so
+            # does what daemons it replaced left in theirs.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
+        for group in self._groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        self._groups = []
         if self.work is not None:
             detach_mounts_under(self.work)
             remove_tree(self.work)

@@ -59,7 +59,7 @@ def candidate_version(package: str, suite: str) -> str:
     )
 
 
-def _safe(version: str) -> str:
+def safe_name(version: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+~-]", "_", version)
 
 
@@ -74,7 +74,7 @@ def unpacked(
     """The root into which `packages` of `suite` (at the host's candidate versions) are
     unpacked, from the cache; `finish(root)` adds what the caller needs (once, at the build)."""
     version = candidate_version(packages[0], suite)
-    key = f"{name}-{_safe(version)}-{ENTRY_FORMAT}"
+    key = f"{name}-{safe_name(version)}-{ENTRY_FORMAT}"
     entry = (cache or cache_root()) / "packages" / key
     root = entry / "root"
     done_mark = entry / "complete"

@@ -196,6 +196,43 @@ def backports_sources(
     return _deb822_text([{**stanza, "Types": "deb", "Suites": backports} for stanza in mains])
 
 
+def source_package_sources(
+    release: str, sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_SOURCES_LIST
+) -> str:
+    """`deb-src` entries for `release` (and its updates and security suites) on the host's own
+    Debian mirrors: the host's Debian stanzas that serve it, as `deb-src`, for `apt-get source`
+    and `apt-get build-dep` with a private apt configuration (host.lxd_rename)."""
+    stanzas = _active_binary_stanzas(sources_dir, sources_list)
+    found = []
+    for stanza in stanzas:
+        if not stanza.get("URIs") or DEBIAN_KEYRING not in stanza.get("Signed-By", DEBIAN_KEYRING):
+            continue
+        suites = [
+            s
+            for s in stanza.get("Suites", "").split()
+            if _suite_belongs(s, release) and "-backports" not in s
+        ]
+        if suites:
+            found.append({**stanza, "Types": "deb-src", "Suites": " ".join(suites)})
+    if not found:
+        suites = sorted({s for stanza in stanzas for s in stanza.get("Suites", "").split()})
+        raise AptSourcesError(
+            f"looked for a Debian apt source of the suite {release!r} to get source packages "
+            f"from, in {sources_list} and {sources_dir}/*.sources|*.list, and found suites: "
+            f"{', '.join(suites) or 'none'}; add the host's Debian mirror to its apt sources",
+            release=release,
+            found_suites=suites,
+        )
+    return _deb822_text(found)
+
+
+def active_source_files(
+    sources_dir: Path = APT_SOURCES_DIR, sources_list: Path = APT_SOURCES_LIST
+) -> list[Path]:
+    """The host's apt source files apt reads (for a private apt configuration to copy)."""
+    return _active_source_files(sources_dir, sources_list)
+
+
 def _active_binary_stanzas(sources_dir: Path, sources_list: Path) -> list[dict[str, str]]:
     """The `deb` stanzas apt would use: from its active files, not `Enabled: no`."""
     stanzas: list[dict[str, str]] = []

@@ -12,6 +12,7 @@ from lxd_agent_harness.image.aptsources import (
     backports_sources,
     filter_apt_sources,
     host_release,
+    source_package_sources,
     source_suites,
 )
 
@@ -178,3 +179,23 @@ def test_backports_with_no_source_of_the_release_name_what_was_found(tmp_path: P
         backports_sources("buster", _sources_dir(tmp_path), tmp_path / "missing.list")
     assert caught.value.release == "buster"
     assert "bookworm" in caught.value.found_suites and "buster" not in caught.value.found_suites
+
+
+def test_source_packages_come_from_debians_stanzas_of_the_release(tmp_path: Path) -> None:
+    text = source_package_sources("bookworm", _sources_dir(tmp_path), tmp_path / "missing.list")
+    stanzas = [dict(line.split(": ", 1) for line in s.splitlines()) for s in text.split("\n\n")]
+    # The release's own suites (not trixie), from Debian's stanzas: not the list signed by
+    # another key, not the disabled one, not nodistro; a stanza with no Signed-By is apt's
+    # default keyring's, Debian's.
+    assert [(s["Types"], s["URIs"], s["Suites"]) for s in stanzas] == [
+        ("deb-src", "http://mirror.invalid/debian", "bookworm bookworm-updates"),
+        ("deb-src", "http://mirror.invalid/debian-security", "bookworm-security"),
+    ]
+
+
+def test_source_packages_with_no_source_of_the_release_name_what_was_found(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(AptSourcesError) as caught:
+        source_package_sources("buster", _sources_dir(tmp_path), tmp_path / "missing.list")
+    assert caught.value.release == "buster"

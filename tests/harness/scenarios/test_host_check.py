@@ -23,6 +23,7 @@ from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_s
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
 from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
+from lxd_agent_harness.scenarios.rename_replay import replay_rename
 from lxd_agent_harness.testing.plugin import artifact_folder
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.kvm_probe import choose_accel
@@ -410,3 +411,28 @@ def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
     assert '[device "qemu_serial"]' in (folder / "qemu.conf").read_text()
     assert "42" in (folder / "console.log").read_text(errors="replace").splitlines()
     assert not list(Path("/tmp").glob("lxd-agent-lxd-*")), "the daemon's state was left"
+
+
+# -- the specification replayed: LXD 5.0.2 upgraded to the rename under a running VM -------------
+
+
+@pytest.mark.vm
+def test_the_specification_replayed_on_lxd_5_0_2_and_its_rename_build(
+    cloud_images: dict[str, CloudImage], figures: Figures
+) -> None:
+    """Debian's LXD 5.0.2, then our rename build of it started on the same state directory
+    while the VM runs (host.lxd_rename, scenarios.rename_replay): each step's verdict."""
+    verdict = asyncio.run(replay_rename(cloud_images["ours"].disk, progress=print))
+    for step in verdict.steps:
+        print(f"{step.name}: {step.verdict}", *step.seen, *step.daemon_lines, sep="\n  ")
+    assert verdict.error is None, verdict.error
+    assert [(s.name, s.verdict) for s in verdict.steps] == [
+        ("on-5.0.2", "pass"),
+        ("upgraded-while-running", "pass"),
+        ("restarted", "pass"),
+    ]
+    assert verdict.build["version"].endswith("+rename1")
+    figures["lxd rename build (build, tests)"] = (
+        f"{verdict.build['seconds']['build']} s, {verdict.build['seconds']['tests']} s"
+    )
+    assert nothing_left_of_the_daemon() == []

@@ -1,0 +1,227 @@
+"""The specification replayed on real daemons: Debian's LXD 5.0.2, then the same LXD with the
+status port's rename (`host.lxd_rename`), upgraded under a running VM.
+
+Neither build is installed: each is a root of its own (`dpkg-deb -x`), and the upgrade is what a
+package upgrade does to the daemon: SIGTERM to the old one (LXD leaves its instances running),
+the new one started on the same state directory (`host.daemon.LocalDaemon.upgrade`). One
+verdict per step, each from the daemon's side (its agent flag, its `qemu.conf`, its log), the
+guest's console used only to act (stop and start the agent's unit) and to ask the agent which
+port it reports on:
+  1. `on-5.0.2`: our agent's `STARTED` read by LXD 5.0.2, whose `qemu.conf` is the `lxd-5.19`
+     layout;
+  2. `upgraded-while-running`: after the upgrade the VM still runs, and the new daemon reads a
+     fresh cycle of the agent (its unit stopped: the flag goes down; started: up again), the
+     specification's "Existing VMs will remain completely functional";
+  3. `restarted`: the VM stopped and started by the new daemon gets the new layout (its
+     `qemu.conf` is `lxd-5.20`'s), our agent reports on `com.canonical.lxd`, and nothing holds
+     the power-off on the chardev-less legacy port.
+A step whose premise failed is `not-checked`, never a pass. Host side only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
+from lxd_agent_harness.base.errors import HarnessError, VmError
+from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.host.config import read_sections, serial_differences
+from lxd_agent_harness.host.daemon import LocalDaemon
+from lxd_agent_harness.host.instance import AGENT_STARTED_LOG, AgentFlag, HostVm
+from lxd_agent_harness.host.lxd_rename import debian_lxd_root, rename_build
+from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.scenarios.host_check import (
+    FLAG_CHANGE_TIMEOUT,
+    FLAG_POLL,
+    LOGIN_TIMEOUT,
+    open_console,
+    vm_config,
+    vm_probes,
+)
+from lxd_agent_harness.vm.console import ConsoleShell
+from lxd_agent_harness.vm.lock import take_vm_lock
+from lxd_agent_harness.vm.units import AGENT_UNIT
+
+PASS, FAIL, NOT_CHECKED = "pass", "fail", "not-checked"
+STEPS = ("on-5.0.2", "upgraded-while-running", "restarted")
+STOP_BOUND = 20.0
+
+
+@dataclass
+class Step:
+    """One step of the specification and what the daemon showed for it."""
+
+    name: str
+    verdict: str = NOT_CHECKED
+    seen: list[str] = field(default_factory=list)
+    """What was seen, in order, each a short line (seconds since the VM's first start)."""
+    daemon_lines: list[str] = field(default_factory=list)
+    """The daemon's own log lines about the VM during the step."""
+
+
+@dataclass
+class ReplayVerdict:
+    steps: list[Step]
+    build: dict[str, Any] = field(default_factory=dict)
+    """The rename build's record (`host.lxd_rename`: version, seconds, Go tests)."""
+    error: HarnessError | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(step.verdict == PASS for step in self.steps)
+
+
+async def _flag_becomes(vm: HostVm, wanted: AgentFlag, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while await vm.agent_flag() is not wanted:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(FLAG_POLL)
+    return True
+
+
+class _Replay:
+    def __init__(self, disk: Path, timeout: float, progress: Progress) -> None:
+        self.disk = disk
+        self.timeout = timeout
+        self.progress = progress
+        self.steps = {name: Step(name) for name in STEPS}
+        self.vm: HostVm | None = None
+        self._log_seen = 0
+
+    def see(self, step: str, text: str) -> None:
+        seconds = self.vm.seconds() if self.vm is not None else 0.0
+        self.steps[step].seen.append(f"{seconds:6.1f} s  {text}")
+        self.progress(f"replay: {step}: {seconds:6.1f} s  {text}")
+
+    def daemon_lines(self, step: str) -> None:
+        """The daemon's log lines about the VM since the last step's."""
+        assert self.vm is not None
+        lines = self.vm.log_lines()
+        self.steps[step].daemon_lines = lines[self._log_seen :]
+        self._log_seen = len(lines)
+
+    async def shell_in(self, stack: contextlib.AsyncExitStack) -> ConsoleShell:
+        assert self.vm is not None
+        console = open_console(self.vm, stack)
+        if console is None:
+            raise VmError("the daemon's console socket is not there")
+        return ConsoleShell(console, lambda text: None)
+
+    async def cycle(self, step: str, shell: ConsoleShell) -> bool:
+        """Stop and start the agent's unit in the guest: the flag must go down, then up."""
+        assert self.vm is not None
+        await shell.login(LOGIN_TIMEOUT)
+        await shell.run(f"systemctl stop {AGENT_UNIT}", timeout=60)
+        down = await _flag_becomes(self.vm, AgentFlag.DOWN, FLAG_CHANGE_TIMEOUT)
+        self.see(step, f"unit stopped: the flag {'went down' if down else 'stayed up'}")
+        await shell.run(f"systemctl start {AGENT_UNIT}", timeout=60)
+        up = await _flag_becomes(self.vm, AgentFlag.UP, FLAG_CHANGE_TIMEOUT)
+        self.see(step, f"unit started: the flag {'went up' if up else 'stayed down'}")
+        return down and up
+
+    def layout_differences(self, layout: str) -> list[str]:
+        assert self.vm is not None
+        conf = self.vm.qemu_conf() or ""
+        return serial_differences(read_sections(conf, "the daemon's qemu.conf"), get_layout(layout))
+
+    async def run(self, before: Path, after: Path) -> None:
+        vm_adaptations = await vm_probes(self.progress)
+        daemon = LocalDaemon(
+            self.progress, "lxd", str(before / "usr/bin/lxd"), [before / "usr/bin"]
+        )
+        with daemon:
+            adaptations = [*daemon.started.adaptations, *vm_adaptations]
+            config = vm_config(adaptations)
+            self.vm = vm = HostVm(
+                daemon.client, daemon.started, self.disk, "qcow2", config, self.progress
+            )
+            async with contextlib.AsyncExitStack() as stack:
+                await take_vm_lock(stack, self.progress, int(config.get("limits.cpu", "1")))
+                await stack.enter_async_context(vm)
+                await self._on_5_0_2(stack)
+                if self.steps["on-5.0.2"].verdict != PASS:
+                    return
+                await self._upgraded(daemon, after, stack)
+                await self._restarted()
+
+    async def _on_5_0_2(self, stack: contextlib.AsyncExitStack) -> None:
+        step = "on-5.0.2"
+        assert self.vm is not None
+        await self.vm.start()
+        self.see(step, f"LXD {self.vm.info.version} (Debian's build) started the VM")
+        differences = self.layout_differences("lxd-5.19")
+        self.see(step, f"its qemu.conf against lxd-5.19: {len(differences)} differences")
+        up = await _flag_becomes(self.vm, AgentFlag.UP, self.timeout)
+        self.see(step, f"{LEGACY_PORT_NAME}: STARTED" if up else "the flag never went up")
+        self.daemon_lines(step)
+        ok = up and not differences
+        self.steps[step].verdict = PASS if ok else FAIL
+
+    async def _upgraded(
+        self, daemon: LocalDaemon, after: Path, stack: contextlib.AsyncExitStack
+    ) -> None:
+        step = "upgraded-while-running"
+        assert self.vm is not None
+        info = await asyncio.to_thread(
+            daemon.upgrade, str(after / "usr/bin/lxd"), [after / "usr/bin"]
+        )
+        self.vm.info = info
+        self.see(step, f"the daemon upgraded to the rename build ({after})")
+        status = await self.vm.status()
+        self.see(step, f"the VM is {status}")
+        shell = await self.shell_in(stack)
+        cycled = status == "Running" and await self.cycle(step, shell)
+        self.daemon_lines(step)
+        read = any(AGENT_STARTED_LOG in line for line in self.steps[step].daemon_lines)
+        self.see(step, f"the new daemon logged {AGENT_STARTED_LOG}: {read}")
+        self.steps[step].verdict = PASS if cycled and read else FAIL
+
+    async def _restarted(self) -> None:
+        step = "restarted"
+        assert self.vm is not None
+        if self.steps["upgraded-while-running"].verdict != PASS:
+            self.see(step, "not checked: the upgrade step did not pass")
+            return
+        took = await self.vm.stop(STOP_BOUND)
+        self.see(step, f"stopped in {took:.1f} s" if took is not None else "stop held: forced")
+        await self.vm.start()
+        differences = self.layout_differences("lxd-5.20")
+        self.see(step, f"its qemu.conf against lxd-5.20: {len(differences)} differences")
+        old = self.layout_differences("lxd-5.19")
+        up = await _flag_becomes(self.vm, AgentFlag.UP, self.timeout)
+        self.see(step, "the flag went up" if up else "the flag never went up")
+        port = ""
+        async with contextlib.AsyncExitStack() as stack:
+            shell = await self.shell_in(stack)
+            await shell.login(LOGIN_TIMEOUT)
+            status = await shell.run(f"systemctl show -p StatusText {AGENT_UNIT}", timeout=60)
+            port = PORT_NAME if f"reporting to {PORT_NAME}" in status.output else ""
+            self.see(step, f"the agent says: {status.output.strip()}")
+        held = await self.vm.stop(STOP_BOUND)
+        self.see(step, f"stopped in {held:.1f} s" if held is not None else "stop held: forced")
+        self.daemon_lines(step)
+        ok = up and not differences and bool(old) and port == PORT_NAME and held is not None
+        self.steps[step].verdict = PASS if ok else FAIL
+
+
+async def replay_rename(
+    disk: Path, timeout: float = 300.0, progress: Progress = print
+) -> ReplayVerdict:
+    """The replay on `disk` (a cloud image with our agent); its verdict, never raising for a
+    step that failed (a `HarnessError` ends the replay and is kept)."""
+    build = await asyncio.to_thread(rename_build, progress)
+    before = await asyncio.to_thread(debian_lxd_root, progress)
+    after = await asyncio.to_thread(build.root)
+    replay = _Replay(disk, timeout, progress)
+    verdict = ReplayVerdict(steps=list(replay.steps.values()), build=build.record)
+    try:
+        await replay.run(before, after)
+    except HarnessError as e:
+        verdict.error = e
+    return verdict

@@ -1,0 +1,31 @@
+"""Tests for lxd_agent_harness.scenarios.rename_replay without a daemon: a replay passes only
+when every step passed, and a step never run is `not-checked`. The replay on real daemons is in
+tests/harness/scenarios/test_host_check.py (with the other daemon tests: one at a time)."""
+
+from __future__ import annotations
+
+from lxd_agent_harness.base.errors import DaemonError
+from lxd_agent_harness.scenarios.rename_replay import (
+    FAIL,
+    NOT_CHECKED,
+    PASS,
+    STEPS,
+    ReplayVerdict,
+    Step,
+)
+
+
+def test_a_step_not_run_is_not_checked_and_the_replay_does_not_pass() -> None:
+    steps = [Step(name) for name in STEPS]
+    steps[0].verdict = PASS
+    verdict = ReplayVerdict(steps)
+    assert [s.verdict for s in steps] == [PASS, NOT_CHECKED, NOT_CHECKED]
+    assert not verdict.passed
+
+
+def test_the_replay_passes_when_every_step_passed_and_nothing_went_wrong() -> None:
+    steps = [Step(name, verdict=PASS) for name in STEPS]
+    assert ReplayVerdict(steps).passed
+    assert not ReplayVerdict(steps, error=DaemonError("lost", daemon="lxd")).passed
+    steps[2].verdict = FAIL
+    assert not ReplayVerdict(steps).passed
