@@ -95,9 +95,7 @@ def test_the_rename_build_passes_lxds_tests_and_ours_fails_on_the_unpatched_sour
     root = tmp_path / "root"
     for package in ("lxd", "lxd-agent"):
         subprocess.run(["dpkg-deb", "-x", str(build.deb(package)), str(root)], check=True)
-    daemon = next(p for p in root.rglob("lxd") if p.is_file() and p.stat().st_mode & 0o111)
-    assert b'device "qemu_serial_legacy"' in daemon.read_bytes()
-    agent = next(p for p in root.rglob("lxd-agent") if p.is_file())
-    assert b"/dev/virtio-ports/com.canonical.lxd" in agent.read_bytes()
+    assert b'device "qemu_serial_legacy"' in (root / "usr/bin/lxd").read_bytes()
+    assert b"/dev/virtio-ports/com.canonical.lxd" in (root / "usr/bin/lxd-agent").read_bytes()
     shutil.rmtree(root)
     assert lxd_rename.patch_hash() in build.directory.name
