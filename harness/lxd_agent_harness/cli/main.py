@@ -34,7 +34,7 @@ from lxd_agent_harness.base.textfile import read_text, write_whole
 from lxd_agent_harness.cli.interrupt import Interrupted, run_interruptible, signals_interrupt
 from lxd_agent_harness.cli.junit import check_junit, matrix_junit
 from lxd_agent_harness.cli.options import build_parser
-from lxd_agent_harness.cli.records import check_json, matrix_from_json, matrix_json
+from lxd_agent_harness.cli.records import check_json, matrix_from_json, matrix_json, replay_json
 from lxd_agent_harness.cli.report import (
     check_lines,
     failure_lines,
@@ -47,6 +47,7 @@ from lxd_agent_harness.cli.report import (
     with_matrix,
 )
 from lxd_agent_harness.image.agents import AGENTS, agent_images, emulation_deb
+from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.image.cloud import build_cloud_image, cloud_spec
 from lxd_agent_harness.image.deb import check_deb, find_deb
 from lxd_agent_harness.image.rootfs import (
@@ -86,6 +87,7 @@ from lxd_agent_harness.scenarios.matrix import (
     merge_shards,
     run_matrix,
 )
+from lxd_agent_harness.scenarios.rename_replay import replay_rename
 from lxd_agent_harness.scenarios.snapshot import SnapshotVerdict, snapshot_and_restore
 from lxd_agent_harness.scenarios.soak import SoakVerdict, soak
 from lxd_agent_harness.vm.accel import Accel
@@ -108,6 +110,7 @@ EXIT_USAGE = 2
 
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_BOOT_LAYOUT = "lxd-5.20"
+DEFAULT_REPLAY_TIMEOUT = 300.0
 # cloud-init runs late in the boot and installs the package first.
 DEFAULT_SEED_TIMEOUT = 600.0
 
@@ -634,6 +637,53 @@ def check_command(args: argparse.Namespace) -> int:
     return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
+def rename_replay_command(args: argparse.Namespace) -> int:
+    try:
+        if args.image is not None:
+            image_format = disk_format(args.image)
+            check_boot_sector(args.image, image_format)
+            if image_format != "qcow2":
+                raise UsageError(f"--image {args.image} is {image_format}; give a qcow2 disk")
+        else:
+            deb = find_deb(args.deb)
+            check_deb(deb)
+        timeout = _timeout(args, DEFAULT_REPLAY_TIMEOUT)
+        _writable(args.json, "--json")
+    except HarnessError as e:
+        say(f"lxd-agent-harness: {e}")
+        return EXIT_USAGE
+    started = time.monotonic()
+    try:
+        disk = args.image
+        if disk is None:
+            disk = build_cloud_image(cloud_spec(DEFAULT_RELEASE, (deb,)), say).disk
+        verdict = run_interruptible(replay_rename(disk, timeout, say))
+    except HarnessError as e:
+        return _failed(e)
+    for step in verdict.steps:
+        say(f"{step.name}: {step.verdict.upper()}")
+        for line in step.seen:
+            say(f"  {line}")
+    if verdict.error is not None:
+        for line in failure_lines(verdict.error):
+            say(line)
+    build = verdict.build
+    if build:
+        say(
+            f"LXD {build['version']}: built in {build['seconds']['build']:g} s, Go tests "
+            f"{build['go_tests']}"
+        )
+    if args.json is not None:
+        try:
+            write_whole(args.json, json.dumps(replay_json(verdict), indent=2) + "\n")
+        except (OSError, HarnessError) as e:
+            say(f"FAILED: {e}")
+            return EXIT_FAILED
+        say(f"wrote {args.json}")
+    say(f"total {time.monotonic() - started:.1f} s")
+    return EXIT_OK if verdict.passed else EXIT_FAILED
+
+
 # More would hold the machine for a day: 50 cycles take about an hour here.
 MAX_SOAK_CYCLES = 1000
 
@@ -795,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return matrix_merge_command(args)
             if args.command == "check":
                 return check_command(args)
+            if args.command == "rename-replay":
+                return rename_replay_command(args)
             return boot_command(args)
         except Interrupted as interrupt:
             say(interrupted_line(interrupt))

@@ -246,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
         "steps up to the way through: an old agent in an old snapshot)",
     )
 
+    replay = sub.add_parser(
+        "rename-replay",
+        help="the specification on real LXD: Debian's LXD 5.0.2 runs the image, is upgraded "
+        "to our build of it with the status port's rename while the VM runs, then restarts it "
+        "(builds that LXD from Debian's source the first time: about 10 minutes)",
+    )
+    replay.add_argument(
+        "--image",
+        type=Path,
+        help="a cloud disk with an agent to replay on (default: the harness's cloud image "
+        "with the package, as `boot --host`)",
+    )
+    replay.add_argument("--deb", type=Path, help=DEB_HELP)
+    replay.add_argument(
+        "--timeout",
+        type=str,
+        help="seconds for the daemon's agent flag to go up after each start (default 300)",
+    )
+    replay.add_argument("--json", type=Path, help="also write every step's verdict to FILE")
+
     matrix = sub.add_parser(
         "matrix",
         help="boot each agent (ours, emulations of LXD 5.0's and 5.21's) in each layout and "

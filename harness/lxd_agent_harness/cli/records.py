@@ -18,6 +18,7 @@ from lxd_agent_harness.lxd.layouts import get_layout, lxd_ring_port
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.check import CheckVerdict, HostReport, LayoutCheck
 from lxd_agent_harness.scenarios.matrix import Cell, MatrixVerdict, Shard, ours_problems
+from lxd_agent_harness.scenarios.rename_replay import ReplayVerdict
 from lxd_agent_harness.vm.units import UnitFacts
 
 SCHEMA = 1
@@ -151,6 +152,27 @@ def check_json(verdict: CheckVerdict) -> dict[str, Any]:
         # each layout's own `host` says which).
         "host": host_json(hosts[0]) if len(hosts) == 1 else None,
         "layouts": [layout_check_json(check) for check in verdict.checks],
+    }
+
+
+def replay_json(verdict: ReplayVerdict) -> dict[str, Any]:
+    """`rename-replay`: each step's verdict, what was seen and the daemon's own lines, and the
+    rename build's record (its version, seconds and Go tests)."""
+    return {
+        "schema": SCHEMA,
+        "command": "rename-replay",
+        "passed": verdict.passed,
+        "build": dict(verdict.build),
+        "steps": [
+            {
+                "name": step.name,
+                "verdict": step.verdict,
+                "seen": list(step.seen),
+                "daemon_lines": list(step.daemon_lines),
+            }
+            for step in verdict.steps
+        ],
+        "error": error_json(verdict.error),
     }
 
 

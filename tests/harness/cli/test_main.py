@@ -310,6 +310,31 @@ def test_bad_check_input_is_one_line_and_exit_2_before_anything_boots(
     assert len(out) == 1 and message in out[0], out
 
 
+# -- rename-replay -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "/nonexistent/disk.qcow2"], "looked for the image /nonexistent/disk.qcow2"),
+        (["--image", "{random}"], "has no partition table"),
+        (["--timeout", "soon"], "is not a number of seconds"),
+        (["--json", "/tmp"], "--json /tmp is a directory"),
+    ],
+)
+def test_bad_rename_replay_input_is_one_line_and_exit_2(
+    args: list[str],
+    message: str,
+    fake_deb: Path,
+    random_image: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [arg.replace("{random}", str(random_image)) for arg in args]
+    assert cli.main(["rename-replay", "--deb", str(fake_deb), *argv]) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and message in out[0], out
+
+
 # -- image ------------------------------------------------------------------------------------
 
 

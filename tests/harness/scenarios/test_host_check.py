@@ -23,7 +23,6 @@ from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_s
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
 from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
-from lxd_agent_harness.scenarios.rename_replay import replay_rename
 from lxd_agent_harness.testing.plugin import artifact_folder
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.kvm_probe import choose_accel
@@ -418,21 +417,32 @@ def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
 
 @pytest.mark.vm
 def test_the_specification_replayed_on_lxd_5_0_2_and_its_rename_build(
-    cloud_images: dict[str, CloudImage], figures: Figures
+    cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
 ) -> None:
-    """Debian's LXD 5.0.2, then our rename build of it started on the same state directory
-    while the VM runs (host.lxd_rename, scenarios.rename_replay): each step's verdict."""
-    verdict = asyncio.run(replay_rename(cloud_images["ours"].disk, progress=print))
-    for step in verdict.steps:
-        print(f"{step.name}: {step.verdict}", *step.seen, *step.daemon_lines, sep="\n  ")
-    assert verdict.error is None, verdict.error
-    assert [(s.name, s.verdict) for s in verdict.steps] == [
+    """`rename-replay`: Debian's LXD 5.0.2, then our rename build of it started on the same
+    state directory while the VM runs (host.lxd_rename, scenarios.rename_replay); each step's
+    verdict and the daemon's own lines for it."""
+    record_path = tmp_path / "replay.json"
+    command = harness_command(
+        "rename-replay", "--image", str(cloud_images["ours"].disk), "--json", str(record_path)
+    )
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=HOST_CHECK_TIMEOUT * 2, check=False
+    )
+    print(done.stdout, done.stderr)
+    record = json.loads(record_path.read_text())
+    assert (done.returncode, record["error"]) == (0, None), done.stdout
+    assert [(s["name"], s["verdict"]) for s in record["steps"]] == [
         ("on-5.0.2", "pass"),
         ("upgraded-while-running", "pass"),
         ("restarted", "pass"),
     ]
-    assert verdict.build["version"].endswith("+rename1")
+    upgraded = record["steps"][1]
+    assert any('msg="Instance agent started"' in line for line in upgraded["daemon_lines"])
+    build = record["build"]
+    assert build["version"].endswith("+rename1")
+    assert build["go_tests"] == {"patched": "ok", "patched_ours": "ok", "unpatched_ours": "FAIL"}
     figures["lxd rename build (build, tests)"] = (
-        f"{verdict.build['seconds']['build']} s, {verdict.build['seconds']['tests']} s"
+        f"{build['seconds']['build']} s, {build['seconds']['tests']} s"
     )
     assert nothing_left_of_the_daemon() == []
