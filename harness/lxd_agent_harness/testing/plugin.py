@@ -33,7 +33,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator
 
 import pytest
 
@@ -459,19 +459,36 @@ def lxd_vm(
     warm = lxd_options.warm and item.get_closest_marker("lxd_cold") is None
     guest = LxdVm.start(config, warm=warm, timeout=lxd_options.timeout, progress=print)
     print(f"lxd_vm: {layout.name}: {guest.start_info.reason} ({guest.start_info.seconds:.1f} s)")
+    yield from _handed_out(
+        item,
+        guest,
+        lambda: save_artifacts(guest, lxd_options.artifacts, item.nodeid),
+        "the guest's console, QMP events and timeline",
+        (lambda: _hold(request, guest)) if lxd_options.keep_on_failure else None,
+    )
+
+
+def _handed_out(
+    item: pytest.Item,
+    guest: LxdVm | HostGuest,
+    save: Callable[[], Path],
+    saved: str,
+    hold: Callable[[], None] | None = None,
+) -> Iterator[LxdVm | HostGuest]:
+    """The guest for the test; after a failed test, its files saved (and the guest held);
+    closed on every exit path."""
     try:
         yield guest
         reports = item.stash.get(_REPORTS, {})
         if any(report.failed for report in reports.values()):
-            folder = save_artifacts(guest, lxd_options.artifacts, item.nodeid)
-            print(f"lxd_vm: the guest's console, QMP events and timeline are in {folder}")
-            if lxd_options.keep_on_failure:
-                _hold(request, guest)
+            print(f"lxd_vm: {saved} are in {save()}")
+            if hold is not None:
+                hold()
     finally:
         guest.close()
 
 
-def _host_vm(request: pytest.FixtureRequest, options: LxdOptions) -> Iterator[HostGuest]:
+def _host_vm(request: pytest.FixtureRequest, options: LxdOptions) -> Iterator[LxdVm | HostGuest]:
     """`lxd_vm` with `--lxd-host`: a VM of the session's daemon."""
     session: _HostSession = request.getfixturevalue("_lxd_host")
     item = request.node
@@ -495,14 +512,12 @@ def _host_vm(request: pytest.FixtureRequest, options: LxdOptions) -> Iterator[Ho
         session.client, session.info, session.disk, session.disk_format, config, print
     )
     print(f"lxd_vm: {layout}: {guest.start_info.reason} ({guest.start_info.seconds:.1f} s)")
-    try:
-        yield guest
-        reports = item.stash.get(_REPORTS, {})
-        if any(report.failed for report in reports.values()):
-            folder = save_host_artifacts(guest, options.artifacts, item.nodeid)
-            print(f"lxd_vm: the guest's console, timeline and the daemon's files are in {folder}")
-    finally:
-        guest.close()
+    yield from _handed_out(
+        item,
+        guest,
+        lambda: save_host_artifacts(guest, options.artifacts, item.nodeid),
+        "the guest's console, timeline and the daemon's files",
+    )
 
 
 def artifact_folder(artifacts: Path, nodeid: str) -> Path:
