@@ -5,7 +5,8 @@ or `incusd` (the installed one, else Debian's bookworm-backports package unpacke
 `host.packages`) with `LXD_DIR` / `INCUS_DIR` set to a fresh directory under the temporary
 directory, so that a user's own daemon, its socket and its state are never touched, and nothing
 outlives the run: on every exit path the daemon is shut down (its VMs with it), what it mounted
-under its directory is detached and the directory removed. The ways around this machine's limits
+under its directory is detached and the directory removed; what a run killed outright left is
+reclaimed by the next daemon's start (`host.statedir`). The ways around this machine's limits
 (`host.probes`) are applied here, and only where a probe found the limit: a `modprobe` stub and
 Debian 12's QEMU first on the daemon's PATH, the launcher's seccomp filter around the daemon
 (`host.launcher`: RLIMIT_MEMLOCK, Incus's vsock). A daemon that cannot start is a `DaemonError`
@@ -21,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from lxd_agent_harness.host import probes
 from lxd_agent_harness.host.packages import compat_qemu, incus_from_backports
 from lxd_agent_harness.host.probes import Adaptation
 from lxd_agent_harness.host.rest import Daemon
+from lxd_agent_harness.host.statedir import StateDirectory, new_state_directory, reclaim_abandoned
 from lxd_agent_harness.image.buildsteps import detach_mounts_under, remove_tree
 
 START_TIMEOUT = 120.0
@@ -41,9 +42,6 @@ START_TIMEOUT = 120.0
 
 SHUTDOWN_TIMEOUT = 120.0
 """Seconds for `shutdown` to stop the daemon's VMs and itself, before it is killed."""
-
-SOCKET_PATH_MAX = 107
-"""An AF_UNIX socket path's bytes at most: the state directory must leave room for it."""
 
 LOG_TAIL_LINES = 20
 
@@ -106,13 +104,6 @@ def qemu_driver_version(environment: dict[str, Any]) -> str:
     return dict(zip(drivers, versions)).get("qemu", "")
 
 
-def _state_directory(kind: str) -> Path:
-    base = Path(tempfile.gettempdir())
-    if len(str(base)) > SOCKET_PATH_MAX - 40:
-        base = Path("/tmp")  # a long TMPDIR (pytest's, xdist's) leaves no room for the socket
-    return Path(tempfile.mkdtemp(prefix=f"lxd-agent-{kind}-", dir=base))
-
-
 def _log_tail(log: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     try:
         text = log.read_text(errors="replace")
@@ -143,6 +134,7 @@ class LocalDaemon:
         self._groups: list[int] = []
         """Process groups of daemons stopped by `upgrade`: their VMs' QEMUs are still in them."""
         self.work: Path | None = None
+        self._state: StateDirectory | None = None
         self.info: DaemonInfo | None = None
         self._env: dict[str, str] = {}
         self._program = ""
@@ -214,7 +206,10 @@ class LocalDaemon:
         program = self._find(adaptations, env)
         self._program = program
         version = self._binary_version(program, env)
-        self.work = _state_directory(self.kind.name)
+        for reclaimed in reclaim_abandoned():
+            self.progress(f"{self.kind.name}: {reclaimed.describe()}")
+        self._state = new_state_directory(self.kind.name)
+        self.work = self._state.path
         bin_dir = self.work / "bin"
         bin_dir.mkdir()
         path = [str(bin_dir)]
@@ -383,6 +378,9 @@ class LocalDaemon:
             detach_mounts_under(self.work)
             remove_tree(self.work)
             self.work = None
+        if self._state is not None:
+            self._state.release()
+            self._state = None
 
 
 def local_daemon(kind: str, progress: Progress) -> LocalDaemon:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,8 @@ from lxd_agent_harness.host import probes
 from lxd_agent_harness.host.config import read_sections, serial_differences
 from lxd_agent_harness.host.daemon import LocalDaemon, parse_version
 from lxd_agent_harness.host.probes import Adaptation
+from lxd_agent_harness.host.statedir import processes_naming
+from lxd_agent_harness.image.buildsteps import mounts_under
 from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_spec
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
@@ -199,6 +202,38 @@ def test_a_users_lxd_finds_no_agent_and_keeps_nothing_of_ours(
         assert users.client.request("GET", "/1.0/instances") == []
         assert users.client.request("GET", "/1.0/images") == []
         assert users.client.request("GET", "/1.0/storage-pools") == ["/1.0/storage-pools/default"]
+    assert nothing_left_of_the_daemon() == []
+
+
+@pytest.mark.vm
+def test_what_a_run_killed_outright_left_goes_when_the_next_daemon_starts() -> None:
+    """SIGKILL gives the harness no chance to clean up: its daemon (in a session of its own)
+    lives on, with LXD's mounts in the state directory. The next daemon's start ends it."""
+    code = (
+        "import time\n"
+        "from lxd_agent_harness.host.daemon import LocalDaemon\n"
+        "with LocalDaemon(lambda line: None) as daemon:\n"
+        "    print(daemon.work, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout is not None
+        left = Path(killed.stdout.readline().decode().strip())
+        assert left.is_dir(), "the daemon did not start"
+    finally:
+        killed.kill()
+        killed.wait()
+    orphans, mounts = processes_naming(left), mounts_under(left)
+    assert orphans and len(mounts) >= 2, (orphans, mounts)  # the daemon; shmounts and devlxd
+    said: list[str] = []
+    with LocalDaemon(said.append) as fresh:
+        assert fresh.client.request("GET", "/1.0")["environment"]["server"] == "lxd"
+    assert [line for line in said if str(left) in line] == [
+        f"lxd: reclaimed {left}, left by a run that was killed "
+        f"(processes ended: {len(orphans)}, mounts detached: {len(mounts)})"
+    ], said
+    assert not left.exists() and processes_naming(left) == []
     assert nothing_left_of_the_daemon() == []
 
 
