@@ -110,9 +110,52 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[FIGURES_ENV] = str(folder)
 
 
+_module_time: dict[str, float] = {}
+_module_tests: dict[str, set[str]] = {}
+_module_worker: dict[str, str] = {}
+_worker_time: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Where the run's time goes, per module and per worker (setup, call and teardown)."""
+    module = report.nodeid.split("::")[0]
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    worker_id = getattr(worker, "id", "main")
+    _module_time[module] = _module_time.get(module, 0.0) + report.duration
+    _module_tests.setdefault(module, set()).add(report.nodeid)
+    _module_worker[module] = worker_id
+    _worker_time[worker_id] = _worker_time.get(worker_id, 0.0) + report.duration
+
+
+MODULES_SHOWN = 20
+
+
+def _time_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _module_time:
+        return
+    terminalreporter.section("Time per module (setup, call and teardown; the budget: README)")
+    ranked = sorted(_module_time.items(), key=lambda item: item[1], reverse=True)
+    for module, seconds in ranked[:MODULES_SHOWN]:
+        tests = len(_module_tests[module])
+        terminalreporter.write_line(
+            f"{seconds:8.1f} s  {_module_worker[module]:<5} {tests:4d} tests  {module}"
+        )
+    rest = ranked[MODULES_SHOWN:]
+    if rest:
+        terminalreporter.write_line(
+            f"{sum(s for _, s in rest):8.1f} s  in the other {len(rest)} modules"
+        )
+    for worker, seconds in sorted(_worker_time.items()):
+        terminalreporter.write_line(f"worker {worker}: {seconds:.1f} s in tests")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The figures every test process measured, printed by the one that reports the run."""
-    if _is_worker(terminalreporter.config) or FIGURES_ENV not in os.environ:
+    """Where the time went, and the figures every test process measured, printed by the one
+    that reports the run."""
+    if _is_worker(terminalreporter.config):
+        return
+    _time_summary(terminalreporter)
+    if FIGURES_ENV not in os.environ:
         return
     folder = Path(os.environ[FIGURES_ENV])
     measured: Figures = {}
