@@ -63,7 +63,13 @@ def test_cloud_image_boots_through_bios_and_reports_started_then_stopped(
     figures[f"cloud image, {firmware.value}: power-off -> STOPPED"] = (
         f"{verdict.stopped_after_power_off:.2f} s"
     )
-    assert verdict.state_changes(PORT_NAME) == [f"unknown -> {STARTED}", f"{STARTED} -> {STOPPED}"]
+    # The seed installs the package again once the guest is up, which restarts the agent (a
+    # STOPPED, then STARTED, when the monitor reads between the two): the power button waits for
+    # the install's end, so the STOPPED the verdict holds is the power-off's.
+    changes = verdict.state_changes(PORT_NAME)
+    assert changes[0] == f"unknown -> {STARTED}" and changes[-1] == f"{STARTED} -> {STOPPED}"
+    assert changes[1:-1] in ([], [f"{STARTED} -> {STOPPED}", f"{STOPPED} -> {STARTED}"]), changes
+    assert verdict.stopped_after_power_off is not None and verdict.stopped_after_power_off >= 0
     after = os.stat(cloud_image.disk)
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 

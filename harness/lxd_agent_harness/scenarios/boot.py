@@ -12,21 +12,30 @@ driven belong to the layers below (`vm`, `lxd`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from lxd_agent.protocol import STARTED, STOPPED
 from lxd_agent_harness.base.errors import GuestStateMismatch, HarnessError
 from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.image.seed import INSTALLED_MARKER
 from lxd_agent_harness.lxd.layouts import lxd_ring_port
 from lxd_agent_harness.lxd.monitor import TimelineEntry, reads, state_changes
-from lxd_agent_harness.scenarios.observed import PowerOffFigures, record
+from lxd_agent_harness.scenarios.observed import (
+    PRESS_AGAIN_AFTER,
+    PowerOffFigures,
+    pressing_again,
+    record,
+)
 from lxd_agent_harness.vm.config import VmConfig
 from lxd_agent_harness.vm.instance import POWEROFF_TIMEOUT, Vm
 from lxd_agent_harness.vm.units import AGENT_UNIT, unit_properties
 
 # Without a ring (Incus) the power-off time is the proof: off in 1-3 s here, while an agent
 # stuck on the dead stub would hold it for systemd's 90 s stop timeout.
+SEED_INSTALLED = re.compile(re.escape(INSTALLED_MARKER.encode()))
+
 STUB_POWEROFF_BOUND = 20.0
 
 # What the unit of an agent that stood aside (no LXD ring) must show.
@@ -146,6 +155,14 @@ async def boot_and_check(
     return verdict
 
 
+async def _seed_installed(vm: Vm, timeout: float) -> None:
+    """Wait for the seed's install to end. An agent already in the image restarts then
+    (`STOPPED`, `STARTED`): that `STOPPED` must not be taken for the power button's."""
+    await vm.console.wait_for(SEED_INSTALLED, timeout, what=INSTALLED_MARKER)
+    await vm.monitor.read_rings("seed installed")
+    vm.note("console: the seed installed the package")
+
+
 async def _boot_and_check(
     vm: Vm,
     port: str | None,
@@ -159,6 +176,8 @@ async def _boot_and_check(
     else:
         vm.note(f"{vm.config.layout.name} has no ring on an LXD port; checking the boot")
         verdict.unit_state = await check_agent_stood_aside(vm, timeout)
+    if vm.config.seed is not None:
+        await _seed_installed(vm, timeout)
     if while_up is not None:
         await while_up(vm)
     if hold is not None:
@@ -167,8 +186,10 @@ async def _boot_and_check(
         return
     if port is not None and vm.monitor.state(port) != STARTED:
         raise vm.error(f"{port} went from STARTED to {vm.monitor.state(port)} early")
+    mark = vm.console.received
     await vm.power_off()
-    if port is not None:
-        verdict.stopped = await vm.wait_for_state(STOPPED, port, timeout=timeout)
-    bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
-    await vm.wait_guest_off(timeout=min(timeout, bound))
+    async with pressing_again(vm, mark, PRESS_AGAIN_AFTER):
+        if port is not None:
+            verdict.stopped = await vm.wait_for_state(STOPPED, port, timeout=timeout)
+        bound = POWEROFF_TIMEOUT if port is not None else STUB_POWEROFF_BOUND
+        await vm.wait_guest_off(timeout=min(timeout, bound))

@@ -37,6 +37,7 @@ from lxd_agent_harness.lxd.layouts import Layout
 from lxd_agent_harness.lxd.monitor import TimelineEntry
 from lxd_agent_harness.lxd.qemu_conf import Override
 from lxd_agent_harness.scenarios.observed import (
+    PRESS_AGAIN_AFTER,
     PowerOffFigures,
     first_state,
     power_off_within,
@@ -62,9 +63,6 @@ as soon as udev sees the port, well before the prompt; a few refresh periods of 
 DEFAULT_CHECK_BOUND = 20.0
 """Seconds the power button has to power the guest off before the layout counts as held
 (systemd itself waits 90 s for a stop job; 1-3 s is usual here)."""
-
-PRESS_AGAIN_AFTER = 5.0
-"""Seconds after a power button with no sign of a shutdown on the console before pressing again."""
 
 _POLL_SECONDS = 0.5
 

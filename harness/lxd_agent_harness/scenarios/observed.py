@@ -6,11 +6,12 @@ function, so that each scenario records the same things the same way. Never prin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import AsyncIterator, Protocol
 
 from lxd_agent_harness.base.errors import GuestStopped, HarnessError, VmError
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
@@ -92,9 +93,43 @@ class PowerOff:
 
 
 SHUTTING_DOWN = re.compile(
-    rb"Stopping |Stopped |Reached target|System is powering down|Powering off|reboot: Power down"
+    rb"Stopped target|Reached target.{0,60}(?:Shutdown|Power-Off|Power Off)"
+    rb"|System is powering down|Powering off|reboot: Power down"
 )
-"""What a guest's console shows once a power button was taken: systemd's shutdown at work."""
+"""What a guest's console shows once a power button was taken: systemd's shutdown at work.
+Not `Stopping X` or `Reached target X` alone: a boot, or a package restarting its unit (a
+seed's install), prints those too."""
+
+
+PRESS_AGAIN_AFTER = 5.0
+"""Seconds after a press with no sign of a shutdown on the console before the next one."""
+
+
+@contextlib.asynccontextmanager
+async def pressing_again(vm: Vm, mark: int, every: float) -> AsyncIterator[None]:
+    """While inside, press the power button again every `every` s for as long as the console
+    shows no sign of a shutdown (`SHUTTING_DOWN`) since `mark` and the guest is not off.
+
+    A guest drops a press that comes before logind runs (a cloud image whose agent reports
+    before that, with two vCPUs), or while a package manager holds a shutdown inhibitor (facts
+    §6): that is not the agent holding it.
+    """
+
+    async def press() -> None:
+        while True:
+            await asyncio.sleep(every)
+            if vm.guest_off_at is not None or vm.console.search(SHUTTING_DOWN, mark) is not None:
+                return
+            vm.note("no sign of a shutdown on the console: the power button again")
+            await vm.power_off()
+
+    presser = asyncio.ensure_future(press())
+    try:
+        yield
+    finally:
+        presser.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await presser  # raises what a press raised (QEMU gone)
 
 
 async def power_off_within(
@@ -107,22 +142,17 @@ async def power_off_within(
     rings are read once more at the end: the last line may still be in one.
 
     `press_again_after`: press again every so many seconds while the console shows no sign of a
-    shutdown (`SHUTTING_DOWN`). A guest drops a press that comes before logind runs, or while a
-    package manager holds a shutdown inhibitor (facts §6): that is not the agent holding it.
+    shutdown (`pressing_again`).
     """
     mark = vm.console.received
     deadline = time.monotonic() + bound
     await vm.power_off()
     try:
-        if press_again_after is not None:
-            while (
-                not await _off_within(vm, min(press_again_after, deadline - time.monotonic()))
-                and vm.console.search(SHUTTING_DOWN, mark) is None
-                and deadline - time.monotonic() > press_again_after
-            ):
-                vm.note("no sign of a shutdown on the console: the power button again")
-                await vm.power_off()
-        if not await _off_within(vm, deadline - time.monotonic()):
+        async with contextlib.AsyncExitStack() as stack:
+            if press_again_after is not None:
+                await stack.enter_async_context(pressing_again(vm, mark, press_again_after))
+            off = await _off_within(vm, deadline - time.monotonic())
+        if not off:
             job = ""
             match = vm.console.search(JOB_RUNNING, mark)
             if match is not None:

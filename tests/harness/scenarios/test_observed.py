@@ -4,9 +4,12 @@ after the power button."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -14,7 +17,12 @@ from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.boot import BootVerdict
-from lxd_agent_harness.scenarios.observed import PowerOffFigures, first_state, record
+from lxd_agent_harness.scenarios.observed import (
+    PowerOffFigures,
+    first_state,
+    pressing_again,
+    record,
+)
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.config import DirectBoot, GuestImage, VmConfig
 from lxd_agent_harness.vm.instance import Vm
@@ -92,3 +100,59 @@ def test_record_of_a_vm_that_never_started_leaves_the_verdict_empty(tmp_path: Pa
     record(_vm(tmp_path), verdict)  # no console, no monitor: nothing to copy, no error
     assert (verdict.kernel_up, verdict.powered_down, verdict.guest_off) == (None, None, None)
     assert verdict.entries == [] and verdict.timeline == []
+
+
+class PressedVm:
+    """What `pressing_again` uses of a `Vm`: its console, the presses, the notes."""
+
+    def __init__(self, console: bytes) -> None:
+        self.text = console
+        self.console = self
+        self.guest_off_at: float | None = None
+        self.presses = 0
+        self.notes: list[str] = []
+
+    def search(self, pattern: re.Pattern[bytes], start: int) -> re.Match[bytes] | None:
+        return pattern.search(self.text, start)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    async def power_off(self) -> None:
+        self.presses += 1
+
+
+@pytest.mark.parametrize(
+    ("console", "again"),
+    [
+        # A boot, and a package restarting its unit, are no shutdown: the press was dropped.
+        (b"[  OK  ] Reached target cloud-init.target\n         Stopping lxd-agent.service\n", True),
+        (b"[  OK  ] Stopped target multi-user.target - Multi-User System.\n", False),
+        (b"[  OK  ] Reached target shutdown.target - System Shutdown.\n", False),
+        (b"reboot: Power down\n", False),
+    ],
+)
+def test_the_power_button_is_pressed_again_only_while_the_console_shows_no_shutdown(
+    console: bytes, again: bool
+) -> None:
+    vm = PressedVm(console)
+
+    async def wait() -> None:
+        async with pressing_again(cast(Vm, vm), 0, every=0.01):
+            await asyncio.sleep(0.1)
+
+    asyncio.run(wait())
+    assert (vm.presses > 1) is again, vm.presses
+    assert len(vm.notes) == vm.presses
+
+
+def test_the_power_button_is_not_pressed_again_once_the_guest_is_off() -> None:
+    vm = PressedVm(b"")
+    vm.guest_off_at = 3.0
+
+    async def wait() -> None:
+        async with pressing_again(cast(Vm, vm), 0, every=0.01):
+            await asyncio.sleep(0.1)
+
+    asyncio.run(wait())
+    assert vm.presses == 0
