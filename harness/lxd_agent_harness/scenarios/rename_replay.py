@@ -116,7 +116,7 @@ class _Replay:
     async def cycle(self, step: str, shell: ConsoleShell) -> bool:
         """Stop and start the agent's unit in the guest: the flag must go down, then up."""
         assert self.vm is not None
-        await shell.login(LOGIN_TIMEOUT)
+        await shell.login(LOGIN_TIMEOUT, attached_late=True)
         await shell.run(f"systemctl stop {AGENT_UNIT}", timeout=60)
         down = await _flag_becomes(self.vm, AgentFlag.DOWN, FLAG_CHANGE_TIMEOUT)
         self.see(step, f"unit stopped: the flag {'went down' if down else 'stayed up'}")
@@ -199,7 +199,7 @@ class _Replay:
         port = ""
         async with contextlib.AsyncExitStack() as stack:
             shell = await self.shell_in(stack)
-            await shell.login(LOGIN_TIMEOUT)
+            await shell.login(LOGIN_TIMEOUT, attached_late=True)
             status = await shell.run(f"systemctl show -p StatusText {AGENT_UNIT}", timeout=60)
             port = PORT_NAME if f"reporting to {PORT_NAME}" in status.output else ""
             self.see(step, f"the agent says: {status.output.strip()}")

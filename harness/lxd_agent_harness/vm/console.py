@@ -324,10 +324,17 @@ class ConsoleShell:
         self._logged_in = logged_in
         self._prompt_after = 0  # a console offset: the prompt to log in at comes after it
 
-    async def login(self, timeout: float) -> None:
-        """Wait for the autologin shell on the console and make it quiet and parseable."""
+    async def login(self, timeout: float, attached_late: bool = False) -> None:
+        """Wait for the autologin shell on the console and make it quiet and parseable.
+
+        `attached_late`: the console was opened after the guest may have logged in (a daemon's
+        console, opened after its upgrade or the agent's STARTED): the prompt went to no one, so
+        a newline asks the shell for another (before getty runs, agetty discards it).
+        """
         if self._logged_in:
             return
+        if attached_late:
+            self.console.write("\n")
         try:
             await self.console.wait_for(
                 SHELL_PROMPT, timeout, start=self._prompt_after, what="the root shell prompt"

@@ -62,6 +62,39 @@ def test_a_login_prompt_without_autologin_says_what_running_commands_needs(
     assert caught.value.console_tail[-1].strip() == "guest login:"
 
 
+def test_a_console_attached_after_the_autologin_asks_the_shell_for_a_prompt(
+    tmp_path: Path,
+) -> None:
+    """The shell's prompt went out before anyone read the console: only a newline typed into
+    it brings another, and a console attached from the start types nothing before it."""
+    master, slave = pty.openpty()
+    try:
+        with SerialConsole(os.ttyname(slave), tmp_path / "console.log") as console:
+            early = ConsoleShell(console, lambda _note: None)
+            with pytest.raises(VmError):
+                asyncio.run(early.login(0.3))
+            late = ConsoleShell(console, lambda _note: None)
+
+            async def shell_answers_the_newline() -> None:
+                login = asyncio.ensure_future(late.login(5.0, attached_late=True))
+                typed = await asyncio.to_thread(os.read, master, 100)
+                assert typed == b"\n"  # nothing else was typed before the prompt came
+                os.write(master, b"root@guest:~# ")
+                # The shell's answer to the command that makes it quiet: its end marker.
+                command = b""
+                while not command.endswith(b"\n"):
+                    command += await asyncio.to_thread(os.read, master, 1000)
+                token = re.search(rb'"\$\?" ([0-9a-f]+)\n$', command)
+                assert token is not None, command
+                os.write(master, b"\n@@LXDH:0:" + token.group(1) + b"@@\n")
+                await login
+
+            asyncio.run(shell_answers_the_newline())
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_the_last_match_of_a_pattern_is_found_with_its_groups(tmp_path: Path) -> None:
     master, slave = pty.openpty()
     try:
