@@ -48,7 +48,12 @@ from lxd_agent_harness.cli.report import (
 )
 from lxd_agent_harness.image.agents import AGENTS, agent_images, emulation_deb
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
-from lxd_agent_harness.image.cloud import build_cloud_image, cloud_spec
+from lxd_agent_harness.image.cloud import (
+    DEBIAN_LXD_AGENT,
+    build_cloud_image,
+    cloud_spec,
+    with_debian_package,
+)
 from lxd_agent_harness.image.deb import check_deb, find_deb
 from lxd_agent_harness.image.rootfs import (
     BASE_PACKAGES,
@@ -657,7 +662,11 @@ def rename_replay_command(args: argparse.Namespace) -> int:
         disk = args.image
         if disk is None:
             disk = build_cloud_image(cloud_spec(DEFAULT_RELEASE, (deb,)), say).disk
-        verdict = run_interruptible(replay_rename(disk, timeout, say))
+        debian_disk = None
+        if args.debian_agent:
+            spec = with_debian_package(cloud_spec(DEFAULT_RELEASE), DEBIAN_LXD_AGENT)
+            debian_disk = build_cloud_image(spec, say).disk
+        verdict = run_interruptible(replay_rename(disk, timeout, say, debian_disk))
     except HarnessError as e:
         return _failed(e)
     for step in verdict.steps:

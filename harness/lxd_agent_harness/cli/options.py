@@ -264,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         help="seconds for the daemon's agent flag to go up after each start (default 300)",
     )
+    replay.add_argument(
+        "--debian-agent",
+        action="store_true",
+        help="also step 4: the cloud image with Debian's own lxd-agent 5.0.2 package, on LXD "
+        "5.0.2 first (the control: it must read STARTED), then on the rename build (it must "
+        "not); not-checked when the control never reads it",
+    )
     replay.add_argument("--json", type=Path, help="also write every step's verdict to FILE")
 
     matrix = sub.add_parser(

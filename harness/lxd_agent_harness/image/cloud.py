@@ -194,6 +194,16 @@ def cloud_spec(
     return ImageSpec(release=release, packages=packages, debs=debs, arch=arch)
 
 
+DEBIAN_LXD_AGENT = "lxd-agent"
+"""Debian's package of LXD 5.0.2's own agent (the real Go binary, its unit and udev rule)."""
+
+
+def with_debian_package(spec: ImageSpec, package: str) -> ImageSpec:
+    """`spec` with one more of Debian's packages in its tree: `lxd-agent` (LXD 5.0.2's own Go
+    agent, as Debian ships it) for the replay's step 4 and the checks on real LXD."""
+    return dataclasses.replace(spec, packages=(*spec.packages, package))
+
+
 def direct_boot_spec(cloud: ImageSpec) -> ImageSpec:
     """The direct-boot image made from the tree of the cloud disk `cloud`: one tree for both,
     made once (an arm64 tree costs about ten minutes of qemu-user). Its cloud-init is off: with

@@ -14,7 +14,14 @@ port it reports on:
      specification's "Existing VMs will remain completely functional";
   3. `restarted`: the VM stopped and started by the new daemon gets the new layout (its
      `qemu.conf` is `lxd-5.20`'s), our agent reports on `com.canonical.lxd`, and nothing holds
-     the power-off on the chardev-less legacy port.
+     the power-off on the chardev-less legacy port;
+  4. `debian-agent` (when asked for, with a cloud disk carrying Debian's own `lxd-agent` 5.0.2):
+     a control first, that disk on LXD 5.0.2 before the upgrade, which must read its `STARTED`;
+     then the same disk on the rename build, which must never read it, with what that costs
+     the boot and the power-off (the failure this project exists for). Each is `check`'s own
+     run of a VM on the daemon (`scenarios.host_check`). When the control never reads
+     `STARTED` (LXD's agent listens on vsock before it writes it, and this machine's VMs have
+     no vsock device; or Debian's unit skipped itself), the step is `not-checked` and says why.
 A step whose premise failed is `not-checked`, never a pass. Host side only.
 """
 
@@ -34,11 +41,14 @@ from lxd_agent_harness.host.config import read_sections, serial_differences
 from lxd_agent_harness.host.daemon import LocalDaemon
 from lxd_agent_harness.host.instance import AGENT_STARTED_LOG, AgentFlag, HostVm
 from lxd_agent_harness.host.lxd_rename import debian_lxd_root, rename_build
+from lxd_agent_harness.host.probes import Adaptation
 from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.scenarios.check import LayoutCheck
 from lxd_agent_harness.scenarios.host_check import (
     FLAG_CHANGE_TIMEOUT,
     FLAG_POLL,
     LOGIN_TIMEOUT,
+    check_on_host,
     open_console,
     vm_config,
     vm_probes,
@@ -49,6 +59,7 @@ from lxd_agent_harness.vm.units import AGENT_UNIT
 
 PASS, FAIL, NOT_CHECKED = "pass", "fail", "not-checked"
 STEPS = ("on-5.0.2", "upgraded-while-running", "restarted")
+DEBIAN_AGENT_STEP = "debian-agent"
 STOP_BOUND = 20.0
 
 
@@ -86,16 +97,21 @@ async def _flag_becomes(vm: HostVm, wanted: AgentFlag, timeout: float) -> bool:
 
 
 class _Replay:
-    def __init__(self, disk: Path, timeout: float, progress: Progress) -> None:
+    def __init__(
+        self, disk: Path, debian_disk: Path | None, timeout: float, progress: Progress
+    ) -> None:
         self.disk = disk
+        self.debian_disk = debian_disk
         self.timeout = timeout
         self.progress = progress
-        self.steps = {name: Step(name) for name in STEPS}
+        names = STEPS if debian_disk is None else (*STEPS, DEBIAN_AGENT_STEP)
+        self.steps = {name: Step(name) for name in names}
         self.vm: HostVm | None = None
         self._log_seen = 0
 
-    def see(self, step: str, text: str) -> None:
-        seconds = self.vm.seconds() if self.vm is not None else 0.0
+    def see(self, step: str, text: str, seconds: float | None = None) -> None:
+        if seconds is None:
+            seconds = self.vm.seconds() if self.vm is not None else 0.0
         self.steps[step].seen.append(f"{seconds:6.1f} s  {text}")
         self.progress(f"replay: {step}: {seconds:6.1f} s  {text}")
 
@@ -137,6 +153,7 @@ class _Replay:
         )
         with daemon:
             adaptations = [*daemon.started.adaptations, *vm_adaptations]
+            control = await self._debian_agent_control(daemon, adaptations)
             config = vm_config(adaptations)
             self.vm = vm = HostVm(
                 daemon.client, daemon.started, self.disk, "qcow2", config, self.progress
@@ -149,6 +166,69 @@ class _Replay:
                     return
                 await self._upgraded(daemon, after, stack)
                 await self._restarted()
+            if control is not None:
+                await self._debian_agent_renamed(daemon, adaptations, control)
+
+    async def _debian_agent_on(
+        self, daemon: LocalDaemon, adaptations: list[Adaptation], where: str
+    ) -> LayoutCheck:
+        """Debian's agent's disk on the daemon as it is now, as `check --host lxd` runs it."""
+        assert self.debian_disk is not None
+        step = DEBIAN_AGENT_STEP
+        check = await check_on_host(
+            daemon.client, daemon.started, self.debian_disk, "qcow2", adaptations,
+            self.timeout, STOP_BOUND, progress=self.progress,
+        )  # fmt: skip
+        if check.started is not None:
+            self.see(step, f"{where}: STARTED read", check.started.seconds)
+        elif check.login_prompt is not None:
+            self.see(
+                step, f"{where}: never STARTED (login prompt at that time)", check.login_prompt
+            )
+        if check.agent_unit:  # looked at just before the stop request
+            self.see(step, f"{where}: guest: {check.agent_unit}", check.powered_down)
+        if check.guest_off is not None and check.powered_down is not None:
+            took = check.guest_off - check.powered_down
+            self.see(step, f"{where}: stopped {took:.1f} s after the stop request", check.guest_off)
+        elif check.power_off_held:
+            self.see(step, f"{where}: not off {STOP_BOUND:g} s after the stop request: forced")
+        self.steps[step].daemon_lines += list(check.host.log) if check.host is not None else []
+        return check
+
+    async def _debian_agent_control(
+        self, daemon: LocalDaemon, adaptations: list[Adaptation]
+    ) -> LayoutCheck | None:
+        """The control, on LXD 5.0.2: None when the step cannot go on, having said why."""
+        if self.debian_disk is None:
+            return None
+        step = DEBIAN_AGENT_STEP
+        check = await self._debian_agent_on(daemon, adaptations, "control on LXD 5.0.2")
+        if check.error is not None:
+            self.see(step, f"not checked: the control did not run: {check.error}")
+            return None
+        if check.started is None:
+            why = check.agent_unstartable or check.agent_unit or "its unit was not found"
+            self.see(
+                step,
+                f"not checked: LXD 5.0.2 never read Debian's agent either ({why})",
+                check.guest_off,
+            )
+            return None
+        return check
+
+    async def _debian_agent_renamed(
+        self, daemon: LocalDaemon, adaptations: list[Adaptation], control: LayoutCheck
+    ) -> None:
+        step = DEBIAN_AGENT_STEP
+        if self.steps["restarted"].verdict != PASS:
+            self.see(step, "not checked: the rename build's step did not pass")
+            return
+        check = await self._debian_agent_on(daemon, adaptations, "on the rename build")
+        if check.error is not None:
+            self.see(step, f"the run failed: {check.error}")
+            self.steps[step].verdict = FAIL
+            return
+        self.steps[step].verdict = PASS if check.started is None else FAIL
 
     async def _on_5_0_2(self, stack: contextlib.AsyncExitStack) -> None:
         step = "on-5.0.2"
@@ -211,14 +291,18 @@ class _Replay:
 
 
 async def replay_rename(
-    disk: Path, timeout: float = 300.0, progress: Progress = print
+    disk: Path,
+    timeout: float = 300.0,
+    progress: Progress = print,
+    debian_agent_disk: Path | None = None,
 ) -> ReplayVerdict:
-    """The replay on `disk` (a cloud image with our agent); its verdict, never raising for a
-    step that failed (a `HarnessError` ends the replay and is kept)."""
+    """The replay on `disk` (a cloud image with our agent), and step 4 with `debian_agent_disk`;
+    its verdict, never raising for a step that failed (a `HarnessError` ends the replay and is
+    kept)."""
     build = await asyncio.to_thread(rename_build, progress)
     before = await asyncio.to_thread(debian_lxd_root, progress)
     after = await asyncio.to_thread(build.root)
-    replay = _Replay(disk, timeout, progress)
+    replay = _Replay(disk, debian_agent_disk, timeout, progress)
     verdict = ReplayVerdict(steps=list(replay.steps.values()), build=build.record)
     try:
         await replay.run(before, after)

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,13 @@ from lxd_agent_harness.host.daemon import LocalDaemon, parse_version
 from lxd_agent_harness.host.probes import Adaptation
 from lxd_agent_harness.host.statedir import processes_naming
 from lxd_agent_harness.image.buildsteps import mounts_under
-from lxd_agent_harness.image.cloud import CloudImage, build_cloud_image, cloud_spec
+from lxd_agent_harness.image.cloud import (
+    DEBIAN_LXD_AGENT,
+    CloudImage,
+    build_cloud_image,
+    cloud_spec,
+    with_debian_package,
+)
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
 from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
@@ -240,33 +245,7 @@ def test_what_a_run_killed_outright_left_goes_when_the_next_daemon_starts() -> N
 @pytest.fixture(scope="module")
 def debians_agent_image() -> CloudImage:
     """The cloud image with Debian's own `lxd-agent` 5.0.2 package (the real Go agent)."""
-    spec = cloud_spec()
-    return build_cloud_image(replace(spec, packages=(*spec.packages, "lxd-agent")), progress=print)
-
-
-@pytest.mark.vm
-def test_real_lxd_with_debians_own_agent_says_why_it_never_reported(
-    debians_agent_image: CloudImage, tmp_path: Path
-) -> None:
-    status, record, out = check_on_lxd(debians_agent_image, tmp_path)
-    (layout,) = record["layouts"]
-    assert layout["error"] is None, out
-    if layout["started"] is not None:  # only where the VM has a vsock device
-        assert probes.vsock_device_missing() is None, out
-        assert (status, layout["finding"]) == (0, "reports"), out
-        return
-    # Never STARTED, and the check says why in the unit's own terms: LXD's agent listens on
-    # vsock before it writes STARTED (this VM has no vsock device: `not-checked`), or Debian's
-    # unit was skipped, its ConditionPathExists checked before udev made the port's link.
-    assert (status, layout["started"]) == (1, None), out
-    assert layout["agent_unit"] != "", out
-    if layout["agent_unstartable"]:
-        assert layout["finding"] == "not-checked"
-        assert "without a vsock device" in layout["agent_unstartable"]
-    else:
-        assert layout["finding"] == "no-agent"
-        assert "skipped: a condition of its unit was not met" in layout["agent_unit"], out
-    assert nothing_left_of_the_daemon() == []
+    return build_cloud_image(with_debian_package(cloud_spec(), DEBIAN_LXD_AGENT), progress=print)
 
 
 # -- on a real Incus daemon ---------------------------------------------------------------------
@@ -452,26 +431,48 @@ def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
 
 @pytest.mark.vm
 def test_the_specification_replayed_on_lxd_5_0_2_and_its_rename_build(
-    cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
+    cloud_images: dict[str, CloudImage],
+    debians_agent_image: CloudImage,
+    tmp_path: Path,
+    figures: Figures,
 ) -> None:
-    """`rename-replay`: Debian's LXD 5.0.2, then our rename build of it started on the same
-    state directory while the VM runs (host.lxd_rename, scenarios.rename_replay); each step's
-    verdict and the daemon's own lines for it."""
+    """`rename-replay --debian-agent`: Debian's LXD 5.0.2, then our rename build of it started
+    on the same state directory while the VM runs (host.lxd_rename, scenarios.rename_replay);
+    each step's verdict and the daemon's own lines for it. Step 4's control is Debian's own
+    `lxd-agent` on LXD 5.0.2, as `check --host lxd` runs it: where it never reports, the step
+    says why in the unit's own terms and is not-checked (and the command fails: not a pass)."""
     record_path = tmp_path / "replay.json"
     command = harness_command(
-        "rename-replay", "--image", str(cloud_images["ours"].disk), "--json", str(record_path)
-    )
+        "rename-replay", "--image", str(cloud_images["ours"].disk), "--debian-agent",
+        "--json", str(record_path),
+    )  # fmt: skip
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=HOST_CHECK_TIMEOUT * 2, check=False
     )
     print(done.stdout, done.stderr)
     record = json.loads(record_path.read_text())
-    assert (done.returncode, record["error"]) == (0, None), done.stdout
-    assert [(s["name"], s["verdict"]) for s in record["steps"]] == [
+    assert record["error"] is None, done.stdout
+    steps = [(s["name"], s["verdict"]) for s in record["steps"]]
+    assert steps[:3] == [
         ("on-5.0.2", "pass"),
         ("upgraded-while-running", "pass"),
         ("restarted", "pass"),
     ]
+    debian = record["steps"][3]
+    control = [line for line in debian["seen"] if "control on LXD 5.0.2" in line]
+    if probes.vsock_device_missing() is None and any("STARTED read" in s for s in control):
+        assert (done.returncode, steps[3]) == (0, ("debian-agent", "pass")), done.stdout
+        assert any("on the rename build: never STARTED" in line for line in debian["seen"])
+    else:
+        # LXD's agent listens on vsock before it writes STARTED (this VM has no vsock device),
+        # or Debian's unit skipped itself: its ConditionPathExists is checked before udev
+        # makes the port's link. Either way the daemon never read it: nothing to compare.
+        assert (done.returncode, steps[3]) == (1, ("debian-agent", "not-checked")), done.stdout
+        (why,) = [line for line in debian["seen"] if "not checked" in line]
+        assert "LXD 5.0.2 never read Debian's agent either" in why, why
+        assert (
+            "skipped: a condition of its unit was not met" in why or "without a vsock device" in why
+        ), why
     upgraded = record["steps"][1]
     assert any('msg="Instance agent started"' in line for line in upgraded["daemon_lines"])
     build = record["build"]

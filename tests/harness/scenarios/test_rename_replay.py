@@ -4,14 +4,18 @@ tests/harness/scenarios/test_host_check.py (with the other daemon tests: one at 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lxd_agent_harness.base.errors import DaemonError
 from lxd_agent_harness.scenarios.rename_replay import (
+    DEBIAN_AGENT_STEP,
     FAIL,
     NOT_CHECKED,
     PASS,
     STEPS,
     ReplayVerdict,
     Step,
+    _Replay,
 )
 
 
@@ -29,3 +33,13 @@ def test_the_replay_passes_when_every_step_passed_and_nothing_went_wrong() -> No
     assert not ReplayVerdict(steps, error=DaemonError("lost", daemon="lxd")).passed
     steps[2].verdict = FAIL
     assert not ReplayVerdict(steps).passed
+
+
+def test_step_4_is_there_only_when_asked_for_and_not_checked_it_does_not_pass() -> None:
+    assert list(_Replay(Path("ours.qcow2"), None, 1.0, print).steps) == list(STEPS)
+    asked = _Replay(Path("ours.qcow2"), Path("debian.qcow2"), 1.0, print).steps
+    assert list(asked) == [*STEPS, DEBIAN_AGENT_STEP]
+    for name in STEPS:
+        asked[name].verdict = PASS
+    assert asked[DEBIAN_AGENT_STEP].verdict == NOT_CHECKED
+    assert not ReplayVerdict(list(asked.values())).passed
