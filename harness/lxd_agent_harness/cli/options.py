@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--jobs",
             default="1",
             help=f"how many {what} to boot at a time (default 1); each guest waits for as many "
-            "of this machine's cores as it has vCPUs, so more jobs help where guests wait "
-            "(a held boot, a held power-off) or have fewer vCPUs than there are cores",
+            "of this machine's cores as it has vCPUs and gives them up once its boot is done "
+            "(then it only waits: a grace, a held power-off), so more jobs than cores keep the "
+            "cores busy; jobs help too where guests have fewer vCPUs than there are cores",
         )
 
     boot = sub.add_parser(

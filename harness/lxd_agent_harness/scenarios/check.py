@@ -381,6 +381,7 @@ def _see_login_prompt(vm: Vm, check: LayoutCheck) -> None:
     if check.login_prompt is None and vm.console.search(LOGIN_PROMPT, 0) is not None:
         check.login_prompt = vm.seconds()
         vm.note("login prompt on the console")
+        vm.release_cores()  # the boot is done: what is left is waiting, and the power-off
 
 
 def _see_boot_held(vm: Vm, check: LayoutCheck) -> None:
@@ -396,6 +397,7 @@ def _see_boot_held(vm: Vm, check: LayoutCheck) -> None:
     if running >= check.bound and unit:
         check.boot_job = f"start job for {unit.decode(errors='replace')}"
         vm.note(f"the boot held for {running} s by a {check.boot_job}")
+        vm.release_cores()  # a held boot only waits
 
 
 def _record(vm: Vm, check: LayoutCheck) -> None:

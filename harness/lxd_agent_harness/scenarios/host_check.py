@@ -50,7 +50,7 @@ from lxd_agent_harness.vm.console import (
 )
 from lxd_agent_harness.vm.firmware import Firmware
 from lxd_agent_harness.vm.kvm_probe import choose_accel
-from lxd_agent_harness.vm.lock import take_vm_lock
+from lxd_agent_harness.vm.lock import Cores, take_vm_lock
 from lxd_agent_harness.vm.units import AGENT_UNIT
 
 AGENT_UNITS = (AGENT_UNIT, "incus-agent.service")
@@ -139,7 +139,7 @@ async def check_on_host(
     try:
         async with contextlib.AsyncExitStack() as stack, vm:
             # The daemon's QEMU shares this machine's cores with the harness's own guests.
-            await take_vm_lock(stack, progress, int(vm.config.get("limits.cpu", "1")))
+            cores = await take_vm_lock(stack, progress, int(vm.config.get("limits.cpu", "1")))
             await vm.start()
             note("the daemon started the VM")
             console = open_console(vm, stack)
@@ -153,7 +153,7 @@ async def check_on_host(
                     f"the daemon's qemu.conf against {layout.name}: "
                     f"{len(check.config_differences)} differences"
                 )
-            if await _started(vm, console, check, timeout, note):
+            if await _started(vm, console, check, timeout, note, cores):
                 check.started = state("unknown", STARTED, "the daemon's agent flag went up")
             if check.started is None and console is not None:
                 await _agent_unit(ConsoleShell(console, note), check, adaptations, note)
@@ -166,6 +166,7 @@ async def check_on_host(
                 await _see_login_prompt(vm, console, check, timeout, note)
             check.powered_down = vm.seconds()
             note(f"stop asked, within {bound:g} s")
+            cores.release()
             took = await vm.stop(bound)
             check.guest_off = vm.seconds() if took is not None else None
             check.power_off_held = took is None
@@ -238,9 +239,11 @@ async def _started(
     check: LayoutCheck,
     timeout: float,
     note: Callable[[str], None],
+    cores: Cores,
 ) -> bool:
     """Wait for the daemon's flag to go up: until `AGENT_GRACE` after the console's login
-    prompt (as the QEMU model's check waits), or `timeout` without a console."""
+    prompt (as the QEMU model's check waits), or `timeout` without a console. From the login
+    prompt on, the guest's core goes to the next VM (`Cores`): the boot is done."""
     while True:
         if await vm.agent_flag() is AgentFlag.UP:
             return True
@@ -248,6 +251,7 @@ async def _started(
         if seen and check.login_prompt is None:
             check.login_prompt = vm.seconds()
             note("login prompt on the console")
+            cores.release()
         limit = timeout
         if check.login_prompt is not None:
             limit = min(timeout, check.login_prompt + AGENT_GRACE)

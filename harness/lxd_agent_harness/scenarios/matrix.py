@@ -356,6 +356,9 @@ async def run_cell(
 async def _observe(vm: Vm, cell: Cell, timeout: float) -> None:
     bound = cell.bound
     await vm.login(timeout=timeout)
+    # From here the guest only answers a few commands and waits (out the bound, one refresh):
+    # its core goes to the next VM.
+    vm.release_cores()
     # The state after at most `bound` s of waiting: `starting` while a start job still runs.
     state = await vm.run(
         f"timeout {bound:g} systemctl is-system-running --wait >/dev/null; "

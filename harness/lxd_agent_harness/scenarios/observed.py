@@ -147,6 +147,7 @@ async def power_off_within(
     mark = vm.console.received
     deadline = time.monotonic() + bound
     await vm.power_off()
+    vm.release_cores()  # a guest shutting down needs its core no more, a held one not at all
     try:
         async with contextlib.AsyncExitStack() as stack:
             if press_again_after is not None:

@@ -46,7 +46,7 @@ from lxd_agent_harness.vm.config import (
 )
 from lxd_agent_harness.vm.console import CommandResult, ConsoleShell, SerialConsole
 from lxd_agent_harness.vm.firmware import Firmware, fresh_vars, sercon_file, watch_firmware_boot
-from lxd_agent_harness.vm.lock import take_vm_lock
+from lxd_agent_harness.vm.lock import Cores, take_vm_lock
 
 E = TypeVar("E", bound=VmError)
 
@@ -94,6 +94,8 @@ class Vm:
         self.powerdown_at: float | None = None
         self.guest_off_at: float | None = None
         self.running_at: float | None = None
+        self.cores: Cores | None = None
+        """The machine's slots this VM holds (`vm.lock`), until its guest only waits."""
         """When the guest started running (after a restore: when its state was loaded)."""
 
     # -- what callers use ------------------------------------------------------------------
@@ -138,6 +140,12 @@ class Vm:
     def error(self, message: str) -> VmError:
         """A `VmError` for `message` that carries what the VM has seen so far."""
         return self.fill(VmError(message))
+
+    def release_cores(self) -> None:
+        """For a guest whose boot is done and that only waits from now on (a bound, a grace
+        period, the power-off): its cores go to the next harness VM (`Cores.release`)."""
+        if self.cores is not None:
+            self.cores.release()
 
     def note(self, text: str) -> None:
         """A milestone in the timeline (and on the progress output)."""
@@ -338,7 +346,7 @@ class Vm:
 
     async def _start(self) -> None:
         stack = self._stack
-        await take_vm_lock(stack, self.progress, self.config.cpus)
+        self.cores = await take_vm_lock(stack, self.progress, self.config.cpus)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot

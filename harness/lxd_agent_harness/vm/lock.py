@@ -6,7 +6,9 @@ or two 1-vCPU guests side by side (two 1-vCPU guests booted together took 24 s h
 for two 2-vCPU guests one after the other). Slots are taken in turn: whoever holds the gate (an
 flock on `vm.lock`) is next, and takes its slots as running VMs free them while the others wait
 for the gate, so a 2-vCPU guest is not starved by a stream of 1-vCPU ones and no two waiters can
-hold part of what each needs. Host side only: the guest agent never imports this module.
+hold part of what each needs. A guest whose boot is done and that only waits from then on (out a
+bound or a grace period) gives its slots up (`Cores.release`): the harness's measured waits then
+cost no core. Host side only: the guest agent never imports this module.
 """
 
 from __future__ import annotations
@@ -61,13 +63,11 @@ async def _wait(deadline: float, path: Path, progress: Progress, told: list[bool
     await asyncio.sleep(LOCK_POLL)
 
 
-async def take_vm_lock(stack: contextlib.AsyncExitStack, progress: Progress, cpus: int = 2) -> None:
-    """Wait (bounded) for `cpus` of this machine's slots (all of them at most); `stack`'s close
-    frees them."""
+async def _take_slots(wanted: int, progress: Progress) -> list[IO[str]]:
+    """`wanted` slots, taken in turn through the gate (bounded wait)."""
     gate_path = vm_lock_path()
     gate_path.parent.mkdir(parents=True, exist_ok=True)
     slots = vm_slot_paths()
-    wanted = max(1, min(cpus, len(slots)))
     deadline = time.monotonic() + VM_LOCK_TIMEOUT
     told: list[bool] = []
     while (gate := _try_flock(gate_path)) is None:
@@ -86,5 +86,39 @@ async def take_vm_lock(stack: contextlib.AsyncExitStack, progress: Progress, cpu
             for slot in held:
                 slot.close()
             raise
+    return held
+
+
+class Cores:
+    """The slots a running VM holds. A guest whose boot is done and that only waits from then
+    on (out a bound, the agent's grace, a held power-off) needs no core: `release()` gives its
+    slots to the next VM for the rest of its run."""
+
+    def __init__(self, wanted: int, progress: Progress) -> None:
+        self.wanted = wanted
+        self.progress = progress
+        self._held: list[IO[str]] = []
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def take(self) -> None:
+        if not self._held:
+            self._held = await _take_slots(self.wanted, self.progress)
+
+    def release(self) -> None:
+        held, self._held = self._held, []
         for slot in held:
-            stack.enter_context(slot)  # closing a slot's file frees it
+            slot.close()  # closing a slot's file frees it
+
+
+async def take_vm_lock(
+    stack: contextlib.AsyncExitStack, progress: Progress, cpus: int = 2
+) -> Cores:
+    """Wait (bounded) for `cpus` of this machine's slots (all of them at most); `stack`'s close
+    frees them."""
+    cores = Cores(max(1, min(cpus, len(vm_slot_paths()))), progress)
+    await cores.take()
+    stack.callback(cores.release)
+    return cores

@@ -91,6 +91,62 @@ def test_one_vcpu_guests_share_the_cores_and_a_two_vcpu_guest_waits_for_both(
     assert order[1:] == ["one core free", "two-vcpu guest runs"]
 
 
+def test_a_guest_that_only_waits_gives_its_core_to_the_next_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two 1-vCPU guests hold both cores and a third VM waits; once one guest's boot is done
+    (from then on it only waits out its bounds) the third gets its core while both still run."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(vmlock, "LOCK_POLL", 0.02)
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        first, second, third = (contextlib.AsyncExitStack() for _ in range(3))
+        booted = await vmlock.take_vm_lock(first, order.append, cpus=1)
+        await vmlock.take_vm_lock(second, order.append, cpus=1)
+
+        async def next_vm() -> None:
+            await vmlock.take_vm_lock(third, order.append, cpus=1)
+            order.append("third VM runs")
+
+        waiting = asyncio.ensure_future(next_vm())
+        await asyncio.sleep(0.3)
+        order.append("the first guest's boot is done")
+        booted.release()
+        await waiting
+        assert booted.held == 0
+        for stack in (first, second, third):
+            await stack.aclose()
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[0].startswith("waiting for another harness VM")
+    assert order[1:] == ["the first guest's boot is done", "third VM runs"]
+    for slot in vmlock.vm_slot_paths():  # all free again, the released one closed once
+        with slot.open("a") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_cores_released_for_good_are_not_taken_back_and_a_second_release_is_harmless(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    async def scenario() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            cores = await vmlock.take_vm_lock(stack, print, cpus=2)
+            assert cores.held == 2
+            cores.release()
+            cores.release()
+            assert cores.held == 0
+            async with contextlib.AsyncExitStack() as other:  # both free at once
+                assert (await vmlock.take_vm_lock(other, print, cpus=2)).held == 2
+
+    asyncio.run(scenario())
+
+
 def test_vcpus_come_from_the_environment_else_two_and_nonsense_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
