@@ -28,7 +28,6 @@ from tests.helpers import harness_command
 from tests.repo import REPO, built_deb
 from tests.vms import TOOLS, Figures
 
-
 # The longest modules, in seconds, as a warm `make test` measured them (`0dae9b5`, its time per
 # module): the workers take them first, longest first, so that no long one is left for the end
 # while the other worker idles (README "Where make test spends its time"). Only their order
