@@ -69,10 +69,11 @@ wheels: setup
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w out/wheels . ./harness
 	@ls out/wheels/*.whl
 
-# Everything: lint, the package, unit tests, then the VM tests under QEMU, on two pytest-xdist
-# workers whose guests have one vCPU each (tests/conftest.py; README "Where make test spends its
+# Everything: lint, the package, unit tests, then the VM tests under QEMU, on three pytest-xdist
+# workers whose guests have one vCPU each and share the machine's two cores (vm/lock.py: a guest
+# gives its core up once its boot is done; tests/conftest.py; README "Where make test spends its
 # time" has the figures).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope
 
 test: setup

@@ -1,10 +1,12 @@
 """Fixtures every VM test shares (tests/in_vm and the harness's VM tests in tests/harness): the
 package under test, its image, the measured figures.
 
-`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope`: a module's tests
-stay on one worker, with its module fixtures). Its guests have one vCPU each, so two run side by
-side (vm.lock gives each VM a core); images are built once whichever worker asks first (the
-cache's build locks). Each worker writes its figures to a file; the controller prints them all.
+`make test` runs the suite on three pytest-xdist workers (`-n 3 --dist loadscope`: a module's
+tests stay on one worker, with its module fixtures). Its guests have one vCPU each, so two boot
+side by side on this machine's two cores (vm.lock gives each booting VM a core, which a guest
+gives up once its boot is done and it only waits out its bounds): the third worker's guest takes
+a core a waiting guest gave up. Images are built once whichever worker asks first (the cache's
+build locks). Each worker writes its figures to a file; the controller prints them all.
 """
 
 from __future__ import annotations

@@ -249,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser(
         "rename-replay",
-        help="the specification on real LXD: Debian's LXD 5.0.2 runs the image, is upgraded "
-        "to our build of it with the status port's rename while the VM runs, then restarts it "
-        "(builds that LXD from Debian's source the first time: about 10 minutes)",
+        help="the specification on real LXD: Debian's LXD 5.0.2 runs the image and takes a "
+        "stateful snapshot of it (restored there as the control), is upgraded to our build of "
+        "it with the status port's rename while the VM runs, restores the snapshot statefully "
+        "(it must fail to load), then the way through (raw.qemu.conf on the VM's profile), then "
+        "restarts it cold (builds that LXD from Debian's source the first time: about 10 "
+        "minutes)",
     )
     replay.add_argument(
         "--image",
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--debian-agent",
         action="store_true",
-        help="also step 4: the cloud image with Debian's own lxd-agent 5.0.2 package, on LXD "
+        help="also step 6: the cloud image with Debian's own lxd-agent 5.0.2 package, on LXD "
         "5.0.2 first (the control: it must read STARTED), then on the rename build (it must "
         "not); not-checked when the control never reads it",
     )

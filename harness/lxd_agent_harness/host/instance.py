@@ -70,6 +70,8 @@ class HostVm:
         disk_format: str,
         config: dict[str, str],
         progress: Progress,
+        profiles: tuple[str, ...] = (),
+        root_options: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         self.info = info
@@ -77,6 +79,10 @@ class HostVm:
         self.disk_format = disk_format
         self.config = config
         self.progress = progress
+        self.profiles = profiles
+        """Profiles of the caller's (none of the daemon's: its `default` is a user's)."""
+        self.root_options = root_options or {}
+        """More keys of the root disk device (e.g. `size.state` for stateful snapshots)."""
         self.name = f"lxd-agent-check-{secrets.token_hex(4)}"
         self.fingerprint: str | None = None
         self.pool: str | None = None
@@ -125,9 +131,11 @@ class HostVm:
                 "name": self.name,
                 "type": "virtual-machine",
                 "source": {"type": "image", "fingerprint": self.fingerprint},
-                "profiles": [],
+                "profiles": list(self.profiles),
                 "config": self.config,
-                "devices": {"root": {"type": "disk", "path": "/", "pool": self.pool}},
+                "devices": {
+                    "root": {"type": "disk", "path": "/", "pool": self.pool, **self.root_options}
+                },
             },
         )
         self.created = True
@@ -234,16 +242,42 @@ class HostVm:
         try:
             await asyncio.to_thread(self._state, "start")
         except DaemonError as e:
-            # The daemon's error ends in "Process exited with non-zero value 1": QEMU's own
-            # words are in its log.
-            raise DaemonError(
-                str(e),
-                daemon=e.daemon,
-                request=e.request,
-                status_code=e.status_code,
-                error=e.error,
-                log_tail=[*e.log_tail, *self._qemu_log()],
-            ) from None
+            raise self._with_qemu_log(e) from None
+
+    async def snapshot(self, name: str, stateful: bool) -> None:
+        """`lxc snapshot [--stateful]`: a stateful one needs `migration.stateful` and a root
+        disk whose `size.state` exceeds the VM's memory."""
+        await asyncio.to_thread(
+            self.client.request,
+            "POST",
+            f"/1.0/instances/{self.name}/snapshots",
+            {"name": name, "stateful": stateful},
+        )
+
+    async def restore(self, name: str, stateful: bool) -> None:
+        """`lxc restore [--stateful]`: a stateful restore starts the VM from the saved state;
+        a failed one raises with QEMU's own words in `log_tail`."""
+        try:
+            await asyncio.to_thread(
+                self.client.request,
+                "PUT",
+                f"/1.0/instances/{self.name}",
+                {"restore": name, "stateful": stateful},
+            )
+        except DaemonError as e:
+            raise self._with_qemu_log(e) from None
+
+    def _with_qemu_log(self, e: DaemonError) -> DaemonError:
+        """The daemon's error (it ends in e.g. "Process exited with non-zero value 1" or
+        "Monitor is disconnected") with QEMU's own words from its log."""
+        return DaemonError(
+            str(e),
+            daemon=e.daemon,
+            request=e.request,
+            status_code=e.status_code,
+            error=e.error,
+            log_tail=[*e.log_tail, *self._qemu_log()],
+        )
 
     def _qemu_log(self) -> list[str]:
         directory = self.log_dir()

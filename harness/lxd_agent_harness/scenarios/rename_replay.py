@@ -12,10 +12,21 @@ port it reports on:
   2. `upgraded-while-running`: after the upgrade the VM still runs, and the new daemon reads a
      fresh cycle of the agent (its unit stopped: the flag goes down; started: up again), the
      specification's "Existing VMs will remain completely functional";
-  3. `restarted`: the VM stopped and started by the new daemon gets the new layout (its
-     `qemu.conf` is `lxd-5.20`'s), our agent reports on `com.canonical.lxd`, and nothing holds
-     the power-off on the chardev-less legacy port;
-  4. `debian-agent` (when asked for, with a cloud disk carrying Debian's own `lxd-agent` 5.0.2):
+  3. `stateful-restore`: a stateful snapshot taken on LXD 5.0.2 (the VM is made with
+     `migration.stateful`), first restored there as the control (it must load, and the daemon
+     read the restored agent's `STARTED`), restored statefully after the upgrade fails as the
+     specification says (QEMU's `Failed to load virtio-console` and `load of migration
+     failed`: the bus has one more port), and restored statelessly it works (the cold start
+     of step 5 boots it);
+  4. `way-through` (README, "Restoring a pre-upgrade stateful snapshot on LXD 5.20 and later"):
+     `raw.qemu.conf` on a profile the snapshot lists removes `[device "qemu_serial_legacy"]`,
+     so the bus has 5.0.2's count of ports: the stateful restore loads and the daemon reads
+     the restored agent's `STARTED`; then the key is removed (step 5's cold start moves the
+     agent to `com.canonical.lxd`);
+  5. `restarted`: the VM started cold by the new daemon (after the stateless restore) gets the
+     new layout (its `qemu.conf` is `lxd-5.20`'s), our agent reports on `com.canonical.lxd`, and
+     nothing holds the power-off on the chardev-less legacy port;
+  6. `debian-agent` (when asked for, with a cloud disk carrying Debian's own `lxd-agent` 5.0.2):
      a control first, that disk on LXD 5.0.2 before the upgrade, which must read its `STARTED`;
      then the same disk on the rename build, which must never read it, with what that costs
      the boot and the power-off (the failure this project exists for). Each is `check`'s own
@@ -29,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME
-from lxd_agent_harness.base.errors import HarnessError, VmError
+from lxd_agent_harness.base.errors import DaemonError, HarnessError, VmError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.host.config import read_sections, serial_differences
 from lxd_agent_harness.host.daemon import LocalDaemon
@@ -58,9 +70,19 @@ from lxd_agent_harness.vm.lock import take_vm_lock
 from lxd_agent_harness.vm.units import AGENT_UNIT
 
 PASS, FAIL, NOT_CHECKED = "pass", "fail", "not-checked"
-STEPS = ("on-5.0.2", "upgraded-while-running", "restarted")
+STEPS = ("on-5.0.2", "upgraded-while-running", "stateful-restore", "way-through", "restarted")
 DEBIAN_AGENT_STEP = "debian-agent"
 STOP_BOUND = 20.0
+SNAPSHOT = "before-upgrade"
+# A stateful snapshot saves the guest's memory: LXD wants the root disk's `size.state` above
+# `limits.memory`. Half LXD's default memory halves the state written and read three times.
+MEMORY = "512MiB"
+STATE_SIZE = "1GiB"
+# What QEMU says when a saved state meets one more port on the bus (the specification's
+# "Limitations"; facts §5).
+LOAD_FAILED = ("Failed to load virtio-console", "load of migration failed")
+# The way through: the legacy port's section removed, so the bus has 5.0.2's count of ports.
+LEGACY_SECTION = '[device "qemu_serial_legacy"]'
 
 
 @dataclass
@@ -108,6 +130,10 @@ class _Replay:
         self.steps = {name: Step(name) for name in names}
         self.vm: HostVm | None = None
         self._log_seen = 0
+        self.daemon: LocalDaemon | None = None
+        self.profile = ""
+        """The VM's own profile: this machine's raw.qemu.conf, and the way through's section."""
+        self.raw_qemu_conf = ""
 
     def see(self, step: str, text: str, seconds: float | None = None) -> None:
         if seconds is None:
@@ -155,17 +181,34 @@ class _Replay:
             adaptations = [*daemon.started.adaptations, *vm_adaptations]
             control = await self._debian_agent_control(daemon, adaptations)
             config = vm_config(adaptations)
+            # The VM's raw.qemu.conf (this machine's adaptations) goes on a profile of its own:
+            # a restore brings back the instance's own keys as the snapshot had them, and a
+            # profile the snapshot lists as it is now (facts §11), so the way through goes there.
+            self.raw_qemu_conf = config.pop("raw.qemu.conf", "")
+            config |= {"migration.stateful": "true", "limits.memory": MEMORY}
+            self.daemon = daemon
+            self.profile = f"lxd-agent-replay-{secrets.token_hex(4)}"
             self.vm = vm = HostVm(
-                daemon.client, daemon.started, self.disk, "qcow2", config, self.progress
-            )
+                daemon.client, daemon.started, self.disk, "qcow2", config, self.progress,
+                profiles=(self.profile,), root_options={"size.state": STATE_SIZE},
+            )  # fmt: skip
             async with contextlib.AsyncExitStack() as stack:
                 await take_vm_lock(stack, self.progress, int(config.get("limits.cpu", "1")))
+                await asyncio.to_thread(
+                    daemon.client.request, "POST", "/1.0/profiles", {"name": self.profile}
+                )
+                stack.push_async_callback(self._delete_profile)  # after the VM is gone
+                await self._set_profile(way_through=False)
                 await stack.enter_async_context(vm)
                 await self._on_5_0_2(stack)
                 if self.steps["on-5.0.2"].verdict != PASS:
                     return
+                snapshot = await self._snapshot_control()
                 await self._upgraded(daemon, after, stack)
-                await self._restarted()
+                failed = snapshot and await self._stateful_restore_fails()
+                loaded = failed and await self._way_through()
+                await self._restarted(stateless_restore=snapshot)
+                self._snapshot_verdicts(snapshot, failed, loaded)
             if control is not None:
                 await self._debian_agent_renamed(daemon, adaptations, control)
 
@@ -230,6 +273,103 @@ class _Replay:
             return
         self.steps[step].verdict = PASS if check.started is None else FAIL
 
+    async def _set_profile(self, way_through: bool) -> None:
+        assert self.daemon is not None
+        raw = self.raw_qemu_conf + (f"\n{LEGACY_SECTION}\n" if way_through else "")
+        await asyncio.to_thread(
+            self.daemon.client.request,
+            "PATCH",
+            f"/1.0/profiles/{self.profile}",
+            {"config": {"raw.qemu.conf": raw}},
+        )
+
+    async def _delete_profile(self) -> None:
+        assert self.daemon is not None
+        with contextlib.suppress(HarnessError):  # the daemon is stopped next in any case
+            await asyncio.to_thread(
+                self.daemon.client.request, "DELETE", f"/1.0/profiles/{self.profile}"
+            )
+
+    async def _snapshot_control(self) -> bool:
+        """The stateful snapshot on LXD 5.0.2, and the control: restored there statefully, it
+        must load and the daemon read the restored agent's `STARTED`."""
+        step = "stateful-restore"
+        assert self.vm is not None
+        try:
+            await self.vm.snapshot(SNAPSHOT, stateful=True)
+            self.see(step, f"stateful snapshot {SNAPSHOT} taken on LXD 5.0.2")
+            await self.vm.restore(SNAPSHOT, stateful=True)
+        except DaemonError as e:
+            self.see(step, f"not checked: the control on LXD 5.0.2 failed: {e.error}")
+            self.steps[step].daemon_lines = list(e.log_tail)
+            return False
+        up = await _flag_becomes(self.vm, AgentFlag.UP, FLAG_CHANGE_TIMEOUT)
+        self.see(
+            step,
+            "control: restored statefully on LXD 5.0.2, "
+            + ("the restored agent's STARTED read" if up else "the flag never went up"),
+        )
+        if not up:
+            self.see(step, "not checked: the control's restored agent was never read")
+        return up
+
+    async def _stateful_restore_fails(self) -> bool:
+        """After the upgrade: the 5.0.2 snapshot's state meets one more port and fails to load,
+        with QEMU's words for it."""
+        step = "stateful-restore"
+        assert self.vm is not None
+        if self.steps["upgraded-while-running"].verdict != PASS:
+            self.see(step, "not checked: the upgrade step did not pass")
+            return False
+        await self.vm.stop(STOP_BOUND)
+        try:
+            await self.vm.restore(SNAPSHOT, stateful=True)
+        except DaemonError as e:
+            said = [line for line in e.log_tail if any(words in line for words in LOAD_FAILED)]
+            self.see(step, f"restored statefully on the rename build: refused ({e.error})")
+            for line in said:
+                self.see(step, f"qemu.log: {line}")
+            self.steps[step].daemon_lines = list(e.log_tail)
+            return all(any(words in line for line in said) for words in LOAD_FAILED)
+        self.see(step, "restored statefully on the rename build: it loaded")
+        await self.vm.stop(STOP_BOUND)
+        return False
+
+    async def _way_through(self) -> bool:
+        """The profile's raw.qemu.conf removes the legacy port: the restore loads, and the
+        restored agent's `STARTED` is read; then the key goes (the cold start is step 5's)."""
+        step = "way-through"
+        assert self.vm is not None
+        await self._set_profile(way_through=True)
+        self.see(step, f"the snapshot's profile {self.profile}: raw.qemu.conf {LEGACY_SECTION}")
+        try:
+            await self.vm.restore(SNAPSHOT, stateful=True)
+        except DaemonError as e:
+            self.see(step, f"restored statefully: refused ({e.error})")
+            self.steps[step].daemon_lines = list(e.log_tail)
+            return False
+        up = await _flag_becomes(self.vm, AgentFlag.UP, FLAG_CHANGE_TIMEOUT)
+        self.see(
+            step,
+            "restored statefully: loaded, "
+            + ("the restored agent's STARTED read" if up else "the flag never went up"),
+        )
+        self.daemon_lines(step)
+        await self.vm.stop(STOP_BOUND)
+        await self._set_profile(way_through=False)  # a running VM's raw.qemu.conf is fixed
+        self.see(step, f"{LEGACY_SECTION} removed from the profile again")
+        return up
+
+    def _snapshot_verdicts(self, snapshot: bool, failed: bool, loaded: bool) -> None:
+        """Both need step 5's cold start: the stateless restore boots, and the agent moves."""
+        restarted = self.steps["restarted"].verdict == PASS
+        if snapshot and self.steps["upgraded-while-running"].verdict == PASS:
+            self.steps["stateful-restore"].verdict = PASS if failed and restarted else FAIL
+        if failed:
+            self.steps["way-through"].verdict = PASS if loaded and restarted else FAIL
+        else:
+            self.see("way-through", "not checked: the stateful restore step did not pass")
+
     async def _on_5_0_2(self, stack: contextlib.AsyncExitStack) -> None:
         step = "on-5.0.2"
         assert self.vm is not None
@@ -262,14 +402,19 @@ class _Replay:
         self.see(step, f"the new daemon logged {AGENT_STARTED_LOG}: {read}")
         self.steps[step].verdict = PASS if cycled and read else FAIL
 
-    async def _restarted(self) -> None:
+    async def _restarted(self, stateless_restore: bool) -> None:
         step = "restarted"
         assert self.vm is not None
         if self.steps["upgraded-while-running"].verdict != PASS:
             self.see(step, "not checked: the upgrade step did not pass")
             return
-        took = await self.vm.stop(STOP_BOUND)
-        self.see(step, f"stopped in {took:.1f} s" if took is not None else "stop held: forced")
+        if await self.vm.status() == "Running":
+            took = await self.vm.stop(STOP_BOUND)
+            self.see(step, f"stopped in {took:.1f} s" if took is not None else "stop held: forced")
+        if stateless_restore:
+            await self.vm.restore(SNAPSHOT, stateful=False)
+            self.see(step, f"{SNAPSHOT} restored statelessly")
+            self.see("stateful-restore", f"{SNAPSHOT} restored statelessly: see restarted")
         await self.vm.start()
         differences = self.layout_differences("lxd-5.20")
         self.see(step, f"its qemu.conf against lxd-5.20: {len(differences)} differences")
