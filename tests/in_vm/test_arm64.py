@@ -62,6 +62,9 @@ def test_arm64_reports_at_boot_after_a_kill_and_at_power_off(
             figures["arm64, lxd-5.20: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
             machine = await vm.run("uname -m; dpkg --print-architecture")
             assert machine.output.split() == ["aarch64", "arm64"], machine.output
+            # AAVMF hands the guest the host's SMBIOS baseboard, as on x86_64.
+            board = await vm.run("cat /sys/class/dmi/id/board_vendor /sys/class/dmi/id/board_name")
+            assert board.output.splitlines() == ["Canonical Ltd.", "LXD"], board.output
             score = await exposure(vm)
             figures["arm64: systemd-analyze security exposure"] = f"{score}"
             assert score <= EXPOSURE_BOUND

@@ -112,6 +112,9 @@ def test_incus_7_3_holds_the_guests_state_from_the_state_line_while_the_agent_ru
             switch = await vm.run("journalctl -b -u lxd-agent -o cat | grep 'state line'")
             assert "on (the host's credential" in switch.output, switch.output
 
+            # The host's identity, as Incus passes it (SMBIOS type 2).
+            board = await vm.run("cat /sys/class/dmi/id/board_vendor /sys/class/dmi/id/board_name")
+            assert board.output.splitlines() == ["LinuxContainers", "Incus"], board.output
             hostname = (await vm.run("cat /proc/sys/kernel/hostname")).output.strip()
             release = (await vm.run('. /etc/os-release; echo "$NAME|$VERSION"')).output.strip()
             networkd = await vm.run(DHCP_ON_ETHERNET)

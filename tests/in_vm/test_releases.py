@@ -84,6 +84,9 @@ def test_release_reports_at_boot_after_a_kill_and_at_power_off(
             started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
             figures[f"{release}: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
             print(f"{release} guest: {await guest_versions(vm)}")
+            # The host's identity, as LXD passes it (SMBIOS type 2).
+            board = await vm.run("cat /sys/class/dmi/id/board_vendor /sys/class/dmi/id/board_name")
+            assert board.output.splitlines() == ["Canonical Ltd.", "LXD"], board.output
 
             # The agent picked the new name and saw the chardev-less legacy port hang up.
             probe = await vm.run("lxd-agent probe")

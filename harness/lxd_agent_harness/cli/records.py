@@ -136,6 +136,7 @@ def host_json(host: HostReport | None) -> dict[str, Any] | None:
         "adaptations": [{"name": name, "reason": reason} for name, reason in host.adaptations],
         "log": list(host.log),
         "qemu_conf": host.qemu_conf,
+        "smbios": list(host.smbios),
     }
 
 

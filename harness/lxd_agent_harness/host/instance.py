@@ -405,6 +405,25 @@ class HostVm:
             self.client.socket, f"{operation}/websocket?secret={secret}", self.info.kind
         )
 
+    async def qemu_smbios(self) -> list[str] | None:
+        """The `-smbios` values on the command line of the daemon's QEMU for this VM (the
+        host's identity, and any credentials); None when its process cannot be read."""
+        state = await asyncio.to_thread(
+            self.client.request, "GET", f"/1.0/instances/{self.name}/state"
+        )
+        pid = state.get("pid") if isinstance(state, dict) else None
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        return [
+            argv[i + 1].decode(errors="replace")
+            for i, arg in enumerate(argv[:-1])
+            if arg == b"-smbios"
+        ]
+
     def qemu_conf(self) -> str | None:
         directory = self.log_dir()
         if directory is None:

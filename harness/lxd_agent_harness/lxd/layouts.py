@@ -104,6 +104,27 @@ class Port:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Who the host says it is: the SMBIOS type 2 (baseboard) strings it passes QEMU, which a
+    guest reads as `/sys/class/dmi/id/board_vendor` and `board_name` (LXD's 2026 agent
+    generator starts its agent on `board_name == LXD`)."""
+
+    manufacturer: str
+    product: str
+
+    @property
+    def smbios(self) -> str:
+        """QEMU's `-smbios` value, as the host passes it."""
+        return f"type=2,manufacturer={self.manufacturer},product={self.product}"
+
+
+# Read in the daemons' own binaries (`driver_qemu.go`'s string): Debian's LXD 5.0.2, our rename
+# build of it, and Incus 6.0.4 (bookworm-backports); facts §14 for LXD >= 5.20.
+LXD_IDENTITY = Identity("Canonical Ltd.", "LXD")
+INCUS_IDENTITY = Identity("LinuxContainers", "Incus")
+
+
+@dataclass(frozen=True)
 class Layout:
     """One VM's virtio-serial ports, in the order QEMU gets them, and how its host reads them."""
 
@@ -113,6 +134,8 @@ class Layout:
     ring_size: int = DEFAULT_RING_SIZE
     """The ring size this host gives its status ring (a boot may override it)."""
     rule: ReadingRule = ReadingRule.LXD
+    identity: Identity = LXD_IDENTITY
+    """The SMBIOS baseboard this host passes every VM."""
 
     @property
     def port_names(self) -> tuple[str, ...]:
@@ -258,6 +281,7 @@ INCUS = Layout(
     ),
     ring_size=INCUS_RING_SIZE,
     rule=ReadingRule.INCUS,
+    identity=INCUS_IDENTITY,
 )
 
 INCUS_6 = Layout(
@@ -265,6 +289,7 @@ INCUS_6 = Layout(
     description=f"Incus < 7.3 (Debian 13's 6.0): 16 B ring buffer on {INCUS_PORT_NAME} read by "
     f"LXD's rule, {LEGACY_PORT_NAME} with no chardev, two SPICE ports",
     ports=INCUS.ports,
+    identity=INCUS_IDENTITY,
 )
 
 BRIDGED = Layout(

@@ -112,6 +112,8 @@ class HostReport:
     log: tuple[str, ...] = ()
     qemu_conf: str = ""
     """The QEMU configuration the daemon wrote for the VM (its `qemu.conf`), whole."""
+    smbios: tuple[str, ...] = ()
+    """The `-smbios` values the daemon gave its QEMU (the host's identity, SMBIOS type 2)."""
 
 
 PASSING = frozenset({Finding.REPORTS, Finding.STANDS_ASIDE})

@@ -125,6 +125,7 @@ async def check_on_host(
     vm = HostVm(client, info, disk, disk_format, config, progress)
     notes: list[TimelineEntry] = []
     qemu_conf = ""
+    smbios: list[str] = []
 
     def note(text: str) -> None:
         notes.append(TimelineEntry(vm.seconds(), EntryKind.NOTE, text))
@@ -153,6 +154,7 @@ async def check_on_host(
                     f"the daemon's qemu.conf against {layout.name}: "
                     f"{len(check.config_differences)} differences"
                 )
+            smbios = await _compare_identity(vm, layout, check, note)
             if await _started(vm, console, check, timeout, note, cores):
                 check.started = state("unknown", STARTED, "the daemon's agent flag went up")
             if check.started is None and console is not None:
@@ -171,10 +173,10 @@ async def check_on_host(
             check.guest_off = vm.seconds() if took is not None else None
             check.power_off_held = took is None
             note(f"stopped in {took:.1f} s" if took is not None else "not off in time: forced")
-            check.host = _report(info, layout, adaptations, vm.log_lines(), qemu_conf)
+            check.host = _report(info, layout, adaptations, vm.log_lines(), qemu_conf, smbios)
     except HarnessError as e:
         check.error = e
-        check.host = _report(info, layout, adaptations, vm.log_lines(), qemu_conf)
+        check.host = _report(info, layout, adaptations, vm.log_lines(), qemu_conf, smbios)
     check.entries = notes
     check.timeline = [entry.render() for entry in notes]
     return check
@@ -186,6 +188,7 @@ def _report(
     adaptations: Sequence[Adaptation],
     log: list[str],
     qemu_conf: str,
+    smbios: Sequence[str],
 ) -> HostReport:
     return HostReport(
         kind=info.kind,
@@ -194,7 +197,27 @@ def _report(
         adaptations=tuple((a.name, a.reason) for a in adaptations),
         log=tuple(log),
         qemu_conf=qemu_conf,
+        smbios=tuple(smbios),
     )
+
+
+async def _compare_identity(
+    vm: HostVm, layout: Layout, check: LayoutCheck, note: Callable[[str], None]
+) -> list[str]:
+    """The daemon's QEMU's `-smbios` values against the layout's identity (`Layout.identity`):
+    a host that says it is another is a difference of the model, as a `qemu.conf` one is."""
+    smbios = await vm.qemu_smbios()
+    if smbios is None:
+        note("the daemon's QEMU command line could not be read: its identity not compared")
+        return []
+    baseboards = [value for value in smbios if value.startswith("type=2,")]
+    if baseboards != [layout.identity.smbios]:
+        check.config_differences.append(
+            f"-smbios type=2: the daemon passes {baseboards or 'none'}, "
+            f"{layout.name} {layout.identity.smbios}"
+        )
+    note(f"the daemon's QEMU identity: {', '.join(baseboards) or 'none'}")
+    return smbios
 
 
 async def _flag_becomes(vm: HostVm, wanted: AgentFlag, timeout: float) -> bool:

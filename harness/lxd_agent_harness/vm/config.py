@@ -373,6 +373,9 @@ def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
             "-netdev", f"user,id=net0{restrict}",
             "-device", "virtio-net-pci,netdev=net0,romfile=",
         ]  # fmt: skip
+    # The host's identity, as LXD and Incus pass it to every VM (x86_64 and aarch64; a guest
+    # booted straight into its kernel on aarch64 has no firmware to give it SMBIOS tables).
+    args += ["-smbios", config.layout.identity.smbios]
     for name, value in config.credentials:
         args += ["-smbios", credential_arg(name, value)]
     # The layout as LXD passes it: configuration sections QEMU reads with -readconfig (written

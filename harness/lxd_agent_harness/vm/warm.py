@@ -120,6 +120,7 @@ def warm_key(config: VmConfig, qemu: str) -> str:
         "cpu": config.machine.tcg_cpu,
         "boot": booted,
         "layout": [layout.name, [repr(port) for port in layout.ports], layout.rule.value],
+        "identity": layout.identity.smbios,
         "ring_size": config.ring_size or layout.ring_size,
         "memory_mib": config.memory_mib,
         "cpus": config.cpus,

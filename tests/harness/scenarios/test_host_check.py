@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, STARTED, STOPPED
+from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
 from lxd_agent_harness.host import probes
 from lxd_agent_harness.host.config import read_sections, serial_differences
 from lxd_agent_harness.host.daemon import LocalDaemon, parse_version
@@ -30,7 +30,8 @@ from lxd_agent_harness.image.cloud import (
 )
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
-from lxd_agent_harness.scenarios.host_check import host_layout, vm_config
+from lxd_agent_harness.scenarios.check import LayoutCheck
+from lxd_agent_harness.scenarios.host_check import _compare_identity, host_layout, vm_config
 from lxd_agent_harness.testing.plugin import artifact_folder
 from lxd_agent_harness.vm.accel import Accel
 from lxd_agent_harness.vm.kvm_probe import choose_accel
@@ -176,6 +177,8 @@ def test_real_lxd_reads_started_and_stopped_of_our_agent_and_its_config_is_the_m
     (layout,) = record["layouts"]
     assert (status, layout["finding"], layout["config_differences"]) == (0, "reports", []), out
     assert layout["started"]["port"] == LEGACY_PORT_NAME
+    # The daemon's own QEMU says it is LXD, as the layout does (nothing else: no credential).
+    assert host["smbios"] == [get_layout("lxd-5.19").identity.smbios]
     assert layout["stopped"]["text"] == f"{STARTED} -> {STOPPED}"
     # The daemon's own log: its monitor read STARTED at boot and again after the restart.
     assert sum('msg="Instance agent started"' in line for line in host["log"]) == 2
@@ -288,6 +291,7 @@ def test_real_incus_leaves_an_image_without_an_agent_alone_and_its_config_is_the
     assert [a["name"] for a in host["adaptations"]] == expected_adaptations("incus")
     (layout,) = record["layouts"]
     assert (status, layout["finding"], layout["config_differences"]) == (0, "stands-aside", [])
+    assert host["smbios"] == ["type=2,manufacturer=LinuxContainers,product=Incus"]
     assert layout["started"] is None and layout["login_prompt"] is not None, out
     assert layout["guest_off"] is not None and not layout["power_off_held"], out
     real = read_sections(host["qemu_conf"], "qemu.conf")
@@ -494,3 +498,35 @@ def test_the_specification_replayed_on_lxd_5_0_2_and_its_rename_build(
         f"{build['seconds']['build']} s, {build['seconds']['tests']} s"
     )
     assert nothing_left_of_the_daemon() == []
+
+
+def test_a_daemon_that_says_it_is_another_host_is_a_difference_of_the_model() -> None:
+    class Said:
+        def __init__(self, smbios: list[str] | None) -> None:
+            self.smbios = smbios
+
+        async def qemu_smbios(self) -> list[str] | None:
+            return self.smbios
+
+    def compared(smbios: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+        check = LayoutCheck(layout="lxd-5.20", status_port=PORT_NAME, must_report=True)
+        notes: list[str] = []
+        kept = asyncio.run(
+            _compare_identity(Said(smbios), get_layout("lxd-5.20"), check, notes.append)  # type: ignore[arg-type]
+        )
+        return kept, check.config_differences, notes
+
+    lxd = "type=2,manufacturer=Canonical Ltd.,product=LXD"
+    assert compared([lxd, "type=11,value=x"]) == (
+        [lxd, "type=11,value=x"],
+        [],
+        [f"the daemon's QEMU identity: {lxd}"],
+    )
+    incus = "type=2,manufacturer=LinuxContainers,product=Incus"
+    assert compared([incus])[1] == [f"-smbios type=2: the daemon passes {[incus]}, lxd-5.20 {lxd}"]
+    assert compared([])[1] == [f"-smbios type=2: the daemon passes none, lxd-5.20 {lxd}"]
+    assert compared(None) == (
+        [],
+        [],
+        ["the daemon's QEMU command line could not be read: its identity not compared"],
+    )

@@ -11,7 +11,7 @@ import pytest
 from lxd_agent_harness.base.errors import (
     VmError,
 )
-from lxd_agent_harness.lxd.layouts import get_layout
+from lxd_agent_harness.lxd.layouts import LAYOUTS, get_layout
 from lxd_agent_harness.lxd.qemu_conf import layout_sections, parse_raw_qemu_conf, render
 from lxd_agent_harness.qemu.migration import incoming_uri
 from lxd_agent_harness.vm.accel import Accel
@@ -195,3 +195,31 @@ def test_the_command_line_asks_the_installed_qemu_its_version(
     assert asked == [config.machine.qemu_binary]
     kvm = qemu_args(replace(config, accel=Accel.KVM), files)
     assert kvm[kvm.index("-accel") + 1] == "kvm" and asked == [config.machine.qemu_binary]
+
+
+def test_every_layout_passes_its_hosts_smbios_baseboard_as_lxd_and_incus_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", lambda _: BACKPORTS_QEMU)
+    config, files = unbooted_config(tmp_path, Accel.TCG)
+    passed = {}
+    for name in LAYOUTS:
+        args = qemu_args(replace(config, layout=get_layout(name)), files)
+        passed[name] = [args[i + 1] for i, arg in enumerate(args) if arg == "-smbios"]
+    lxd, incus = (
+        ["type=2,manufacturer=Canonical Ltd.,product=LXD"],
+        ["type=2,manufacturer=LinuxContainers,product=Incus"],
+    )
+    assert passed == {
+        "lxd-5.19": lxd,
+        "lxd-5.20": lxd,
+        "incus": incus,
+        "incus-6": incus,
+        "bridged": lxd,
+    }
+    # A credential is one more SMBIOS string (type 11), after the baseboard.
+    with_credential = qemu_args(replace(config, credentials=(("a", "b"),)), files)
+    assert [with_credential[i + 1] for i, a in enumerate(with_credential) if a == "-smbios"] == [
+        *lxd,
+        "type=11,value=io.systemd.credential:a=b",
+    ]
