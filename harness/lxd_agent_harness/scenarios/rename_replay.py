@@ -290,6 +290,14 @@ class _Replay:
                 self.daemon.client.request, "DELETE", f"/1.0/profiles/{self.profile}"
             )
 
+    async def _restored_agent_read(self, step: str, restored: str) -> bool:
+        """Whether the daemon reads the agent of a VM restored from its saved state."""
+        assert self.vm is not None
+        up = await _flag_becomes(self.vm, AgentFlag.UP, FLAG_CHANGE_TIMEOUT)
+        read = "the restored agent's STARTED read" if up else "the flag never went up"
+        self.see(step, f"{restored}, {read}")
+        return up
+
     async def _snapshot_control(self) -> bool:
         """The stateful snapshot on LXD 5.0.2, and the control: restored there statefully, it
         must load and the daemon read the restored agent's `STARTED`."""
@@ -303,12 +311,7 @@ class _Replay:
             self.see(step, f"not checked: the control on LXD 5.0.2 failed: {e.error}")
             self.steps[step].daemon_lines = list(e.log_tail)
             return False
-        up = await _flag_becomes(self.vm, AgentFlag.UP, FLAG_CHANGE_TIMEOUT)
-        self.see(
-            step,
-            "control: restored statefully on LXD 5.0.2, "
-            + ("the restored agent's STARTED read" if up else "the flag never went up"),
-        )
+        up = await self._restored_agent_read(step, "control: restored statefully on LXD 5.0.2")
         if not up:
             self.see(step, "not checked: the control's restored agent was never read")
         return up
@@ -348,12 +351,7 @@ class _Replay:
             self.see(step, f"restored statefully: refused ({e.error})")
             self.steps[step].daemon_lines = list(e.log_tail)
             return False
-        up = await _flag_becomes(self.vm, AgentFlag.UP, FLAG_CHANGE_TIMEOUT)
-        self.see(
-            step,
-            "restored statefully: loaded, "
-            + ("the restored agent's STARTED read" if up else "the flag never went up"),
-        )
+        up = await self._restored_agent_read(step, "restored statefully: loaded")
         self.daemon_lines(step)
         await self.vm.stop(STOP_BOUND)
         await self._set_profile(way_through=False)  # a running VM's raw.qemu.conf is fixed

@@ -52,20 +52,24 @@ def replay_after(upgraded: str, restarted: str) -> _Replay:
     return replay
 
 
+def snapshot_verdicts(restarted: str, snapshot: bool, failed: bool, loaded: bool) -> list[str]:
+    replay = replay_after(PASS, restarted)
+    replay._snapshot_verdicts(snapshot=snapshot, failed=failed, loaded=loaded)
+    return [replay.steps[name].verdict for name in ("stateful-restore", "way-through")]
+
+
 def test_the_snapshot_steps_pass_only_as_the_specification_says_and_need_the_cold_start() -> None:
-    verdicts = ("stateful-restore", "way-through")
-    replay = replay_after(PASS, PASS)
-    replay._snapshot_verdicts(snapshot=True, failed=True, loaded=True)
-    assert [replay.steps[name].verdict for name in verdicts] == [PASS, PASS]
+    assert snapshot_verdicts(PASS, snapshot=True, failed=True, loaded=True) == [PASS, PASS]
     # The old state loaded after the upgrade: not what the specification says.
-    replay = replay_after(PASS, PASS)
-    replay._snapshot_verdicts(snapshot=True, failed=False, loaded=False)
-    assert [replay.steps[name].verdict for name in verdicts] == [FAIL, NOT_CHECKED]
+    assert snapshot_verdicts(PASS, snapshot=True, failed=False, loaded=False) == [
+        FAIL,
+        NOT_CHECKED,
+    ]
     # The way through did not load, or the cold start after it never reported.
-    replay = replay_after(PASS, FAIL)
-    replay._snapshot_verdicts(snapshot=True, failed=True, loaded=True)
-    assert [replay.steps[name].verdict for name in verdicts] == [FAIL, FAIL]
+    assert snapshot_verdicts(PASS, snapshot=True, failed=True, loaded=False) == [PASS, FAIL]
+    assert snapshot_verdicts(FAIL, snapshot=True, failed=True, loaded=True) == [FAIL, FAIL]
     # No control on LXD 5.0.2: nothing to compare, never a pass.
-    replay = replay_after(PASS, PASS)
-    replay._snapshot_verdicts(snapshot=False, failed=False, loaded=False)
-    assert [replay.steps[name].verdict for name in verdicts] == [NOT_CHECKED, NOT_CHECKED]
+    assert snapshot_verdicts(PASS, snapshot=False, failed=False, loaded=False) == [
+        NOT_CHECKED,
+        NOT_CHECKED,
+    ]
