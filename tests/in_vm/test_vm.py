@@ -104,6 +104,10 @@ def test_a_qemu_older_than_8_1_runs_the_vcpus_on_one_thread_and_the_timeline_say
         async with booted(guest_image, "lxd-5.20", cpus=2) as vm:
             argv = Path(f"/proc/{vm.qemu.pid}/cmdline").read_bytes().split(b"\0")
             assert argv[argv.index(b"-accel") + 1] == b"tcg,thread=single"
+            # One thread keeps one core busy: the guest waited for one of the machine's cores,
+            # not both (a wait for both once outlasted this test's deadline while another
+            # worker's VM held one for minutes).
+            assert vm.cores is not None and vm.cores.wanted == 1
             started = await vm.wait_for_state(STARTED, PORT_NAME, timeout=BOOT_TIMEOUT)
             figures["2 vCPUs on one TCG thread: QEMU start -> STARTED"] = f"{started.seconds:.2f} s"
             notes = [line for line in vm.render_timeline() if "older than 8.1" in line]

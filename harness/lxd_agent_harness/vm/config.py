@@ -298,6 +298,14 @@ def config_tcg_accel(config: VmConfig) -> tuple[str, str | None]:
     return tcg_accel(qemu_version(config.machine.qemu_binary), config.cpus)
 
 
+def host_cores(config: VmConfig) -> int:
+    """How many of this machine's cores the guest can keep busy: one per vCPU, but one in all
+    when TCG runs its vCPUs on a single thread (QEMU before 8.1 with more than one vCPU)."""
+    if config.accel is Accel.TCG and config_tcg_accel(config)[0].endswith("thread=single"):
+        return 1
+    return config.cpus
+
+
 def qemu_args(config: VmConfig, files: VmFiles) -> list[str]:
     """QEMU's whole command line after the binary, top to bottom.
 

@@ -41,6 +41,7 @@ from lxd_agent_harness.vm.config import (
     VmConfig,
     VmFiles,
     config_tcg_accel,
+    host_cores,
     qemu_args,
     qemu_conf_text,
 )
@@ -346,7 +347,7 @@ class Vm:
 
     async def _start(self) -> None:
         stack = self._stack
-        self.cores = await take_vm_lock(stack, self.progress, self.config.cpus)
+        self.cores = await take_vm_lock(stack, self.progress, host_cores(self.config))
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot

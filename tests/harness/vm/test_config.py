@@ -21,6 +21,7 @@ from lxd_agent_harness.vm.config import (
     GuestImage,
     VmConfig,
     VmFiles,
+    host_cores,
     qemu_args,
     qemu_conf_text,
     qemu_sections,
@@ -223,3 +224,15 @@ def test_every_layout_passes_its_hosts_smbios_baseboard_as_lxd_and_incus_do(
         *lxd,
         "type=11,value=io.systemd.credential:a=b",
     ]
+
+
+def test_a_guest_on_one_tcg_thread_keeps_one_core_busy_whatever_its_vcpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, _ = unbooted_config(tmp_path, Accel.TCG)
+    two = replace(config, cpus=2)
+    monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", lambda _: DEBIAN_12_QEMU)
+    assert (host_cores(config), host_cores(two)) == (1, 1)  # QEMU 7.2: thread=single
+    monkeypatch.setattr("lxd_agent_harness.vm.config.qemu_version", lambda _: BACKPORTS_QEMU)
+    assert (host_cores(config), host_cores(two)) == (1, 2)  # a thread per vCPU
+    assert host_cores(replace(two, accel=Accel.KVM)) == 2
