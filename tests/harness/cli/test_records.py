@@ -122,6 +122,7 @@ def test_a_check_on_a_real_daemon_names_it_and_the_model_has_none() -> None:
         layout="lxd-5.19",
         adaptations=(("tcg", "TCG: KVM crashed the probe guest"),),
         log=('time="..." level=debug msg="Instance agent started" instance=vm',),
+        smbios=("type=2,manufacturer=Canonical Ltd.,product=LXD",),
     )
     on_lxd = replace(reporting("lxd-5.19"), host=host)
     differs = replace(on_lxd, config_differences=['[chardev "x"] size: ...'])
@@ -134,6 +135,7 @@ def test_a_check_on_a_real_daemon_names_it_and_the_model_has_none() -> None:
         "adaptations": [{"name": "tcg", "reason": "TCG: KVM crashed the probe guest"}],
         "log": ['time="..." level=debug msg="Instance agent started" instance=vm'],
         "qemu_conf": "",
+        "smbios": ["type=2,manufacturer=Canonical Ltd.,product=LXD"],
     }
     assert data["layouts"][0]["host"] == data["host"]
     judge([differs])
