@@ -21,7 +21,8 @@ from tests.repo import REPO
 
 pytestmark = pytest.mark.vm
 
-# pip resolves qemu.qmp, pyserial and pycdlib from the package index (seconds with its cache).
+# pip resolves qemu.qmp, pyserial, pycdlib and PyYAML from the package index (seconds with
+# its cache).
 INSTALL_TIMEOUT = 600
 COMMAND_TIMEOUT = 900
 

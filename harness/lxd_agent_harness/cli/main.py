@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lxd_agent_harness.base.arch import Arch
+from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.base.textfile import read_text, write_whole
 from lxd_agent_harness.cli.interrupt import Interrupted, run_interruptible, signals_interrupt
@@ -51,10 +52,12 @@ from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.image.cloud import (
     DEBIAN_LXD_AGENT,
     build_cloud_image,
+    cloud_image_as,
     cloud_spec,
     with_debian_package,
 )
 from lxd_agent_harness.image.deb import check_deb, find_deb
+from lxd_agent_harness.image.lxd_image import ImageKind, opened_image
 from lxd_agent_harness.image.rootfs import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
@@ -83,6 +86,7 @@ from lxd_agent_harness.scenarios.check import (
     DEFAULT_CHECK_TIMEOUT,
     CheckVerdict,
     check_image,
+    default_bound,
 )
 from lxd_agent_harness.scenarios.host_check import check_image_on_hosts
 from lxd_agent_harness.scenarios.matrix import (
@@ -497,14 +501,16 @@ def image_command(args: argparse.Namespace) -> int:
                 debs = (emulation_deb(AGENTS[args.agent], say),)
             spec = cloud_spec(args.release, debs, Arch(args.arch))
             cloud = build_cloud_image(spec, say, rebuild=args.rebuild)
+            made = cloud_image_as(cloud, ImageKind(args.format), spec, args.agent, say)
         except HarnessError as e:
             say(f"FAILED: {e}")
             return EXIT_FAILED
-        print(cloud.disk)
+        print(made)
         return EXIT_OK
-    if args.agent != "none":
-        say("lxd-agent-harness: --agent chooses the agent in a --cloud disk; add --cloud")
-        return EXIT_USAGE
+    for given, what in ((args.agent != "none", "--agent"), (args.format != "disk", "--format")):
+        if given:
+            say(f"lxd-agent-harness: {what} is for a --cloud disk; add --cloud")
+            return EXIT_USAGE
     try:
         deb = find_deb(args.deb)
         check_deb(deb)
@@ -560,7 +566,7 @@ def _host_options(args: argparse.Namespace, more: Sequence[tuple[object, str]] =
             args.credential and "lxd" in args.host,
             "--credential on --host lxd (LXD has no systemd.credential keys; Incus has)",
         ),
-        (args.arch != Arch.AMD64.value, "--arch other than amd64"),
+        (args.arch not in (None, Arch.AMD64.value), "--arch other than amd64"),
     ]
     given = [what for value, what in refused if value]
     if given:
@@ -576,70 +582,83 @@ def check_command(args: argparse.Namespace) -> int:
         names = args.layout or list(CHECK_LAYOUTS)
         layouts = [get_layout(name) for name in dict.fromkeys(names)]
         timeout = _timeout(args, DEFAULT_CHECK_TIMEOUT)
-        bound = (
-            DEFAULT_CHECK_BOUND if args.bound is None else _positive_number(args.bound, "--bound")
-        )
-        if bound > MAX_BOUND:
+        bound = None if args.bound is None else _positive_number(args.bound, "--bound")
+        if bound is not None and bound > MAX_BOUND:
             raise UsageError(f"--bound must be at most {MAX_BOUND:g} s, not {args.bound}")
         jobs = _jobs(args)
         firmware = Firmware(args.firmware or Firmware.UEFI.value)
         if args.secure_boot and firmware is not Firmware.UEFI:
             raise UsageError("--secure-boot needs UEFI firmware; drop it or use --firmware uefi")
-        arch = Arch(args.arch)
-        machine_arg(firmware, args.secure_boot, arch)  # an arm64 BIOS boot is refused here
         _writable(args.json, "--json")
         _writable(args.junit, "--junit")
-        image_format = disk_format(args.image)
-        check_boot_sector(args.image, image_format)
         credentials = parse_credentials(args.credential)
         raw_qemu_conf = checked_raw_qemu_conf(args.raw_qemu_conf, *layouts)
     except HarnessError as e:
         say(f"lxd-agent-harness: {e}")
         return EXIT_USAGE
-    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        try:
+            # A unified tarball's disk is extracted here and removed when the check ends.
+            image = stack.enter_context(opened_image(args.image, say))
+            asked = Arch(args.arch) if args.arch is not None else None
+            arch = image.guest_arch(asked, host_arch())
+            if hosts and arch is not Arch.AMD64:
+                raise UsageError(f"--host runs amd64 images; this image is {arch.value}")
+            machine_arg(firmware, args.secure_boot, arch)  # an arm64 BIOS boot is refused here
+            check_boot_sector(image.disk, image.disk_format)
+        except HarnessError as e:
+            say(f"lxd-agent-harness: {e}")
+            return EXIT_USAGE
+        say(image.describe())
+        if bound is None:
+            bound, why = default_bound(arch, host_arch())
+            if why:
+                say(why)
+        started = time.monotonic()
 
-    async def run() -> CheckVerdict:
-        if hosts:
-            return await check_image_on_hosts(
-                args.image,
-                image_format,
-                hosts,
+        async def run() -> CheckVerdict:
+            if hosts:
+                return await check_image_on_hosts(
+                    image.disk,
+                    image.disk_format,
+                    hosts,
+                    timeout=timeout,
+                    bound=bound,
+                    raw_qemu_conf=raw_qemu_conf,
+                    credentials=credentials,
+                    host_socket=args.host_socket,
+                    progress=say,
+                )
+            accel = await choose_accel(Accel(args.accel), None, say, arch=arch)
+            say(f"accel: {accel.reason}")
+            return await check_image(
+                image.disk,
+                image.disk_format,
+                layouts,
+                arch=arch,
+                firmware=firmware,
+                secure_boot=args.secure_boot,
+                accel=accel.accel,
                 timeout=timeout,
                 bound=bound,
-                raw_qemu_conf=raw_qemu_conf,
+                network=Network(args.nic or Network.NONE.value),
                 credentials=credentials,
-                host_socket=args.host_socket,
+                raw_qemu_conf=raw_qemu_conf,
                 progress=say,
+                jobs=jobs,
             )
-        accel = await choose_accel(Accel(args.accel), None, say, arch=arch)
-        say(f"accel: {accel.reason}")
-        return await check_image(
-            args.image,
-            image_format,
-            layouts,
-            arch=arch,
-            firmware=firmware,
-            secure_boot=args.secure_boot,
-            accel=accel.accel,
-            timeout=timeout,
-            bound=bound,
-            network=Network(args.nic or Network.NONE.value),
-            credentials=credentials,
-            raw_qemu_conf=raw_qemu_conf,
-            progress=say,
-            jobs=jobs,
-        )
 
-    verdict = run_interruptible(run())
-    for line in check_lines(verdict, verbose=args.verbose):
-        say(line)
-    try:
-        _write_results(args.json, args.junit, check_json(verdict), check_junit(verdict))
-    except (OSError, HarnessError) as e:
-        say(f"FAILED: {e}")
-        return EXIT_FAILED
-    say(f"total {time.monotonic() - started:.1f} s")
-    return EXIT_OK if verdict.passed else EXIT_FAILED
+        # The verdict names the image as it was given, not the disk a tarball's was extracted to.
+        verdict = dataclasses.replace(run_interruptible(run()), image=args.image[0], source=image)
+        for line in check_lines(verdict, verbose=args.verbose):
+            say(line)
+        try:
+            _write_results(args.json, args.junit, check_json(verdict), check_junit(verdict))
+        except (OSError, HarnessError) as e:
+            say(f"FAILED: {e}")
+            return EXIT_FAILED
+        say(f"total {time.monotonic() - started:.1f} s")
+        return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
 def rename_replay_command(args: argparse.Namespace) -> int:

@@ -13,12 +13,14 @@ from lxd_agent_harness.base.arch import Arch, host_arch
 from lxd_agent_harness.image.agents import AGENTS
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE, RELEASES
 from lxd_agent_harness.image.deb import DEB_GLOB, DEB_VARIABLE
+from lxd_agent_harness.image.lxd_image import SPLIT_DISK, SPLIT_METADATA, ImageKind
 from lxd_agent_harness.lxd.layouts import INCUS_RING_SIZE, LAYOUTS
 from lxd_agent_harness.scenarios.check import (
     AGENT_GRACE,
     CHECK_LAYOUTS,
     DEFAULT_CHECK_BOUND,
     DEFAULT_CHECK_TIMEOUT,
+    FOREIGN_ARCH_FACTOR,
 )
 from lxd_agent_harness.scenarios.host_check import HOST_KINDS
 from lxd_agent_harness.scenarios.matrix import DEFAULT_BOUND, MATRIX_LAYOUTS
@@ -42,13 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def arch_option(p: argparse.ArgumentParser) -> None:
+    def arch_option(p: argparse.ArgumentParser, default: str | None = HOST_ARCH) -> None:
         p.add_argument(
             "--arch",
             choices=[a.value for a in Arch],
-            default=HOST_ARCH,
+            default=default,
             help=f"the guest's architecture (default: this host's, {HOST_ARCH}); another one "
-            "is built through qemu-user and runs under TCG",
+            "is built through qemu-user and runs under TCG"
+            if default is not None
+            else "the guest's architecture (default: the image's metadata.yaml says it, else "
+            f"this host's, {HOST_ARCH}); another one runs under TCG",
         )
 
     def image_options(p: argparse.ArgumentParser) -> None:
@@ -175,8 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="boot an image as it is (no seed, nothing added) once per layout and say what "
         "LXD's or Incus's host sees of the agent in it",
     )
-    check.add_argument("--image", type=Path, required=True, help="the qcow2 or raw disk to check")
-    arch_option(check)
+    check.add_argument(
+        "--image",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="the image to check: a qcow2 or raw disk, LXD's unified tarball (metadata.yaml, "
+        "rootfs.img), a split image's metadata tarball and its qcow2 disk (two paths, as "
+        "`lxc image import` takes them), or a directory holding one of these",
+    )
+    arch_option(check, default=None)
     check.add_argument(
         "--layout",
         action="append",
@@ -204,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--bound",
         type=str,
         help="seconds the power button may take to power the guest off before the layout "
-        f"counts as held (default {DEFAULT_CHECK_BOUND:g})",
+        "counts as held, and a start job may hold the boot before the button is pressed "
+        f"(default {DEFAULT_CHECK_BOUND:g}; {FOREIGN_ARCH_FACTOR:g} times that for a guest "
+        "of another architecture than the host's, which runs under TCG)",
     )
     guest_options(check)
     raw_qemu_conf_option(check, "at every layout's start")
@@ -338,5 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="with --cloud: the agent built into the disk (ours: the --deb; lxd-5.0, lxd-5.21: "
         "the emulations of LXD's); default none, and `boot --image` installs ours from a seed",
+    )
+    image.add_argument(
+        "--format",
+        choices=[k.value for k in ImageKind],
+        default=ImageKind.DISK.value,
+        help="with --cloud: disk (the qcow2 file; the default), split (a directory with LXD's "
+        f"metadata tarball {SPLIT_METADATA} and {SPLIT_DISK}) or unified (one tarball with "
+        "metadata.yaml and rootfs.img); `check --image` and `lxc image import` take each",
     )
     return parser

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from lxd_agent_harness.base.errors import HarnessError
 from lxd_agent_harness.image.agents import AGENTS, OURS
+from lxd_agent_harness.image.lxd_image import ImageInput
 from lxd_agent_harness.lxd.layouts import get_layout, lxd_ring_port
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.check import CheckVerdict, HostReport, LayoutCheck
@@ -140,12 +141,33 @@ def host_json(host: HostReport | None) -> dict[str, Any] | None:
     }
 
 
+def image_input_json(image: ImageInput | None) -> dict[str, Any] | None:
+    """What `check --image` was given: its shape (disk, split, unified), the files read, the
+    disk's format and what metadata.yaml said (null for a bare disk)."""
+    if image is None:
+        return None
+    metadata = image.metadata
+    return {
+        "kind": image.kind.value,
+        "files": [str(path) for path in image.paths],
+        "disk_format": image.disk_format,
+        "metadata": None
+        if metadata is None
+        else {
+            "architecture": metadata.architecture,
+            "creation_date": metadata.creation_date,
+            "properties": dict(metadata.properties),
+        },
+    }
+
+
 def check_json(verdict: CheckVerdict) -> dict[str, Any]:
     hosts = [check.host for check in verdict.checks]
     return {
         "schema": SCHEMA,
         "command": "check",
         "image": str(verdict.image),
+        "image_input": image_input_json(verdict.source),
         "firmware": verdict.firmware.value,
         "secure_boot": verdict.secure_boot,
         "passed": verdict.passed,

@@ -33,15 +33,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxd_agent_harness.base.arch import Arch
-from lxd_agent_harness.base.cache import cache_root
+from lxd_agent_harness.base.cache import building, cache_root
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
 from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.image.buildsteps import build_directory, remove_tree, run_build_step
+from lxd_agent_harness.image.lxd_image import (
+    SPLIT_DIRECTORY,
+    UNIFIED,
+    ImageKind,
+    metadata_yaml,
+    write_lxd_image,
+)
 from lxd_agent_harness.image.rootfs import (
     BASE_PACKAGES,
     CLOUD_INIT_PACKAGES,
     ImageSpec,
+    build_lock,
     debian_tree,
     file_sha256,
     kernel_version,
@@ -476,6 +484,41 @@ def build_cloud_image(
     for pruned in prune_images(images, KEEP_CLOUD_IMAGES, lambda d: CloudImage(d).is_complete()):
         progress(f"cloud image: removed {pruned} (least recently used)")
     return final
+
+
+# How long a second run waits for the first to write the same split or unified image.
+FORMAT_LOCK_TIMEOUT = 600.0
+
+
+def cloud_image_as(
+    cloud: CloudImage, kind: ImageKind, spec: ImageSpec, agent: str, progress: Progress
+) -> Path:
+    """The cloud disk as LXD's `kind` of image (`image --cloud --format`): the disk itself, or
+    a split directory or unified tarball written once beside it in its cache entry (so it
+    goes when the entry goes)."""
+    if kind is ImageKind.DISK:
+        return cloud.disk
+    target = cloud.directory / (SPLIT_DIRECTORY if kind is ImageKind.SPLIT else UNIFIED)
+    cache = cloud.directory.parent.parent  # CACHE/cloud-images/KEY
+    lock = build_lock(cache, f"cloud-{kind.value}", cloud.directory.name)
+    with building(lock, FORMAT_LOCK_TIMEOUT, progress):
+        if not target.exists():
+            properties = {
+                "os": "Debian",
+                "release": spec.release,
+                "architecture": spec.arch.value,
+                "variant": "cloud",
+                "description": f"Debian {spec.release} {spec.arch.value} cloud disk, agent: "
+                f"{agent} (lxd-agent-harness)",
+            }
+            created = int(cloud.disk.stat().st_mtime)
+            started = time.monotonic()
+            write_lxd_image(cloud.disk, kind, target, metadata_yaml(spec.arch, created, properties))
+            progress(
+                f"cloud image: wrote the {kind.value} image {target} in "
+                f"{time.monotonic() - started:.1f} s"
+            )
+    return target
 
 
 def _build_cloud_image(

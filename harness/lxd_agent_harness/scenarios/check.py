@@ -33,6 +33,7 @@ from lxd_agent_harness.base.aio import in_turn
 from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import HarnessError, MonitorTimeout, VmError
 from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.image.lxd_image import ImageInput
 from lxd_agent_harness.lxd.layouts import Layout
 from lxd_agent_harness.lxd.monitor import TimelineEntry
 from lxd_agent_harness.lxd.qemu_conf import Override
@@ -63,6 +64,24 @@ as soon as udev sees the port, well before the prompt; a few refresh periods of 
 DEFAULT_CHECK_BOUND = 20.0
 """Seconds the power button has to power the guest off before the layout counts as held
 (systemd itself waits 90 s for a stop job; 1-3 s is usual here)."""
+
+FOREIGN_ARCH_FACTOR = 3.0
+"""How many times the default bound a guest of another architecture than the host's gets: it
+runs under TCG translating every instruction (an arm64 cloud image reaches STARTED in about
+50 s on this amd64 machine against 20 s for amd64's), and on a busy machine its
+systemd-logind's start job has run for 21 s, which the default bound took for a held boot."""
+
+
+def default_bound(arch: Arch, host: Arch) -> tuple[float, str]:
+    """The bound when none is given, and why, in words."""
+    if arch is host:
+        return DEFAULT_CHECK_BOUND, ""
+    bound = DEFAULT_CHECK_BOUND * FOREIGN_ARCH_FACTOR
+    return bound, (
+        f"bound {bound:g} s ({DEFAULT_CHECK_BOUND:g} s x {FOREIGN_ARCH_FACTOR:g}: an "
+        f"{arch.value} guest runs under TCG on this {host.value} host; --bound sets it)"
+    )
+
 
 _POLL_SECONDS = 0.5
 
@@ -177,6 +196,9 @@ class CheckVerdict:
     firmware: Firmware
     secure_boot: bool = False
     checks: list[LayoutCheck] = field(default_factory=list)
+    source: ImageInput | None = None
+    """The image's shape and metadata, as `check --image` read them (None: a bare disk given
+    to `check_image` directly)."""
 
     @property
     def passed(self) -> bool:

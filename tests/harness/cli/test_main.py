@@ -21,6 +21,7 @@ from lxd_agent_harness.image.agents import AGENTS, OURS
 from lxd_agent_harness.scenarios.matrix import MatrixVerdict, Shard, merge_shards
 from lxd_agent_harness.vm.accel import Accel, AccelChoice
 from lxd_agent_harness.vm.config import GuestImage
+from tests.harness.image.test_lxd_image import X86_METADATA, _qcow2, _tarball
 from tests.harness.scenarios.test_matrix import good_cell, sharded
 from tests.helpers import harness_command, minimal_deb
 from tests.repo import REPO
@@ -310,6 +311,33 @@ def test_bad_check_input_is_one_line_and_exit_2_before_anything_boots(
     assert len(out) == 1 and message in out[0], out
 
 
+@pytest.mark.parametrize(
+    ("given", "options", "message"),
+    [
+        (["meta"], [], "is a split image's metadata tarball; give its disk too"),
+        (["meta", "disk"], ["--arch", "arm64"], "--arch arm64 disagrees with the image's"),
+        (["arm-meta", "disk"], ["--host", "lxd"], "--host runs amd64 images; this image is arm64"),
+        (["meta", "disk", "disk"], [], "--image takes one or two paths, not 3"),
+    ],
+)
+def test_an_lxd_image_that_cannot_be_checked_is_one_line_and_exit_2(
+    given: list[str],
+    options: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    paths = {
+        "meta": _tarball(tmp_path / "lxd.tar", {"metadata.yaml": X86_METADATA.encode()}),
+        "arm-meta": _tarball(tmp_path / "arm.tar", {"metadata.yaml": b"architecture: aarch64\n"}),
+        "disk": _qcow2(tmp_path / "disk.qcow2"),
+    }
+    argv = ["check", "--image", *(str(paths[name]) for name in given), *options]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and message in out[0], out
+
+
 # -- rename-replay -----------------------------------------------------------------------------
 
 
@@ -338,9 +366,12 @@ def test_bad_rename_replay_input_is_one_line_and_exit_2(
 # -- image ------------------------------------------------------------------------------------
 
 
-def test_an_agent_is_chosen_for_a_cloud_disk_only(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["image", "--agent", "ours"]) == cli.EXIT_USAGE
-    assert "add --cloud" in capsys.readouterr().out
+@pytest.mark.parametrize("option", [["--agent", "ours"], ["--format", "split"]])
+def test_an_agent_and_a_format_are_chosen_for_a_cloud_disk_only(
+    option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["image", *option]) == cli.EXIT_USAGE
+    assert f"{option[0]} is for a --cloud disk; add --cloud" in capsys.readouterr().out
 
 
 def test_a_corrupt_deb_is_refused_before_any_build_with_one_line(

@@ -95,7 +95,7 @@ def test_the_matrix_takes_every_agent_and_layout_unless_told_otherwise() -> None
 def test_check_boots_lxd_5_19_5_20_and_incus_through_uefi_unless_told_otherwise() -> None:
     args = build_parser().parse_args(["check", "--image", "disk.qcow2"])
     assert (args.image, args.layout, args.firmware, args.accel) == (
-        Path("disk.qcow2"),
+        [Path("disk.qcow2")],
         None,  # cli.main takes CHECK_LAYOUTS
         None,  # cli.main takes UEFI (None: --host can tell that none was given)
         "auto",
@@ -147,7 +147,14 @@ def test_every_command_that_builds_or_boots_takes_the_guests_architecture() -> N
         ["soak"],
         ["snapshot"],
         ["matrix"],
-        ["check", "--image", "d"],
     ):
         assert build_parser().parse_args(argv).arch == host_arch().value
         assert build_parser().parse_args([*argv, "--arch", "arm64"]).arch == "arm64"
+    # check's comes from the image's metadata.yaml when it has one: None until it is read.
+    assert build_parser().parse_args(["check", "--image", "d"]).arch is None
+    assert build_parser().parse_args(["check", "--image", "d", "--arch", "arm64"]).arch == "arm64"
+
+
+def test_check_takes_a_split_image_as_two_paths() -> None:
+    args = build_parser().parse_args(["check", "--image", "lxd.tar.xz", "disk.qcow2"])
+    assert args.image == [Path("lxd.tar.xz"), Path("disk.qcow2")]

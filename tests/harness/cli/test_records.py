@@ -21,6 +21,7 @@ from lxd_agent_harness.cli.records import (
     matrix_json,
 )
 from lxd_agent_harness.image.agents import AGENTS, OURS
+from lxd_agent_harness.image.lxd_image import ImageInput, ImageKind, ImageMetadata
 from lxd_agent_harness.scenarios.check import CheckVerdict, HostReport, judge
 from lxd_agent_harness.scenarios.matrix import MatrixVerdict, Shard
 from lxd_agent_harness.vm.firmware import Firmware
@@ -167,3 +168,27 @@ def test_a_check_record_has_a_finding_and_reason_per_layout() -> None:
     assert data["layouts"][1]["opened_ports"] == ["org.linuxcontainers.lxd"]
     assert data["layouts"][1]["boot_job"] == ""
     assert data["layouts"][0]["stopped_after_power_off"] == pytest.approx(1.0)
+    assert data["image_input"] is None  # check_image called on a disk directly
+
+
+def test_a_check_record_says_what_shape_of_image_was_given() -> None:
+    metadata = ImageMetadata("x86_64", 1700000000, {"os": "Debian", "release": "bookworm"})
+    source = ImageInput(
+        ImageKind.SPLIT, (Path("/i/lxd.tar.xz"), Path("/i/disk.qcow2")), Path("/i/disk.qcow2"),
+        "qcow2", metadata,
+    )  # fmt: skip
+    checks = [reporting("lxd-5.20")]
+    judge(checks)
+    verdict = CheckVerdict(Path("/i"), Firmware.UEFI, checks=checks, source=source)
+    data = through_json(check_json(verdict))
+    assert data["image"] == "/i"
+    assert data["image_input"] == {
+        "kind": "split",
+        "files": ["/i/lxd.tar.xz", "/i/disk.qcow2"],
+        "disk_format": "qcow2",
+        "metadata": {
+            "architecture": "x86_64",
+            "creation_date": 1700000000,
+            "properties": {"os": "Debian", "release": "bookworm"},
+        },
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
@@ -18,17 +19,21 @@ from typing import Any
 import pytest
 
 from lxd_agent.protocol import INCUS_PORT_NAME, LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import BootStuck
 from lxd_agent_harness.image.cloud import CloudImage
 from lxd_agent_harness.lxd.layouts import LAYOUTS, get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.check import (
     CHECK_LAYOUTS,
+    DEFAULT_CHECK_BOUND,
+    FOREIGN_ARCH_FACTOR,
     CheckVerdict,
     Finding,
     HostReport,
     LayoutCheck,
     _see_boot_held,
+    default_bound,
     judge,
     status_port,
 )
@@ -204,6 +209,16 @@ def test_a_start_job_on_the_console_holds_the_boot_once_it_ran_for_the_bound(
     assert vm.cores_released == bool(held)  # a held boot only waits: its core goes to another VM
 
 
+def test_a_guest_of_another_architecture_gets_a_longer_default_bound_that_says_why() -> None:
+    assert default_bound(Arch.AMD64, Arch.AMD64) == (DEFAULT_CHECK_BOUND, "")
+    bound, why = default_bound(Arch.ARM64, Arch.AMD64)
+    assert bound == DEFAULT_CHECK_BOUND * FOREIGN_ARCH_FACTOR > DEFAULT_CHECK_BOUND
+    assert why == (
+        f"bound {bound:g} s (20 s x 3: an arm64 guest runs under TCG on this amd64 host; "
+        "--bound sets it)"
+    )
+
+
 # -- `check` on real images, through the command line --------------------------------------------
 
 CHECK_TIMEOUT = 1800
@@ -285,6 +300,56 @@ def test_check_fails_an_image_with_no_agent(
     (layout,) = record["layouts"]
     assert layout["started"] is None and layout["login_prompt"] is not None
     assert not layout["power_off_held"] and layout["reason"] == "no agent reported"
+
+
+@pytest.mark.vm
+def test_check_passes_our_cloud_image_as_lxds_split_image_and_as_its_unified_tarball(
+    deb: Path, cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
+) -> None:
+    # The image as `image --cloud --format` writes it (the "ours" disk, already built).
+    made = {}
+    for kind in ("split", "unified"):
+        command = harness_command(
+            "image", "--cloud", "--agent", "ours", "--deb", str(deb), "--format", kind
+        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+        made[kind] = Path(done.stdout.splitlines()[-1])  # after its progress lines
+    assert sorted(p.name for p in made["split"].iterdir()) == ["disk.qcow2", "lxd.tar.xz"]
+    assert made["unified"].is_file() and made["unified"].parent == cloud_images["ours"].directory
+    # Both checked at once, each on a layout of its own.
+    runs = {
+        kind: (tmp_path / kind, layout)
+        for kind, layout in (("split", "lxd-5.20"), ("unified", "incus"))
+    }
+    running = {}
+    for kind, (out, layout) in runs.items():
+        out.mkdir()
+        command = harness_command(
+            "check", "--image", str(made[kind]), "--layout", layout,
+            "--json", str(out / "check.json"),
+        )  # fmt: skip
+        running[kind] = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    said = {
+        kind: process.communicate(timeout=CHECK_TIMEOUT)[0] for kind, process in running.items()
+    }
+    print(said)
+    for kind, (out, layout) in runs.items():
+        assert running[kind].returncode == 0, said[kind]
+        record = json.loads((out / "check.json").read_text())
+        assert findings(record) == {layout: "reports"}
+        assert record["image"] == str(made[kind])
+        assert record["image_input"]["kind"] == kind
+        assert record["image_input"]["metadata"]["architecture"] == "x86_64"
+        assert record["image_input"]["metadata"]["properties"]["release"] == "bookworm"
+        assert "image: " in said[kind] and "x86_64, Debian bookworm" in said[kind]
+        figures[f"check, ours as a {kind} image on {layout}: QEMU start -> STARTED"] = (
+            f"{record['layouts'][0]['started']['seconds']:.1f} s"
+        )
+    # The unified tarball's disk was extracted for the check, and is gone with it.
+    assert "extracting rootfs.img" in said["unified"]
+    assert list(Path(tempfile.gettempdir()).glob("lxd-agent-image-*")) == []
 
 
 # -- the findings of a check on a real daemon (`check --host`) -----------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from lxd_agent_harness.image.cloud import (
     cloud_spec,
     with_debian_package,
 )
+from lxd_agent_harness.image.lxd_image import ImageKind, opened_image
+from lxd_agent_harness.image.rootfs import file_sha256
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.qemu_conf import parse_raw_qemu_conf
 from lxd_agent_harness.scenarios.check import LayoutCheck
@@ -163,6 +166,7 @@ def check_on_lxd(
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_real_lxd_reads_started_and_stopped_of_our_agent_and_its_config_is_the_model(
     cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
 ) -> None:
@@ -193,6 +197,7 @@ def test_real_lxd_reads_started_and_stopped_of_our_agent_and_its_config_is_the_m
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_a_users_lxd_finds_no_agent_and_keeps_nothing_of_ours(
     cloud_images: dict[str, CloudImage], tmp_path: Path
 ) -> None:
@@ -214,6 +219,7 @@ def test_a_users_lxd_finds_no_agent_and_keeps_nothing_of_ours(
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_what_a_run_killed_outright_left_goes_when_the_next_daemon_starts() -> None:
     """SIGKILL gives the harness no chance to clean up: its daemon (in a session of its own)
     lives on, with LXD's mounts in the state directory. The next daemon's start ends it."""
@@ -245,6 +251,61 @@ def test_what_a_run_killed_outright_left_goes_when_the_next_daemon_starts() -> N
     assert nothing_left_of_the_daemon() == []
 
 
+@pytest.mark.vm
+@pytest.mark.daemon
+def test_an_image_real_lxd_imports_and_exports_is_the_split_image_check_reads(
+    deb: Path, cloud_images: dict[str, CloudImage], tmp_path: Path
+) -> None:
+    """`lxc image import` of the harness's split image, then `lxc image export` (LXD's own
+    names: `meta-FINGERPRINT.tar.xz`, `FINGERPRINT.qcow2`): `check --image` reads the export
+    as a split image with the same metadata and the same disk, byte for byte, that
+    test_check.py's split and unified checks boot."""
+    command = harness_command(
+        "image", "--cloud", "--agent", "ours", "--deb", str(deb), "--format", "split"
+    )
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    split = Path(done.stdout.splitlines()[-1])  # after its progress lines
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    with LocalDaemon(print) as daemon:
+        # The private daemon's socket, and a client configuration of the test's own.
+        env = {
+            **os.environ,
+            "LXD_DIR": str(daemon.client.socket.parent),
+            "LXD_CONF": str(tmp_path / "conf"),
+        }
+
+        def lxc(*args: str) -> str:
+            run = subprocess.run(
+                ["lxc", *args], env=env, capture_output=True, text=True, timeout=600, check=False
+            )
+            assert run.returncode == 0, (args, run.stdout, run.stderr)
+            return run.stdout
+
+        lxc(
+            "image",
+            "import",
+            str(split / "lxd.tar.xz"),
+            str(split / "disk.qcow2"),
+            "--alias",
+            "ours",
+        )
+        (image,) = json.loads(lxc("image", "list", "--format", "json"))
+        assert image["type"] == "virtual-machine"
+        lxc("image", "export", "ours", str(exported))
+        lxc("image", "delete", "ours")
+    fingerprint = image["fingerprint"]
+    assert sorted(p.name for p in exported.iterdir()) == [
+        f"{fingerprint}.qcow2",
+        f"meta-{fingerprint}.tar.xz",
+    ]
+    with opened_image([exported], print) as theirs, opened_image([split], print) as ours:
+        assert (theirs.kind, theirs.disk_format) == (ImageKind.SPLIT, "qcow2")
+        assert theirs.metadata == ours.metadata
+        assert file_sha256(theirs.disk) == file_sha256(ours.disk)
+    assert nothing_left_of_the_daemon() == []
+
+
 @pytest.fixture(scope="module")
 def debians_agent_image() -> CloudImage:
     """The cloud image with Debian's own `lxd-agent` 5.0.2 package (the real Go agent)."""
@@ -255,6 +316,7 @@ def debians_agent_image() -> CloudImage:
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_real_incus_boots_our_package_and_reads_started_and_stopped(
     cloud_images: dict[str, CloudImage], figures: Figures
 ) -> None:
@@ -279,6 +341,7 @@ def test_real_incus_boots_our_package_and_reads_started_and_stopped(
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_real_incus_leaves_an_image_without_an_agent_alone_and_its_config_is_the_model(
     cloud_images: dict[str, CloudImage], tmp_path: Path
 ) -> None:
@@ -301,6 +364,7 @@ def test_real_incus_leaves_an_image_without_an_agent_alone_and_its_config_is_the
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_a_credential_is_incus_own_key_and_an_incus_without_it_says_so(
     cloud_images: dict[str, CloudImage], tmp_path: Path
 ) -> None:
@@ -335,6 +399,7 @@ def incus_agent_image(tmp_path_factory: pytest.TempPathFactory) -> CloudImage:
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_real_incus_with_debians_own_incus_agent_says_why_it_never_reported(
     incus_agent_image: CloudImage, tmp_path: Path
 ) -> None:
@@ -383,6 +448,7 @@ def test_fails_on_the_daemon(lxd_vm):
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
     tmp_path: Path, deb: Path
 ) -> None:
@@ -434,6 +500,7 @@ def test_a_users_tests_run_on_a_real_lxd_and_a_failure_leaves_its_files(
 
 
 @pytest.mark.vm
+@pytest.mark.daemon
 def test_the_specification_replayed_on_lxd_5_0_2_and_its_rename_build(
     cloud_images: dict[str, CloudImage],
     debians_agent_image: CloudImage,
