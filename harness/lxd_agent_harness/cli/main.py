@@ -599,8 +599,8 @@ def check_command(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         try:
             # A unified tarball's disk is extracted here and removed when the check ends.
-            image = stack.enter_context(opened_image(args.image, say))
             asked = Arch(args.arch) if args.arch is not None else None
+            image = stack.enter_context(opened_image(args.image, say, asked))
             arch = image.guest_arch(asked, host_arch())
             if hosts and arch is not Arch.AMD64:
                 raise UsageError(f"--host runs amd64 images; this image is {arch.value}")

@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         type=Path,
         nargs="+",
+        action="extend",
         required=True,
         metavar="PATH",
         help="the image to check: a qcow2 or raw disk, LXD's unified tarball (metadata.yaml, "

@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from lxd_agent_harness.base.sockets import socket_base
 from lxd_agent_harness.image.buildsteps import detach_mounts_under, mounts_under, remove_tree
-
-SOCKET_PATH_MAX = 107
-"""An AF_UNIX socket path's bytes at most: the state directory must leave room for it."""
 
 OWNER_LOCK = "owner.lock"
 
@@ -38,12 +36,8 @@ names it): far longer than a harness takes between making a directory and lockin
 
 
 def state_base() -> Path:
-    """Where daemons' state directories go: the temporary directory, unless its path is too long
-    to leave room for the daemon's socket under it (pytest's and xdist's are)."""
-    base = Path(tempfile.gettempdir())
-    if len(str(base)) > SOCKET_PATH_MAX - 40:
-        base = Path("/tmp")
-    return base
+    """Where daemons' state directories go: where the harness's sockets go (`base.sockets`)."""
+    return socket_base()
 
 
 def prefix(kind: str) -> str:

@@ -40,6 +40,8 @@ from lxd_agent_harness.image.aptsources import DEFAULT_RELEASE
 from lxd_agent_harness.image.buildsteps import build_directory, remove_tree, run_build_step
 from lxd_agent_harness.image.lxd_image import (
     SPLIT_DIRECTORY,
+    SPLIT_DISK,
+    SPLIT_METADATA,
     UNIFIED,
     ImageKind,
     metadata_yaml,
@@ -499,10 +501,20 @@ def cloud_image_as(
     if kind is ImageKind.DISK:
         return cloud.disk
     target = cloud.directory / (SPLIT_DIRECTORY if kind is ImageKind.SPLIT else UNIFIED)
+    split = kind is ImageKind.SPLIT
+    complete = [target / SPLIT_METADATA, target / SPLIT_DISK] if split else [target]
     cache = cloud.directory.parent.parent  # CACHE/cloud-images/KEY
-    lock = build_lock(cache, f"cloud-{kind.value}", cloud.directory.name)
+    # The entry's own build lock: a `--rebuild` of the disk never runs beside this write.
+    lock = build_lock(cache, "cloud-image", cloud.directory.name)
     with building(lock, FORMAT_LOCK_TIMEOUT, progress):
-        if not target.exists():
+        if not cloud.is_complete():
+            raise ImageError(
+                f"the cloud image {cloud.directory} went away while it was being written as a "
+                f"{kind.value} image; run the command again"
+            )
+        if not all(path.is_file() for path in complete):
+            if target.is_dir():  # what a killed write left
+                remove_tree(target)
             properties = {
                 "os": "Debian",
                 "release": spec.release,
@@ -513,7 +525,15 @@ def cloud_image_as(
             }
             created = int(cloud.disk.stat().st_mtime)
             started = time.monotonic()
-            write_lxd_image(cloud.disk, kind, target, metadata_yaml(spec.arch, created, properties))
+            try:
+                write_lxd_image(
+                    cloud.disk, kind, target, metadata_yaml(spec.arch, created, properties)
+                )
+            except OSError as e:
+                raise ImageError(
+                    f"could not write the {kind.value} image {target} ({e}); free some room "
+                    "in the cache and run the command again"
+                ) from None
             progress(
                 f"cloud image: wrote the {kind.value} image {target} in "
                 f"{time.monotonic() - started:.1f} s"

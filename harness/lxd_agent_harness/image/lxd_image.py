@@ -34,7 +34,7 @@ import yaml
 from lxd_agent_harness.base.arch import Arch
 from lxd_agent_harness.base.errors import ImageError
 from lxd_agent_harness.base.progress import Progress
-from lxd_agent_harness.qemu.disk import BOOTABLE_FORMATS, UnsupportedDiskFormat, disk_format
+from lxd_agent_harness.qemu.disk import UnsupportedDiskFormat, disk_format
 
 METADATA = "metadata.yaml"
 ROOTFS = "rootfs.img"
@@ -59,6 +59,7 @@ _ARCHITECTURES = {
 # Magic numbers of what is not a VM image's file, to name it in the error.
 _ZSTD = b"\x28\xb5\x2f\xfd"
 _SQUASHFS = b"hsqs"
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"))
 
 
 class ImageKind(str, enum.Enum):
@@ -127,15 +128,7 @@ class ImageInput:
         `asked` or `default` for a bare disk."""
         if self.metadata is None:
             return asked or default
-        arch = self.metadata.arch
-        if asked is not None and asked is not arch:
-            raise ImageArchError(
-                f"--arch {asked.value} disagrees with the image's metadata.yaml (architecture "
-                f"{self.metadata.architecture}); drop --arch or give the {asked.value} image",
-                metadata_arch=self.metadata.architecture,
-                asked=asked.value,
-            )
-        return arch
+        return _metadata_arch(self.metadata, asked)
 
     def describe(self) -> str:
         """One line for the progress: the shape, and what metadata.yaml says."""
@@ -149,6 +142,18 @@ class ImageInput:
             said = " ".join(str(props[k]) for k in ("os", "release") if props.get(k))
             what += f", {self.metadata.architecture}" + (f", {said}" if said else "")
         return f"image: {what}"
+
+
+def _metadata_arch(metadata: ImageMetadata, asked: Arch | None) -> Arch:
+    arch = metadata.arch
+    if asked is not None and asked is not arch:
+        raise ImageArchError(
+            f"--arch {asked.value} disagrees with the image's metadata.yaml (architecture "
+            f"{metadata.architecture}); drop --arch or give the {asked.value} image",
+            metadata_arch=metadata.architecture,
+            asked=asked.value,
+        )
+    return arch
 
 
 # -- telling the shapes apart --------------------------------------------------------------------
@@ -166,9 +171,9 @@ class _Seen:
         return f"{self.path}: {self.detail}"
 
 
-def _members(tar: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
-    """The tarball's members by name, without the `./` some builders put before each."""
-    return {member.name.removeprefix("./").rstrip("/"): member for member in tar.getmembers()}
+def _name(member: tarfile.TarInfo) -> str:
+    """A member's name without the `./` or `/` some builders put before each."""
+    return member.name.removeprefix("./").lstrip("/").rstrip("/")
 
 
 def _read_metadata(stream: IO[bytes] | None, where: Path) -> ImageMetadata:
@@ -196,30 +201,50 @@ def _read_metadata(stream: IO[bytes] | None, where: Path) -> ImageMetadata:
     )
 
 
+def _look_at_tarball(path: Path) -> _Seen:
+    """A tarball's shape, read in one pass that stops at the disk's header: a compressed
+    unified tarball is not decompressed through its disk just to be told apart."""
+    metadata: ImageMetadata | None = None
+    names: list[str] = []
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            name = _name(member)
+            names.append(name)
+            if name == METADATA:
+                if not member.isfile():
+                    return _Seen(path, "other", f"a tarball whose {METADATA} is no regular file")
+                metadata = _read_metadata(tar.extractfile(member), path)
+            elif name == "rootfs" or name.startswith("rootfs/"):
+                return _Seen(path, "container", "a container image's unified tarball (rootfs/)")
+            if metadata is not None and ROOTFS in names:
+                break
+    if not names:  # a blank disk's zeros read as an empty tarball
+        return _as_disk(path)
+    if metadata is None:
+        return _Seen(path, "other", f"a tarball without {METADATA}")
+    if ROOTFS in names:
+        return _Seen(path, "unified", "a unified tarball", metadata=metadata)
+    return _Seen(path, "metadata", "a metadata tarball", metadata=metadata)
+
+
 def _look_at(path: Path) -> _Seen:
     """What one file is, by its content."""
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head == _ZSTD:
-        return _Seen(path, "other", "zstd-compressed (decompress it first: `zstd -d`)")
-    if head == _SQUASHFS:
-        return _Seen(path, "container", "a squashfs root, a container image's")
-    if tarfile.is_tarfile(path):
-        try:
-            with tarfile.open(path) as tar:
-                members = _members(tar)
-                if not members:  # a blank disk's zeros read as an empty tarball
-                    return _as_disk(path)
-                if METADATA not in members:
-                    return _Seen(path, "other", f"a tarball without {METADATA}")
-                metadata = _read_metadata(tar.extractfile(members[METADATA]), path)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            return _Seen(path, "other", f"a damaged tarball ({e})")
-        if ROOTFS in members:
-            return _Seen(path, "unified", "a unified tarball", metadata=metadata)
-        if "rootfs" in members:
-            return _Seen(path, "container", "a container image's unified tarball (rootfs/)")
-        return _Seen(path, "metadata", "a metadata tarball", metadata=metadata)
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+        if head.startswith(_ZSTD):
+            return _Seen(path, "other", "zstd-compressed (decompress it first: `zstd -d`)")
+        if head.startswith(_SQUASHFS):
+            return _Seen(path, "container", "a squashfs root, a container image's")
+        if tarfile.is_tarfile(path):
+            return _look_at_tarball(path)
+    except (tarfile.TarError, EOFError) as e:
+        return _Seen(path, "other", f"a damaged tarball ({e})")
+    except OSError as e:
+        return _Seen(path, "other", f"unreadable ({e.strerror})")
+    for magic, tool in _COMPRESSED:
+        if head.startswith(magic):
+            return _Seen(path, "other", f"{tool}-compressed, not a tarball (decompress it first)")
     return _as_disk(path)
 
 
@@ -310,33 +335,55 @@ def resolve_image(paths: Sequence[Path]) -> tuple[ImageKind, list[_Seen]]:
 
 
 def _extract_rootfs(tarball: Path, into: Path, progress: Progress) -> Path:
-    progress(f"image: extracting {ROOTFS} from {tarball}")
+    """The tarball's `rootfs.img`, copied into `into` in one streaming pass."""
+    progress(f"image: extracting {ROOTFS} from {tarball} into {into}")
     started = time.monotonic()
     target = into / ROOTFS
-    with tarfile.open(tarball) as tar:
-        member = _members(tar)[ROOTFS]
-        source = tar.extractfile(member) if member.isfile() else None
-        if source is None:
-            raise ImageInputError(
-                f"{tarball}: its {ROOTFS} is not a regular file; the tarball is not LXD's",
-                paths=(tarball,),
-            )
-        with source, target.open("wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-    progress(
-        f"image: {ROOTFS} ({target.stat().st_size >> 20} MiB) in {time.monotonic() - started:.1f} s"
-    )
+    try:
+        with tarfile.open(tarball, "r|*") as tar:
+            for member in tar:
+                if _name(member) != ROOTFS:
+                    continue
+                source = tar.extractfile(member) if member.isfile() else None
+                if source is None:
+                    raise ImageInputError(
+                        f"{tarball}: its {ROOTFS} is not a regular file; the tarball is not LXD's",
+                        paths=(tarball,),
+                    )
+                free = shutil.disk_usage(into).free
+                if member.size > free:
+                    raise ImageInputError(
+                        f"{tarball}: its {ROOTFS} is {member.size >> 20} MiB and {into} has "
+                        f"{free >> 20} MiB free; point TMPDIR to a file system with room",
+                        paths=(tarball,),
+                    )
+                with source, target.open("wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                break
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ImageInputError(
+            f"could not extract {ROOTFS} from {tarball} into {into} ({e}); check the tarball "
+            "and the room in TMPDIR",
+            paths=(tarball,),
+        ) from None
+    size = target.stat().st_size >> 20
+    progress(f"image: {ROOTFS} ({size} MiB) in {time.monotonic() - started:.1f} s")
     return target
 
 
 @contextlib.contextmanager
-def opened_image(paths: Sequence[Path], progress: Progress) -> Iterator[ImageInput]:
+def opened_image(
+    paths: Sequence[Path], progress: Progress, asked_arch: Arch | None = None
+) -> Iterator[ImageInput]:
     """The image given as `paths`, ready to boot, for as long as the context lasts.
 
-    A unified tarball's disk is extracted into a temporary directory that is removed on exit,
-    however the context ends. Every error comes before anything boots."""
+    A unified tarball's disk is extracted into a temporary directory (in TMPDIR) that is
+    removed on exit, however the context ends. Every error comes before anything boots, and
+    an `asked_arch` that metadata.yaml disagrees with before anything is extracted."""
     kind, parts = resolve_image(paths)
     files = tuple(s.path for s in parts)
+    if parts[0].metadata is not None:
+        _metadata_arch(parts[0].metadata, asked_arch)
     if kind is ImageKind.DISK:
         yield ImageInput(kind, files, parts[0].path, parts[0].disk_format)
         return
@@ -346,8 +393,12 @@ def opened_image(paths: Sequence[Path], progress: Progress) -> Iterator[ImageInp
     with tempfile.TemporaryDirectory(prefix="lxd-agent-image-") as tmp:
         disk = _extract_rootfs(parts[0].path, Path(tmp), progress)
         fmt = disk_format(disk)
-        if fmt not in BOOTABLE_FORMATS:  # pragma: no cover - disk_format raises first
-            raise UnsupportedDiskFormat(disk, fmt)
+        if fmt != "qcow2":  # as LXD, which refuses any other rootfs.img
+            raise ImageInputError(
+                f"{parts[0].path}: its {ROOTFS} is a {fmt} disk; a VM image's is qcow2 "
+                "(`qemu-img convert -O qcow2`)",
+                paths=files,
+            )
         yield ImageInput(kind, files, disk, fmt, parts[0].metadata)
 
 
@@ -385,9 +436,10 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def write_lxd_image(disk: Path, kind: ImageKind, target: Path, metadata: str) -> Path:
     """Write `disk` (qcow2) with `metadata` (metadata.yaml's text) as LXD's `kind` of image at
-    `target`: a directory (`lxd.tar.xz`, `disk.qcow2`) for split, a tarball for unified. Whole
-    or not at all: it is made beside `target` and renamed into place. The disk is hard-linked
-    where it can be (it is the cache's, which `image --cloud` prints as it is)."""
+    `target`, which must not exist yet: a directory (`lxd.tar.xz`, `disk.qcow2`) for split, a
+    tarball for unified. Whole or not at all: it is made beside `target` and renamed into
+    place. The disk is hard-linked where it can be (it is the cache's, which `image --cloud`
+    prints as it is: import or copy it, never write to it)."""
     mtime = int(disk.stat().st_mtime)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
@@ -403,9 +455,8 @@ def write_lxd_image(disk: Path, kind: ImageKind, target: Path, metadata: str) ->
                 tar.add(disk, arcname=ROOTFS)
         else:
             raise ValueError(f"{kind.value} is not one of LXD's image formats")
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(made, target)
+        made.chmod(0o755 if made.is_dir() else 0o644)
+        os.rename(made, target)  # a directory there already is refused: never half of one
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -34,6 +34,7 @@ from qemu.qmp.events import EventFilter, EventNames
 from qemu.qmp.message import Message
 
 from lxd_agent_harness.base.errors import QemuError, VmError
+from lxd_agent_harness.base.sockets import socket_base
 
 DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
 
@@ -251,7 +252,7 @@ class QemuProcess:
                 f"{self.binary} not found on PATH; install Debian's qemu-system-x86 "
                 "(in a clone of the project: `make setup`) and try again"
             )
-        self._tmp = tempfile.TemporaryDirectory(prefix="lxd-agent-qemu-")
+        self._tmp = tempfile.TemporaryDirectory(prefix="lxd-agent-qemu-", dir=socket_base())
         await self.qmp.start_server(str(self.qmp_path))
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self._proc = subprocess.Popen(

@@ -29,6 +29,7 @@ from qemu.qmp import QMPClient, QMPError
 from lxd_agent_harness.base.aio import bounded
 from lxd_agent_harness.base.errors import BootStuck, GuestStopped, HarnessError, VmError
 from lxd_agent_harness.base.progress import Progress
+from lxd_agent_harness.base.sockets import socket_base
 from lxd_agent_harness.lxd.monitor import RingbufMonitor, TimelineEntry
 from lxd_agent_harness.qemu.disk import make_overlay
 from lxd_agent_harness.qemu.migration import SavedState, as_refusal, save_state, wait_incoming
@@ -348,7 +349,9 @@ class Vm:
     async def _start(self) -> None:
         stack = self._stack
         self.cores = await take_vm_lock(stack, self.progress, host_cores(self.config))
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lxd-agent-vm-"))
+        tmp = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="lxd-agent-vm-", dir=socket_base())
+        )
         files = self.files = VmFiles(Path(tmp))
         boot = self.config.boot
         if self.config.overlay is not None:

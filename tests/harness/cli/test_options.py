@@ -158,3 +158,6 @@ def test_every_command_that_builds_or_boots_takes_the_guests_architecture() -> N
 def test_check_takes_a_split_image_as_two_paths() -> None:
     args = build_parser().parse_args(["check", "--image", "lxd.tar.xz", "disk.qcow2"])
     assert args.image == [Path("lxd.tar.xz"), Path("disk.qcow2")]
+    # Given twice, both count (a second --image does not drop the first).
+    twice = build_parser().parse_args(["check", "--image", "lxd.tar.xz", "--image", "d.qcow2"])
+    assert twice.image == [Path("lxd.tar.xz"), Path("d.qcow2")]

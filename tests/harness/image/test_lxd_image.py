@@ -7,10 +7,13 @@ tests/harness/scenarios/test_check.py (`check` on the harness's split and unifie
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
+import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,12 @@ def _tarball(path: Path, members: dict[str, bytes | Path | None], mode: str = "w
                 entry.size = len(content)
                 tar.addfile(entry, io.BytesIO(content))
     return path
+
+
+def _gzipped(source: Path, target: Path) -> Path:
+    with source.open("rb") as f, gzip.open(target, "wb") as out:
+        shutil.copyfileobj(f, out)
+    return target
 
 
 @pytest.fixture
@@ -155,6 +164,8 @@ def test_a_split_image_is_found_by_content_in_a_directory_or_as_two_paths_in_eit
         ("zstd", "zstd-compressed (decompress it first"),
         ("three-paths", "--image takes one or two paths, not 3"),
         ("empty-directory", "(no files)"),
+        ("gzip-disk", "gzip-compressed, not a tarball (decompress it first)"),
+        ("container-without-its-directory", "a container image's unified tarball (rootfs/)"),
     ],
 )
 def test_what_is_no_image_is_refused_saying_what_was_found(
@@ -185,6 +196,12 @@ def test_what_is_no_image_is_refused_saying_what_was_found(
         "zstd": lambda: [tmp_path / "image.tar.zst"],
         "three-paths": lambda: [meta, disk, raw],
         "empty-directory": lambda: [tmp_path / "empty"],
+        "gzip-disk": lambda: [_gzipped(disk, tmp_path / "disk.qcow2.gz")],
+        "container-without-its-directory": lambda: [
+            _tarball(
+                tmp_path / "d.tar", {"metadata.yaml": X86_METADATA.encode(), "rootfs/etc/os": b""}
+            )
+        ],
     }[layout]()
     (tmp_path / "rootfs.squashfs").write_bytes(b"hsqs" + b"\0" * 100)
     (tmp_path / "image.tar.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 100)
@@ -266,3 +283,49 @@ def test_a_write_that_fails_leaves_neither_the_target_nor_its_work(
     with pytest.raises(OSError):
         write_lxd_image(disk, ImageKind.SPLIT, target, metadata_yaml(Arch.AMD64, 1, {}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made.qcow2"]
+
+
+def test_a_blank_raw_disk_is_a_disk_though_its_zeros_read_as_an_empty_tarball(
+    tmp_path: Path,
+) -> None:
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(1 << 20))
+    assert tarfile.is_tarfile(blank)  # what the shape test has to look past
+    kind, (seen,) = resolve_image([blank])
+    assert (kind, seen.disk_format) == (ImageKind.DISK, "raw")
+
+
+def test_a_unified_tarballs_raw_rootfs_is_refused_as_lxd_refuses_it(tmp_path: Path) -> None:
+    raw = tmp_path / "rootfs.raw"
+    raw.write_bytes(b"\1" * 4096)
+    tarball = _tarball(
+        tmp_path / "u.tar", {"metadata.yaml": X86_METADATA.encode(), "rootfs.img": raw}
+    )
+    with pytest.raises(ImageInputError) as raised, opened_image([tarball], print):
+        pass
+    assert "its rootfs.img is a raw disk; a VM image's is qcow2" in str(raised.value)
+    assert list(Path(tempfile.gettempdir()).glob(f"lxd-agent-image-*/{raw.name}")) == []
+
+
+def test_an_arch_that_disagrees_is_refused_before_anything_is_extracted(
+    tmp_path: Path, disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object) -> Path:
+        raise AssertionError("extracted before the architecture was checked")
+
+    monkeypatch.setattr(lxd_image, "_extract_rootfs", never)
+    tarball = _tarball(
+        tmp_path / "u.tar", {"metadata.yaml": X86_METADATA.encode(), "rootfs.img": disk}
+    )
+    with pytest.raises(ImageArchError), opened_image([tarball], print, Arch.ARM64):
+        pass
+
+
+def test_a_split_image_is_never_written_over_one_that_is_there(tmp_path: Path, disk: Path) -> None:
+    target = tmp_path / "split"
+    write_lxd_image(disk, ImageKind.SPLIT, target, metadata_yaml(Arch.AMD64, 1, {}))
+    with pytest.raises(OSError):
+        write_lxd_image(disk, ImageKind.SPLIT, target, metadata_yaml(Arch.ARM64, 2, {}))
+    with opened_image([target], print) as image:  # the first, whole
+        assert image.metadata is not None and image.metadata.architecture == "x86_64"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made.qcow2", "split"]

@@ -8,13 +8,14 @@ it (exit 0), the LXD 5.0 emulation in it (exit 1: it reports only on the old nam
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -302,9 +303,21 @@ def test_check_fails_an_image_with_no_agent(
     assert not layout["power_off_held"] and layout["reason"] == "no agent reported"
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR for a harness run with a short path: its QMP socket goes there, and tmp_path
+    under xdist is too long for a unix socket's path."""
+    with tempfile.TemporaryDirectory(prefix="la-", dir="/tmp") as tmp:
+        yield Path(tmp)
+
+
 @pytest.mark.vm
 def test_check_passes_our_cloud_image_as_lxds_split_image_and_as_its_unified_tarball(
-    deb: Path, cloud_images: dict[str, CloudImage], tmp_path: Path, figures: Figures
+    deb: Path,
+    cloud_images: dict[str, CloudImage],
+    tmp_path: Path,
+    short_tmp: Path,
+    figures: Figures,
 ) -> None:
     # The image as `image --cloud --format` writes it (the "ours" disk, already built).
     made = {}
@@ -322,6 +335,7 @@ def test_check_passes_our_cloud_image_as_lxds_split_image_and_as_its_unified_tar
         for kind, layout in (("split", "lxd-5.20"), ("unified", "incus"))
     }
     running = {}
+    scratch = short_tmp  # the checks' TMPDIR, where the unified disk is extracted
     for kind, (out, layout) in runs.items():
         out.mkdir()
         command = harness_command(
@@ -329,7 +343,11 @@ def test_check_passes_our_cloud_image_as_lxds_split_image_and_as_its_unified_tar
             "--json", str(out / "check.json"),
         )  # fmt: skip
         running[kind] = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TMPDIR": str(scratch)},
         )
     said = {
         kind: process.communicate(timeout=CHECK_TIMEOUT)[0] for kind, process in running.items()
@@ -348,8 +366,8 @@ def test_check_passes_our_cloud_image_as_lxds_split_image_and_as_its_unified_tar
             f"{record['layouts'][0]['started']['seconds']:.1f} s"
         )
     # The unified tarball's disk was extracted for the check, and is gone with it.
-    assert "extracting rootfs.img" in said["unified"]
-    assert list(Path(tempfile.gettempdir()).glob("lxd-agent-image-*")) == []
+    assert f"extracting rootfs.img from {made['unified']} into {scratch}/" in said["unified"]
+    assert [p for p in scratch.iterdir() if p.name.startswith("lxd-agent-image-")] == []
 
 
 # -- the findings of a check on a real daemon (`check --host`) -----------------------------------
