@@ -269,3 +269,37 @@ def _storm_counts(runs: list[SignalledStart]) -> dict[str, int]:
         "left running (killed)": sum(run.returncode is None for run in runs),
         "bad": sum(run.problem() is not None for run in runs),
     }
+
+
+IMPORTLIB_DROP = (
+    "Exception ignored in: <function _get_module_lock.<locals>.cb at 0x7f6d0f35c4a0>\n"
+    "Traceback (most recent call last):\n"
+    '  File "<frozen importlib._bootstrap>", line 199, in cb\n'
+    "KeyboardInterrupt: \n"
+    "lxd-agent: reporting to com.canonical.lxd (/dev/virtio-ports/com.canonical.lxd)\n"
+)
+ZIP_CHECK_DROP = (
+    "Exception ignored in: <function f at 0x1>\n"
+    "Traceback (most recent call last):\n"
+    '  File "/usr/lib/python3.11/zipimport.py", line 1, in f\n'
+    "KeyboardInterrupt: \n"
+)
+
+
+@pytest.mark.parametrize(
+    ("entry", "stderr", "problem"),
+    [
+        # The interpreter's own start dropped it in importlib, before any line of ours.
+        ("launcher", IMPORTLIB_DROP, None),
+        ("python-m", IMPORTLIB_DROP, None),
+        # Any other drop the launcher should have sent again: still running is a failure.
+        ("launcher", ZIP_CHECK_DROP, "still running at the bound"),
+        ("python-m", ZIP_CHECK_DROP, None),
+        ("launcher", "", "still running at the bound"),
+    ],
+)
+def test_a_sigint_the_interpreter_dropped_before_our_first_line_is_no_failure_of_ours(
+    entry: str, stderr: str, problem: str | None
+) -> None:
+    run = SignalledStart(entry, signal.SIGINT, 0.0117, None, ["STARTED"], stderr)
+    assert run.problem() == problem
