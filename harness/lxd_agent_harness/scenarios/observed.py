@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
@@ -145,21 +144,26 @@ async def power_off_within(
     shutdown (`pressing_again`).
     """
     mark = vm.console.received
-    deadline = time.monotonic() + bound
+    pressed = vm.seconds()
+    vm.host_cpu_wait()  # a sample at the press: the bound counts the time the guest could run
     await vm.power_off()
     vm.release_cores()  # a guest shutting down needs its core no more, a held one not at all
     try:
         async with contextlib.AsyncExitStack() as stack:
             if press_again_after is not None:
                 await stack.enter_async_context(pressing_again(vm, mark, press_again_after))
-            off = await _off_within(vm, deadline - time.monotonic())
+            off = await _off_within(vm, bound, pressed)
         if not off:
             job = ""
             match = vm.console.search(JOB_RUNNING, mark)
             if match is not None:
                 kind, unit = (group.decode(errors="replace") for group in match.groups())
                 job = f"{kind} job for {unit}"
-            vm.note(f"power-off held for {bound:g} s; {job or 'no job on the console'}")
+            starved = vm.host_cpu_wait(pressed)
+            extra = (
+                f" (and {starved:.1f} s its vCPU waited for a host CPU)" if starved >= 1.0 else ""
+            )
+            vm.note(f"power-off held for {bound:g} s{extra}; {job or 'no job on the console'}")
             return PowerOff(held=True, job_running=job)
         return PowerOff(held=False)
     finally:
@@ -167,12 +171,39 @@ async def power_off_within(
             await vm.monitor.read_rings("after power-off")
 
 
-async def _off_within(vm: Vm, seconds: float) -> bool:
-    """Whether the guest is off within `seconds`; raises if QEMU died or the guest crashed."""
+# How often the wait for the power-off looks at how long the guest waited for a host CPU.
+_OFF_SLICE = 1.0
+
+
+async def _off_within(vm: Vm, bound: float, pressed: float) -> bool:
+    """Whether the guest is off within `bound` s of the press at `pressed` (VM seconds), counted
+    in the time it could run (`Vm.host_cpu_wait`); raises if QEMU died or the guest crashed."""
+    while vm.guest_off_at is None:
+        left = bound - (vm.seconds() - pressed - vm.host_cpu_wait(pressed))
+        if left <= 0:
+            return await _off_at_the_bound(vm)
+        try:
+            await vm.wait_guest_off(timeout=min(left, _OFF_SLICE))
+        except VmError:
+            await _raise_unless_up(vm)
+    return True
+
+
+async def _raise_unless_up(vm: Vm) -> None:
+    """Raises if QEMU died or the guest crashed (no answer); returns while it is up."""
+    try:
+        await vm.check_running()
+    except GuestStopped as stopped:
+        if stopped.run_state != "shutdown":
+            raise
+
+
+async def _off_at_the_bound(vm: Vm) -> bool:
+    """At the bound: off (perhaps just now), or held; raises if QEMU died or the guest crashed."""
     if vm.guest_off_at is not None:
         return True
     try:
-        await vm.wait_guest_off(timeout=max(seconds, 0.0))
+        await vm.wait_guest_off(timeout=0.0)
     except VmError:
         try:
             await vm.check_running()  # QEMU died or the guest crashed: not a hang

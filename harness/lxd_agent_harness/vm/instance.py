@@ -47,6 +47,7 @@ from lxd_agent_harness.vm.config import (
     qemu_conf_text,
 )
 from lxd_agent_harness.vm.console import CommandResult, ConsoleShell, SerialConsole
+from lxd_agent_harness.vm.cpuwait import CpuWait, vcpu_threads
 from lxd_agent_harness.vm.firmware import Firmware, fresh_vars, sercon_file, watch_firmware_boot
 from lxd_agent_harness.vm.lock import Cores, take_vm_lock
 
@@ -96,9 +97,10 @@ class Vm:
         self.powerdown_at: float | None = None
         self.guest_off_at: float | None = None
         self.running_at: float | None = None
+        """When the guest started running (after a restore: when its state was loaded)."""
         self.cores: Cores | None = None
         """The machine's slots this VM holds (`vm.lock`), until its guest only waits."""
-        """When the guest started running (after a restore: when its state was loaded)."""
+        self._cpu_wait: CpuWait | None = None
 
     # -- what callers use ------------------------------------------------------------------
 
@@ -138,6 +140,14 @@ class Vm:
     def since_start(self, monotonic: float | None) -> float | None:
         """`monotonic` (a `time.monotonic()` moment) in seconds since QEMU started; None stays."""
         return None if monotonic is None else monotonic - self.t0
+
+    def host_cpu_wait(self, since: float = 0.0) -> float:
+        """Seconds the guest's vCPUs waited for a host CPU from `since` (VM seconds) until now
+        (`vm/cpuwait.py`): what a busy host took from a bound that began then. Each call is a
+        sample; a caller that will ask about a window polls this through it."""
+        if self._cpu_wait is None:
+            return 0.0
+        return self._cpu_wait.since(since)
 
     def error(self, message: str) -> VmError:
         """A `VmError` for `message` that carries what the VM has seen so far."""
@@ -415,6 +425,9 @@ class Vm:
         await self._execute("cont")
         self.running_at = time.monotonic()
         self.note("guest running")
+        cpus = await self._execute("query-cpus-fast")
+        self._cpu_wait = CpuWait(self._qemu.pid, vcpu_threads(cpus), self.seconds)
+        self._cpu_wait.now()
 
     @property
     def ring_read_size(self) -> int:

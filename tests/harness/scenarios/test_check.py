@@ -165,11 +165,20 @@ def test_a_layout_that_could_not_boot_is_not_checked_and_fails_the_verdict() -> 
 class ConsoleSaid:
     """Stands in for a VM whose console shows `text` (only what the boot-held check reads)."""
 
-    def __init__(self, text: bytes) -> None:
+    def __init__(self, text: bytes, starved: float = 0.0) -> None:
         self.notes: list[str] = []
         self.console = self
         self.text = text
         self.cores_released = False
+        self.starved = starved
+        self.asked: list[float] = []
+
+    def seconds(self) -> float:
+        return 100.0
+
+    def host_cpu_wait(self, since: float = 0.0) -> float:
+        self.asked.append(since)
+        return self.starved
 
     def last_groups(self, pattern: re.Pattern[bytes]) -> tuple[bytes | None, ...] | None:
         matches = list(pattern.finditer(self.text))
@@ -208,6 +217,29 @@ def test_a_start_job_on_the_console_holds_the_boot_once_it_ran_for_the_bound(
     assert check.boot_job == held
     assert bool(vm.notes) == bool(held)
     assert vm.cores_released == bool(held)  # a held boot only waits: its core goes to another VM
+
+
+@pytest.mark.parametrize(
+    ("running", "starved", "held"),
+    [(25, 6.0, False), (25, 5.0, True), (40, 0.0, True)],
+)
+def test_a_start_job_holds_the_boot_for_the_time_the_guest_could_run(
+    running: int, starved: float, held: bool
+) -> None:
+    """On a busy host a guest's vCPU waits for a CPU and its jobs run long: the wait within the
+    job's time (from when the console says it began) is not counted against the bound."""
+    check = silent("lxd-5.20")
+    vm = ConsoleSaid(
+        b"A start job is running for dev-ttyS0.device (%ds / no limit)" % running, starved
+    )
+    _see_boot_held(vm, check)  # type: ignore[arg-type]
+    assert bool(check.boot_job) is held
+    assert vm.asked == [100.0 - running]  # the window the job ran in, in VM seconds
+    if held and starved:
+        assert vm.notes == [
+            f"the boot held for {running} s ({starved:.1f} s of it waiting for a host CPU) "
+            "by a start job for dev-ttyS0.device"
+        ]
 
 
 def test_a_guest_of_another_architecture_gets_a_longer_default_bound_that_says_why() -> None:

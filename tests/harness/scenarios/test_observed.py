@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,12 +15,14 @@ from typing import cast
 import pytest
 
 from lxd_agent.protocol import LEGACY_PORT_NAME, PORT_NAME, STARTED, STOPPED
+from lxd_agent_harness.base.errors import VmError
 from lxd_agent_harness.lxd.layouts import get_layout
 from lxd_agent_harness.lxd.monitor import EntryKind, TimelineEntry
 from lxd_agent_harness.scenarios.boot import BootVerdict
 from lxd_agent_harness.scenarios.observed import (
     PowerOffFigures,
     first_state,
+    power_off_within,
     pressing_again,
     record,
 )
@@ -156,3 +159,58 @@ def test_the_power_button_is_not_pressed_again_once_the_guest_is_off() -> None:
 
     asyncio.run(wait())
     assert vm.presses == 0
+
+
+class SlowOffVm:
+    """What `power_off_within` uses of a `Vm`, for a guest that is off `off_after` s after the
+    press and whose vCPU waited `starved` s for a host CPU meanwhile."""
+
+    def __init__(self, off_after: float, starved: float) -> None:
+        self.t0 = time.monotonic()
+        self.off_after, self.starved = off_after, starved
+        self.console = PressedVm(b"")
+        self.console.received = 0  # type: ignore[attr-defined]
+        self.guest_off_at: float | None = None
+        self.monitor = SimpleNamespace(read_rings=self._read_rings)
+        self.notes: list[str] = []
+
+    async def _read_rings(self, _why: str) -> None:
+        return None
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.t0
+
+    def host_cpu_wait(self, since: float = 0.0) -> float:
+        return self.starved if self.seconds() > 0.05 else 0.0
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def release_cores(self) -> None:
+        pass
+
+    async def power_off(self) -> None:
+        pass
+
+    async def check_running(self) -> None:
+        pass
+
+    async def wait_guest_off(self, timeout: float) -> float:
+        await asyncio.sleep(timeout)
+        if self.seconds() >= self.off_after:
+            self.guest_off_at = time.monotonic()
+            return self.seconds()
+        raise VmError("still up")
+
+
+@pytest.mark.parametrize(("starved", "held"), [(0.0, True), (0.5, False)])
+def test_the_power_off_bound_counts_the_time_the_guest_could_run(
+    starved: float, held: bool
+) -> None:
+    """Off 0.6 s after the press against a bound of 0.3 s: held, unless its vCPU waited 0.5 s
+    of those for a host CPU (a busy host, not the guest, took that time)."""
+    vm = SlowOffVm(off_after=0.6, starved=starved)
+    outcome = asyncio.run(power_off_within(cast(Vm, vm), 0.3))
+    assert outcome.held is held
+    assert (vm.guest_off_at is not None) is not held
+    assert any(n.startswith("power-off held for 0.3 s;") for n in vm.notes) is held
