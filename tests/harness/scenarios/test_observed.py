@@ -203,13 +203,14 @@ class SlowOffVm:
         raise VmError("still up")
 
 
-@pytest.mark.parametrize(("starved", "held"), [(0.0, True), (0.5, False)])
+@pytest.mark.parametrize(("starved", "held"), [(0.0, True), (1.5, False)])
 def test_the_power_off_bound_counts_the_time_the_guest_could_run(
     starved: float, held: bool
 ) -> None:
-    """Off 0.6 s after the press against a bound of 0.3 s: held, unless its vCPU waited 0.5 s
-    of those for a host CPU (a busy host, not the guest, took that time)."""
-    vm = SlowOffVm(off_after=0.6, starved=starved)
+    """Off 1.5 s after the press against a bound of 0.3 s: held, unless its vCPU waited 1.5 s
+    of those for a host CPU (a busy host, not the guest, took that time). The margins are
+    wide: a test process stalled by a busy machine for a second gives the same answer."""
+    vm = SlowOffVm(off_after=1.5, starved=starved)
     outcome = asyncio.run(power_off_within(cast(Vm, vm), 0.3))
     assert outcome.held is held
     assert (vm.guest_off_at is not None) is not held
